@@ -1,0 +1,185 @@
+"""The `sui` command: `sui ui` (the MLflow UI on this pipeline's runs) and every pipeline stage.
+
+Stage commands are registered lazily from STAGE_MODULES: `sui <name>` imports `stages.<name>` and runs
+the single command of its typer `app` (the same as `python -m stages.<name>`). A stage module that does
+not exist yet is simply not listed; any other import error is raised, loudly.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import typer
+from typer.core import TyperGroup
+
+# ---- stage commands ------------------------------------------------------------------------------
+# To add a stage: write stages/<name>.py with a module-level typer `app` holding one command (see
+# stages/common.py: `app = stage_app(...)`) and list <name> here, in pipeline order.
+STAGE_MODULES = ["prepare", "model", "jacobians", "ntk", "loo", "score", "evaluate"]
+
+
+@functools.cache
+def stage_command(name: str) -> click.Command | None:
+    """The click command of `stages.<name>`, or None if that module does not exist (yet)."""
+    module_name = f"{__package__ or 'stages'}.{name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None
+        raise
+    app = getattr(module, "app", None)
+    if app is None:
+        raise RuntimeError(f"{module_name} has no typer `app` to register as `sui {name}`")
+    command = typer.main.get_command(app)
+    if isinstance(command, click.Group):
+        raise RuntimeError(f"{module_name}.app must hold exactly one command to be `sui {name}`")
+    command.name = name
+    return command
+
+
+class SuiGroup(TyperGroup):
+    """The built-in commands, then the stage commands found in STAGE_MODULES (imported on demand)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = list(super().list_commands(ctx))
+        names += [s for s in STAGE_MODULES if s not in names and stage_command(s) is not None]
+        return names
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in STAGE_MODULES:
+            command = stage_command(cmd_name)
+        return command
+
+
+app = typer.Typer(
+    name="sui", cls=SuiGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def main() -> None:
+    """Smooth unique information of training samples. Run the pipeline with `dvc repro` (or
+    `bash run.sh repro`); each stage is also a command here."""
+
+
+# ---- sui ui --------------------------------------------------------------------------------------
+SERVER_STOP_TIMEOUT_S = 10.0
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise SystemExit(1)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = SERVER_STOP_TIMEOUT_S) -> None:
+    """SIGTERM the process group led by `proc`; SIGKILL whatever is left after `timeout` seconds."""
+    pgid = proc.pid
+    _killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()
+        if proc.returncode is not None and not _group_alive(pgid):
+            return
+        time.sleep(0.1)
+    _killpg(pgid, signal.SIGKILL)
+    proc.wait()
+    while _group_alive(pgid) and time.monotonic() < deadline + 5:
+        time.sleep(0.05)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signum)
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, "--port", "-p", help="Port to serve on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1: this machine only)."),
+) -> None:
+    """Serve the MLflow UI on this pipeline's runs (Ctrl-C to stop)."""
+    from sui_core.tracking import _sqlite_path, tracking_uri
+
+    uri = tracking_uri()
+    if uri.split(":", 1)[0] in ("http", "https", "databricks"):
+        _fail(f"MLFLOW_TRACKING_URI is a tracking server already ({uri}): open it in a browser")
+    if not _port_free(host, port):
+        _fail(f"port {port} on {host} is in use (pass --port with a free one)")
+    db = _sqlite_path(uri)
+    cwd = db.parent if db else Path.cwd()
+    cwd.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+           "--host", host, "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    proc = None
+    try:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
+        shown = f"[{host}]" if ":" in host else host
+        typer.echo(f"MLflow UI: http://{shown}:{port}  (runs from {uri}; Ctrl-C to stop)", err=True)
+        code = proc.wait()
+    except _Stop:
+        code = None
+    finally:
+        for s in previous:  # no second interruption while cleaning up
+            signal.signal(s, signal.SIG_IGN)
+        if proc is not None:
+            stop_process_group(proc)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if code is None:  # stopped by the user
+        typer.echo("MLflow UI stopped", err=True)
+        return
+    if code != 0:
+        _fail(f"mlflow server exited with code {code}")
+
+
+# ---- sui top -------------------------------------------------------------------------------------
+# Reserved: `sui top` (live view of a running pipeline) is added here by its owner, as
+# `@app.command() def top(...)` or as a module listed beside the stages. Not implemented yet.
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,46 @@
+"""DVC stage `jacobians`: projected per-sample Jacobians of the outputs at w0, and f0, as Parquet shards."""
+
+import hashlib
+
+import torch
+
+from stages import paths
+from stages.common import Configs, StageRun, stage_app
+from sui_core.data import read_split
+from sui_core.io import atomic_dir, file_sha256
+from sui_core.jacobians import extract, make_projector, write_manifest
+from sui_core.models import load_model
+
+SPLITS = ("train", "val")
+
+
+def data_sha256() -> str:
+    """One hash over the prepared splits the Jacobians are computed from; later stages check it."""
+    h = hashlib.sha256()
+    for split in SPLITS:
+        h.update(file_sha256(paths.PREPARED / f"{split}.parquet").encode())
+    return h.hexdigest()
+
+
+def body(cfg: Configs, run: StageRun) -> dict:
+    torch.manual_seed(cfg.jacobian.seed)
+    model, info = load_model(paths.MODEL)
+    projector = make_projector(cfg.jacobian, {name: p.shape for name, p in model.named_parameters()})
+    print(f"jacobians: projection {cfg.jacobian.projection}, D = {projector.total_dim}, k = {info['num_outputs']}")
+    with atomic_dir(paths.JACOBIANS) as out:
+        shards = {}
+        for split in SPLITS:
+            data = read_split(paths.PREPARED / f"{split}.parquet")
+            shards[split] = extract(model, data.x, data.sample_id, projector, out, split,
+                                    cfg.jacobian.batch_size, cfg.jacobian.shard_rows)
+        write_manifest(out, projector, info["num_outputs"], shards, info["sha256"], data_sha256(),
+                       extra={"params": {"jacobian": cfg.params.get("jacobian", {})}})
+    run.log_artifact(paths.JACOBIANS / "manifest.json")
+    return {"D": projector.total_dim, "k": info["num_outputs"],
+            **{f"n_{split}": sum(e["rows"] for e in shards[split]) for split in SPLITS}}
+
+
+app = stage_app("jacobians", __doc__, body, sections=["jacobian"])
+
+if __name__ == "__main__":
+    app()

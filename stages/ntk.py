@@ -1,0 +1,48 @@
+"""DVC stage `ntk`: the eigenbasis of ΦᵀΦ (or of the kernel ΦΦᵀ, whichever is smaller) and F-SI's metric."""
+
+import numpy as np
+
+from stages import paths
+from stages.common import Configs, StageRun, stage_app
+from stages.jacobians import data_sha256
+from sui_core.data import read_split
+from sui_core.errors import ArtifactError
+from sui_core.io import atomic_dir, write_meta, write_npz
+from sui_core.jacobians import iter_shards, read_manifest
+from sui_core.models import targets
+from sui_core.ntk import build_basis, choose_space
+
+
+def body(cfg: Configs, run: StageRun) -> dict:
+    manifest = read_manifest(paths.JACOBIANS)
+    if manifest.get("data_sha256") != data_sha256():
+        raise ArtifactError(f"{paths.JACOBIANS}/manifest.json: made from other prepared data than "
+                            f"{paths.PREPARED}; rerun the jacobians stage (dvc repro)")
+    train = read_split(paths.PREPARED / "train.parquet")
+    sample_id, f0 = [], []
+    for ids, f0_block, _ in iter_shards(paths.JACOBIANS, "train"):
+        sample_id.append(ids)
+        f0.append(f0_block)
+    sample_id, f0 = np.concatenate(sample_id), np.concatenate(f0)
+    if not np.array_equal(sample_id, train.sample_id):
+        raise ArtifactError(f"{paths.JACOBIANS}: training shards do not hold the samples of "
+                            f"{paths.PREPARED / 'train.parquet'} in order")
+    n, k, dim = len(sample_id), manifest["k"], manifest["D"]
+    print(f"ntk: n = {n}, k = {k}, D = {dim}: {choose_space(n, k, dim)} space, "
+          f"largest matrix {min(n * k, dim)}² float64 = {min(n * k, dim) ** 2 * 8 / 2**20:.0f} MiB")
+    basis = build_basis(lambda: (phi for _, _, phi in iter_shards(paths.JACOBIANS, "train")),
+                        lambda: (phi for _, _, phi in iter_shards(paths.JACOBIANS, "val")), n, k, dim)
+    residual = targets(train.label, train.num_classes) - f0
+    with atomic_dir(paths.NTK) as out:
+        basis.save(out / paths.BASIS_FILE.name)
+        write_npz(out / paths.RESIDUAL_FILE.name, sample_id=sample_id, residual=residual)
+        write_meta(out, "ntk", {}, space=basis.space, rank=basis.rank, n=n, k=k, D=dim, n_val=basis.n_val,
+                   projection=manifest["projection"], data_sha256=manifest["data_sha256"])
+    run.set_tags({"space": basis.space})
+    return {"rank": basis.rank, "eig_max": float(basis.s[0]), "eig_min": float(basis.s[-1]), "n_val": basis.n_val}
+
+
+app = stage_app("ntk", __doc__, body, sections=[])
+
+if __name__ == "__main__":
+    app()

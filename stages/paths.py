@@ -1,0 +1,18 @@
+"""Where each stage reads and writes, relative to the repo root (the same paths as in dvc.yaml)."""
+
+from pathlib import Path
+
+DATA = Path("data")
+PREPARED = DATA / "prepared"
+MODEL = DATA / "model"
+JACOBIANS = DATA / "jacobians"
+NTK = DATA / "ntk"
+LOO = DATA / "loo"
+SCORES = DATA / "scores"
+EVALUATE = DATA / "evaluate"
+METRICS = DATA / "metrics"  # small JSON files DVC tracks in git as metrics
+
+BASIS_FILE = NTK / "basis.npz"
+RESIDUAL_FILE = NTK / "residual.npz"
+FORMS_FILE = LOO / "forms.parquet"
+SCORES_FILE = SCORES / "scores.parquet"

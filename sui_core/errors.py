@@ -1,0 +1,21 @@
+"""User-facing errors: one line that says what is wrong and where."""
+
+
+class SuiError(Exception):
+    """A problem with the user's params, files or data. Stages print it on one line and exit 1."""
+
+
+class ParamError(SuiError):
+    """A value in params.yaml is missing, of the wrong type, or out of range."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"params.yaml: {key}: {message}")
+        self.key = key
+
+
+class DataError(SuiError):
+    """An input file or array is missing, malformed, or holds invalid values."""
+
+
+class ArtifactError(SuiError):
+    """An artifact written by an earlier stage is missing, corrupted or does not match its manifest."""

@@ -1,0 +1,296 @@
+"""Per-sample Jacobians of the network outputs at w0, their random projection, and the shard files.
+
+The NTK of a linearized network is Θ(x, x') = J(x) J(x')ᵀ, but J has one column per weight: too many to
+store for every sample. Following the paper (section 5, "Efficient implementation") each parameter
+tensor is projected separately to p = dims_per_tensor dimensions, scaled so that E[Φ(x) Φ(x')ᵀ] = Θ(x,
+x'); tensors are kept apart so that a layer with small gradients is not drowned by a large one.
+Φ(x) = [J_1(x)P_1ᵀ … J_L(x)P_Lᵀ] ∈ R^{k×D}, D = Σ p_l, is written to Parquet shards with a manifest
+that records the projection and a sha256 per shard, so the ntk stage can trust what it reads.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.func import functional_call, jacrev, vmap
+from tqdm import tqdm
+
+from sui_core.config import JacobianConfig
+from sui_core.errors import ArtifactError, ParamError
+from sui_core.io import file_sha256, read_json, read_parquet, write_json, write_parquet
+
+MANIFEST_NAME = "manifest.json"
+PHI_DTYPE = "float32"
+SHARD_TYPES = {"sample_id": pa.int64(), "f0": pa.list_(pa.float64()), "phi": pa.list_(pa.float32())}
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A CPU generator for one (seed, tensor, chunk) key, hashed so that nearby keys give unrelated streams."""
+    state = np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class Projector:
+    """Maps per-tensor Jacobians (B, k, *shape) to Φ (B, k, D), one block of columns per tensor in order.
+
+    Subclasses fix how many dimensions each tensor gets (`dims`) and project one flattened tensor.
+    """
+
+    kind = ""
+
+    def __init__(self, named_shapes: dict[str, torch.Size], dims_per_tensor: int, seed: int):
+        self.shapes = {name: torch.Size(shape) for name, shape in named_shapes.items()}
+        self.dims_per_tensor = dims_per_tensor
+        self.seed = seed
+        self.dims = {name: self._dim(shape.numel()) for name, shape in self.shapes.items()}
+
+    def _dim(self, numel: int) -> int:
+        return min(self.dims_per_tensor, numel)
+
+    @property
+    def total_dim(self) -> int:
+        return sum(self.dims.values())
+
+    def project(self, jac: dict[str, torch.Tensor]) -> torch.Tensor:
+        if list(jac) != list(self.shapes):
+            raise ValueError(f"Jacobian tensors {list(jac)} do not match the projector's {list(self.shapes)}")
+        blocks = [self._project_tensor(i, name, jac[name].flatten(2)) for i, name in enumerate(self.shapes)]
+        return torch.cat(blocks, dim=2)
+
+    def _project_tensor(self, index: int, name: str, flat: torch.Tensor) -> torch.Tensor:
+        """(B, k, numel) -> (B, k, dims[name]) for the tensor at position `index`."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records: enough to rebuild the projector and to map Φ's columns to tensors."""
+        tensors, offset = [], 0
+        for name, shape in self.shapes.items():
+            tensors.append({"name": name, "shape": list(shape), "dim": self.dims[name], "offset": offset})
+            offset += self.dims[name]
+        return {"kind": self.kind, "seed": self.seed, "dims_per_tensor": self.dims_per_tensor,
+                "tensors": tensors, "D": self.total_dim}
+
+
+class IdentityProjector(Projector):
+    """No projection: Φ is the full Jacobian (D = number of parameters). Exact, for small networks."""
+
+    kind = "none"
+
+    def _dim(self, numel: int) -> int:
+        return numel
+
+    def _project_tensor(self, index: int, name: str, flat: torch.Tensor) -> torch.Tensor:
+        return flat
+
+
+class CoordinateProjector(Projector):
+    """The paper's method: p coordinates per tensor drawn without replacement, scaled by sqrt(numel/p).
+
+    Each coordinate is kept with probability p/numel, so the scaled dot product is unbiased. Costs a gather
+    of p columns per tensor: negligible next to computing the Jacobian itself.
+    """
+
+    kind = "coordinates"
+
+    def __init__(self, named_shapes: dict[str, torch.Size], dims_per_tensor: int, seed: int):
+        super().__init__(named_shapes, dims_per_tensor, seed)
+        self._index, self._scale = {}, {}
+        for i, (name, shape) in enumerate(self.shapes.items()):
+            numel, p = shape.numel(), self.dims[name]
+            perm = torch.randperm(numel, generator=_generator(seed, i)) if p < numel else torch.arange(numel)
+            self._index[name] = perm[:p].sort().values
+            self._scale[name] = math.sqrt(numel / p)
+
+    def _project_tensor(self, index: int, name: str, flat: torch.Tensor) -> torch.Tensor:
+        return flat[..., self._index[name].to(flat.device)] * self._scale[name]
+
+
+class DenseProjector(Projector):
+    """Dense Johnson–Lindenstrauss projection per tensor: P (p × numel) with E[PᵀP] = I.
+
+    P is never held whole (p × numel can be gigabytes): it is regenerated on the CPU, CHUNK_COLS columns at
+    a time, each chunk from its own seed (seed, tensor index, chunk index), so it is the same for every
+    batch, run and device. Cost per batch: p·numel random numbers (about 1.6e8/s on one CPU core, so
+    ~10 s for a 784×1024 layer at p = 2000) plus B·k·p·numel multiply-adds; use a large batch_size to
+    amortize the generation. The `coordinates` kind is far cheaper.
+    """
+
+    CHUNK_COLS = 4096
+
+    def __init__(self, named_shapes: dict[str, torch.Size], dims_per_tensor: int, seed: int, kind: str):
+        super().__init__(named_shapes, dims_per_tensor, seed)
+        self.kind = kind
+
+    def _chunk(self, index: int, chunk: int, width: int, p: int) -> torch.Tensor:
+        """Columns [chunk·CHUNK_COLS, +width) of Pᵀ, as a (width, p) float32 tensor."""
+        gen = _generator(self.seed, index, chunk)
+        if self.kind == "gaussian":
+            return torch.randn(width, p, generator=gen) / math.sqrt(p)
+        signs = torch.randint(0, 2, (width, p), generator=gen, dtype=torch.int8).to(torch.float32)
+        return (2 * signs - 1) / math.sqrt(p)
+
+    def _project_tensor(self, index: int, name: str, flat: torch.Tensor) -> torch.Tensor:
+        p, numel = self.dims[name], flat.shape[-1]
+        out = flat.new_zeros(*flat.shape[:-1], p)
+        for chunk, start in enumerate(range(0, numel, self.CHUNK_COLS)):
+            cols = flat[..., start:start + self.CHUNK_COLS]
+            out += cols @ self._chunk(index, chunk, cols.shape[-1], p).to(flat)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "chunk_cols": self.CHUNK_COLS}
+
+
+def make_projector(cfg: JacobianConfig, named_shapes: dict[str, torch.Size]) -> Projector:
+    """The projector of `cfg.projection` for parameter tensors `named_shapes` (in model order)."""
+    if cfg.seed < 0:
+        raise ParamError("jacobian.seed", f"must be >= 0, got {cfg.seed}")
+    if cfg.projection == "none":
+        return IdentityProjector(named_shapes, cfg.dims_per_tensor, cfg.seed)
+    if cfg.projection == "coordinates":
+        return CoordinateProjector(named_shapes, cfg.dims_per_tensor, cfg.seed)
+    if cfg.projection in ("gaussian", "rademacher"):
+        return DenseProjector(named_shapes, cfg.dims_per_tensor, cfg.seed, cfg.projection)
+    raise ParamError("jacobian.projection", f"unknown value {cfg.projection!r}")
+
+
+def per_sample_jacobians(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Outputs f0 (B, k) and Jacobians {name: (B, k, *shape)} of the outputs w.r.t. the parameters at w0.
+
+    The model is put in eval mode: the linearization is of the deterministic network (no dropout, batch
+    norm on its running statistics), and one sample's Jacobian must not depend on the others in the batch.
+    """
+    model.eval()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+
+    def outputs(p: dict[str, torch.Tensor], xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),)).reshape(-1)
+        return out, out
+
+    jac, f0 = vmap(jacrev(outputs, has_aux=True), in_dims=(None, 0))(params, x)
+    return f0, jac
+
+
+def extract(model: torch.nn.Module, x: np.ndarray, sample_id: np.ndarray, projector: Projector,
+            out_dir: str | Path, split: str, batch_size: int, shard_rows: int,
+            progress: bool = True) -> list[dict[str, Any]]:
+    """Write Φ and f0 of samples `x` (n, ...) to shards `{split}-00000.parquet`, … in `out_dir`.
+
+    Runs on the device of the model's parameters. Only one shard's rows are held at a time; each shard is
+    written atomically. Returns the manifest entries {file, rows, sha256}, in order.
+    """
+    if len(x) != len(sample_id):
+        raise ValueError(f"{len(x)} samples but {len(sample_id)} sample ids")
+    ref = next(model.parameters())
+    out_dir = Path(out_dir)
+    entries = []
+    with tqdm(total=len(x), desc=f"jacobians {split}", unit="sample", disable=not progress) as bar:
+        for shard, start in enumerate(range(0, len(x), shard_rows)):
+            stop = min(start + shard_rows, len(x))
+            f0s, phis = [], []
+            for lo in range(start, stop, batch_size):
+                xb = torch.as_tensor(x[lo:min(lo + batch_size, stop)], dtype=ref.dtype, device=ref.device)
+                f0, jac = per_sample_jacobians(model, xb)
+                phis.append(projector.project(jac).to(torch.float32).cpu().numpy())
+                f0s.append(f0.to(torch.float64).cpu().numpy())
+                bar.update(len(xb))
+            path = out_dir / f"{split}-{shard:05d}.parquet"
+            write_parquet(path, _shard_table(sample_id[start:stop], np.concatenate(f0s), np.concatenate(phis)))
+            entries.append({"file": path.name, "rows": stop - start, "sha256": file_sha256(path)})
+    return entries
+
+
+def _shard_table(sample_id: np.ndarray, f0: np.ndarray, phi: np.ndarray) -> pa.Table:
+    """Rows of (n,) ids, (n, k) f0 and (n, k, D) phi as list columns (phi flattened row-major k×D)."""
+    n = len(sample_id)
+    if phi.size >= 2**31:
+        raise ParamError("jacobian.shard_rows", f"{n} rows of {phi.size // n} values exceed a Parquet list "
+                         "column (2^31 values); lower shard_rows")
+
+    def lists(a: np.ndarray, dtype: pa.DataType) -> pa.Array:
+        flat = a.reshape(n, -1)
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * flat.shape[1])
+        return pa.ListArray.from_arrays(offsets, pa.array(flat.ravel(), type=dtype))
+
+    return pa.table({"sample_id": pa.array(np.asarray(sample_id, np.int64)),
+                     "f0": lists(f0, pa.float64()), "phi": lists(phi, pa.float32())})
+
+
+def write_manifest(out_dir: str | Path, projector: Projector, k: int, shards: dict[str, list[dict[str, Any]]],
+                   model_sha256: str, data_sha256: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `manifest.json`: how Φ was made (projection, layer map, D, k) and what each shard must hold."""
+    manifest = {"projection": projector.describe(), "D": projector.total_dim, "k": k, "dtype": PHI_DTYPE,
+                "shards": shards, "model_sha256": model_sha256, "data_sha256": data_sha256,
+                "extra": extra or {}}
+    write_json(Path(out_dir) / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST_NAME
+    manifest = read_json(path)
+    missing = [key for key in ("projection", "D", "k", "dtype", "shards") if key not in manifest]
+    if missing:
+        raise ArtifactError(f"{path}: missing keys {missing}")
+    for split, entries in manifest["shards"].items():
+        if any(not {"file", "rows", "sha256"} <= set(entry) for entry in entries):
+            raise ArtifactError(f"{path}: a shard entry of split {split!r} lacks file, rows or sha256")
+    return manifest
+
+
+def iter_shards(directory: str | Path, split: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield (sample_id (b,), f0 (b, k) float64, phi (b, k, D) float32) per shard, each checked first."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if split not in manifest["shards"]:
+        raise ArtifactError(f"{directory / MANIFEST_NAME}: no split {split!r} (has {sorted(manifest['shards'])})")
+    k, dim = manifest["k"], manifest["D"]
+    for entry in manifest["shards"][split]:
+        yield _read_shard(directory / entry["file"], entry, k, dim)
+
+
+def _read_shard(path: Path, entry: dict[str, Any], k: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise ArtifactError(f"{path}: shard listed in {MANIFEST_NAME} is missing")
+    sha = file_sha256(path)
+    if sha != entry["sha256"]:
+        raise ArtifactError(f"{path}: sha256 {sha[:12]}… does not match {MANIFEST_NAME} ({entry['sha256'][:12]}…)")
+    table = read_parquet(path)
+    for name, typ in SHARD_TYPES.items():
+        got = _type_name(table.schema.field(name).type) if name in table.column_names else "missing"
+        if got != _type_name(typ):
+            raise ArtifactError(f"{path}: column {name!r} is {got}, expected {_type_name(typ)}")
+    if table.num_rows != entry["rows"]:
+        raise ArtifactError(f"{path}: {table.num_rows} rows, {MANIFEST_NAME} says {entry['rows']}")
+    arrays = {"f0": (k,), "phi": (k, dim)}
+    out = {}
+    for name, shape in arrays.items():
+        col = table.column(name).combine_chunks()
+        lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+        if col.null_count or np.any(lengths != math.prod(shape)):
+            raise ArtifactError(f"{path}: column {name!r} has list lengths {sorted(set(lengths.tolist()))}"
+                                f"{' and nulls' if col.null_count else ''}, expected {math.prod(shape)} "
+                                f"(k = {k}, D = {dim})")
+        out[name] = col.flatten().to_numpy().reshape(table.num_rows, *shape)
+    return table.column("sample_id").to_numpy(), out["f0"], out["phi"]
+
+
+def _type_name(typ: pa.DataType) -> str:
+    """A type's name without the list item's field name, which Parquet writers spell differently."""
+    return f"list<{typ.value_type}>" if pa.types.is_list(typ) else str(typ)
+
+
+def load_split(directory: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All shards of `split` concatenated: (sample_id (n,), f0 (n, k), phi (n, k, D))."""
+    manifest = read_manifest(directory)
+    k, dim = manifest["k"], manifest["D"]
+    parts = list(iter_shards(directory, split))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, k)), np.zeros((0, k, dim), np.float32)
+    return tuple(np.concatenate(a) for a in zip(*parts))

@@ -1,0 +1,101 @@
+"""The eigenbasis that every leave-one-out problem is solved in.
+
+H = ΦᵀΦ + λI shares its eigenvectors with ΦᵀΦ for every λ, so the basis does not depend on the
+training params. It is built in the smaller of the two spaces (DESIGN.md §3):
+
+- primal (D ≤ nk): eigendecompose ΦᵀΦ = Q diag(s) Qᵀ (D×D, summed over shards), Z = Φ Q;
+- kernel (D > nk): eigendecompose ΦΦᵀ = U diag(s) Uᵀ (nk×nk); with V = Φᵀ U s^{-1/2}, Z = U s^{1/2}.
+  Every Φ_i and Φᵀr lie in span(V), so nothing outside it ever moves.
+
+Either way Z holds the training rows in an orthonormal basis of rank r ≤ min(nk, D): all inner
+products of Jacobians are preserved, which is all the scores need. Directions whose eigenvalue is
+below rank_rtol·max(s) are numerically null and dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from sui_core.errors import ArtifactError
+from sui_core.io import read_npz, write_npz
+
+PhiChunks = Callable[[], Iterable[np.ndarray]]  # a fresh iterator of (b, k, D) blocks on each call
+
+
+@dataclass
+class Basis:
+    space: str  # "primal" or "kernel"
+    s: np.ndarray  # (r,) eigenvalues of ΦᵀΦ, descending
+    z: np.ndarray  # (n, k, r) training Jacobians in the basis
+    gram_val: np.ndarray  # (r, r) Σ_j W_jᵀW_j over validation samples: F-SI's metric
+    n_val: int
+    dim: int  # D, the projected parameter count
+
+    @property
+    def rank(self) -> int:
+        return self.s.shape[0]
+
+    def save(self, path: str | Path) -> None:
+        write_npz(path, space=np.array(self.space), s=self.s, z=self.z, gram_val=self.gram_val,
+                  n_val=np.array(self.n_val), dim=np.array(self.dim))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Basis":
+        a = read_npz(path, ["space", "s", "z", "gram_val", "n_val", "dim"])
+        basis = cls(str(a["space"]), a["s"], a["z"], a["gram_val"], int(a["n_val"]), int(a["dim"]))
+        r = basis.rank
+        if basis.z.ndim != 3 or basis.z.shape[2] != r or basis.gram_val.shape != (r, r):
+            raise ArtifactError(f"{path}: inconsistent basis shapes z={basis.z.shape} "
+                                f"gram_val={basis.gram_val.shape} rank={r}")
+        return basis
+
+
+def choose_space(n: int, k: int, dim: int) -> str:
+    return "primal" if dim <= n * k else "kernel"
+
+
+def build_basis(train: PhiChunks, val: PhiChunks, n: int, k: int, dim: int,
+                rank_rtol: float | None = None) -> Basis:
+    """Eigenbasis of ΦᵀΦ from streamed Jacobian blocks; train is read twice in primal space."""
+    space = choose_space(n, k, dim)
+    if rank_rtol is None:
+        rank_rtol = max(n * k, dim) * np.finfo(np.float64).eps
+    if space == "primal":
+        gram = np.zeros((dim, dim))
+        for phi in train():
+            rows = _rows(phi)
+            gram += rows.T @ rows
+        s, q = _top_eigen(gram, rank_rtol)
+        z = np.concatenate([(_rows(phi) @ q).reshape(len(phi), k, -1) for phi in train()])
+        to_basis = lambda rows: rows @ q  # noqa: E731
+    else:
+        phi_all = np.concatenate([_rows(phi) for phi in train()])  # (nk, D): smaller than D×D here
+        s, u = _top_eigen(phi_all @ phi_all.T, rank_rtol)
+        z = (u * np.sqrt(s)).reshape(n, k, -1)
+        v = phi_all.T @ (u / np.sqrt(s))  # (D, r) orthonormal basis of the row space
+        to_basis = lambda rows: rows @ v  # noqa: E731
+    if z.shape[0] != n:
+        raise ArtifactError(f"expected {n} training samples in the Jacobian shards, found {z.shape[0]}")
+    gram_val = np.zeros((len(s), len(s)))
+    n_val = 0
+    for phi in val():
+        w = to_basis(_rows(phi))
+        gram_val += w.T @ w
+        n_val += len(phi)
+    return Basis(space, s, z, gram_val, n_val, dim)
+
+
+def _rows(phi: np.ndarray) -> np.ndarray:
+    return np.asarray(phi, dtype=np.float64).reshape(-1, phi.shape[-1])
+
+
+def _top_eigen(sym: np.ndarray, rank_rtol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of a symmetric PSD matrix, descending, without the numerically null ones."""
+    evals, evecs = np.linalg.eigh(sym)
+    evals, evecs = evals[::-1], evecs[:, ::-1]
+    keep = evals > rank_rtol * max(evals[0], 0.0) if len(evals) else np.zeros(0, bool)
+    return evals[keep].copy(), np.ascontiguousarray(evecs[:, keep])

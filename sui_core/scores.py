@@ -1,0 +1,97 @@
+"""Per-sample unique information from the leave-one-out weight changes Δv_i (in the eigenbasis).
+
+All scores are KL divergences in nats between Gaussians smoothed with noise scale σ (default 1):
+
+- F-SI_i = Σ_j ‖Φ_val,j Δv_i‖² / (2σ² n_val)                      (function space, eq. 16/17)
+- SI_i isotropic = ‖Δv_i‖² / (2σ²)                                 (Σ = σ² I)
+- SI_i hessian   = (b / (lr σ²)) Δv_iᵀ H̄ Δv_i                      (Langevin, eq. 15: Σ⁻¹ = 2b H̄/(lr σ²))
+- SI_i sgd       = ½ Δv_iᵀ Σ⁺ Δv_i, H̄Σ + ΣH̄ = (lr/b) Λ              (SGD steady state, eq. 14)
+
+H̄ = H/n is the Hessian of the *mean* loss and lr, b (batch size) the PyTorch-side recipe, since
+that is the SGD whose noise these smoothings model; Λ is the covariance of the per-sample gradients
+at the trained solution. In H̄'s eigenbasis the Lyapunov equation is solved entry by entry:
+Σ_ab = (lr/b) Λ_ab / (h_a + h_b). Directions that the SGD noise never reaches (Σ singular) would make
+the KL infinite; the pseudo-inverse ignores them.
+
+`loo_quadratic_forms` runs the solver once and keeps, per sample, the σ-free quadratic forms; the
+score stage turns them into nats with `scores_from_forms`, so changing σ does not rerun the solver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from sui_core.ntk import Basis
+from sui_core.solver import Recipe, SolverPlan, loo_deltas, trained_coefficients
+
+FORMS = ("fsi_sum", "dv_sq", "dv_hess", "dv_sgd")
+SCORES = ("fsi", "si_isotropic", "si_hessian", "si_sgd")
+
+
+@dataclass
+class LooResult:
+    forms: dict[str, np.ndarray]  # each (n,)
+    plan: SolverPlan
+    train_mse: float  # ½·mean‖f_t(x_i) − y_i‖² of the linearized model trained on all samples
+
+
+def sgd_precision(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size: int,
+                  block_size: int = 4096) -> np.ndarray:
+    """Σ⁺ of the SGD steady state in the eigenbasis (r×r)."""
+    n = basis.z.shape[0]
+    full = recipe.full(n)
+    c = trained_coefficients(basis.s, basis.z, residual, full)
+    second = np.zeros((basis.rank, basis.rank))
+    mean = np.zeros(basis.rank)
+    for start in range(0, n, block_size):
+        zb = basis.z[start:start + block_size]
+        err = np.einsum("bkr,r->bk", zb, c) - residual[start:start + block_size]
+        grads = np.einsum("bkr,bk->br", zb, err)  # per-sample gradients, up to a constant shift
+        second += grads.T @ grads
+        mean += grads.sum(0)
+    mean /= n
+    cov = second / n - np.outer(mean, mean)
+    h = basis.s / n + recipe.weight_decay
+    denom = h[:, None] + h[None, :]
+    sigma = np.divide((recipe.lr / batch_size) * cov, denom, out=np.zeros_like(cov), where=denom > 0)
+    evals, evecs = np.linalg.eigh((sigma + sigma.T) / 2)
+    keep = evals > 1e-12 * max(evals.max(initial=0.0), 1e-300)
+    return (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T
+
+
+def loo_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size: int | None,
+                        tol: float = 1e-13, block_size: int = 512, dtype: str = "float64",
+                        progress: bool = True) -> LooResult:
+    """Solve every leave-one-out problem exactly and keep the quadratic forms behind each score."""
+    n = basis.z.shape[0]
+    full, left = recipe.full(n), recipe.left_out(n)
+    plan, blocks = loo_deltas(basis.s, basis.z, residual, full, left, tol, block_size, dtype)
+    sgd_prec = sgd_precision(basis, residual, recipe, batch_size or n)
+    h_mean = basis.s / n + recipe.weight_decay
+    forms = {name: np.empty(n) for name in FORMS}
+    with tqdm(total=n, desc="leave-one-out", unit="sample", disable=not progress) as bar:
+        for start, delta in blocks:
+            sl = slice(start, start + len(delta))
+            forms["fsi_sum"][sl] = np.einsum("br,br->b", delta @ basis.gram_val, delta)
+            forms["dv_sq"][sl] = np.einsum("br,br->b", delta, delta)
+            forms["dv_hess"][sl] = np.einsum("br,r,br->b", delta, h_mean, delta)
+            forms["dv_sgd"][sl] = np.einsum("br,br->b", delta @ sgd_prec, delta)
+            bar.update(len(delta))
+    c = trained_coefficients(basis.s, basis.z, residual, full)
+    train_mse = float(0.5 * np.mean(np.sum((np.einsum("nkr,r->nk", basis.z, c) - residual) ** 2, -1)))
+    return LooResult(forms, plan, train_mse)
+
+
+def scores_from_forms(forms: dict[str, np.ndarray], n_val: int, sigma: float, lr: float,
+                      batch_size: int) -> dict[str, np.ndarray]:
+    """Nats, for smoothing noise scale σ (see the module docstring)."""
+    s2 = sigma ** 2
+    return {
+        "fsi": forms["fsi_sum"] / (2 * s2 * n_val),
+        "si_isotropic": forms["dv_sq"] / (2 * s2),
+        "si_hessian": forms["dv_hess"] * batch_size / (lr * s2),
+        "si_sgd": forms["dv_sgd"] / 2,
+    }

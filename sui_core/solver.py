@@ -1,0 +1,217 @@
+"""Exact leave-one-out deltas of gradient descent on a linearized network.
+
+The linearized model f(x) = f0(x) + Φ(x) v, v = w − w0, is trained by gradient descent on the sum loss
+½‖Φ v − r‖² + (λ/2)‖v‖² (r = Y − f0(X)) with learning rate η for t steps. In closed form
+v(t) = g(H) Φᵀ r with H = ΦᵀΦ + λI and the gradient-descent factor g (see `GradientDescent.factor`).
+
+Everything here works in an orthonormal eigenbasis of ΦᵀΦ (built by `sui_core.ntk`): eigenvalues
+s (r,), training rows Z (n, k, r). Leaving sample i out turns H into diag(s + λ') − Z_iᵀZ_i — a
+diagonal minus a rank-k matrix — and the right-hand side into Zᵀr − Z_iᵀr_i. We apply g' to that
+operator exactly, batched over samples, each product costing O(r·k):
+
+- t = ∞ (λ' > 0): g(h) = 1/h, solved by the Woodbury identity.
+- otherwise a Chebyshev expansion of g' on an interval that holds every left-out spectrum
+  ([λ', max s + λ'], by interlacing), its degree chosen from the coefficients so that the dropped
+  terms are below `tol` relative to max|g'|. For discrete dynamics g' is a polynomial of degree t − 1,
+  so the expansion never needs more than t terms and is then exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import scipy.fft
+
+from sui_core.config import TrainingConfig
+from sui_core.errors import ParamError
+
+
+@dataclass(frozen=True)
+class GradientDescent:
+    """Gradient descent on the sum loss: learning rate `eta`, L2 strength `lam` towards w0, `t` steps."""
+
+    eta: float
+    lam: float
+    t: float
+    dynamics: str  # "discrete": t steps of size eta; "continuous": gradient flow for time eta·t
+
+    def factor(self, s: np.ndarray) -> np.ndarray:
+        """g(s + λ) where v(t) = g(H) Φᵀr; g is entire, g(0) = η t, so λ = 0 stays finite."""
+        h = np.maximum(np.asarray(s, dtype=np.float64) + self.lam, 0.0)
+        if math.isinf(self.t):
+            with np.errstate(divide="ignore"):
+                return 1.0 / h
+        eta_t = self.eta * self.t
+        safe_h = np.where(h > 0, h, 1.0)
+        x = self.eta * h
+        if self.dynamics == "continuous":
+            g = -np.expm1(-eta_t * h) / safe_h
+        else:
+            # 1 − (1 − x)^t without cancellation for small x; x ≥ 1 has no cancellation to avoid.
+            small = x < 1
+            with np.errstate(invalid="ignore", divide="ignore"):
+                g_small = -np.expm1(self.t * np.log1p(-np.where(small, x, 0.0))) / safe_h
+            g_large = (1.0 - np.power(1.0 - x, self.t)) / safe_h
+            g = np.where(small, g_small, g_large)
+        return np.where(h > 0, g, eta_t)
+
+    def check_stable(self, h_max: float) -> None:
+        """Discrete gradient descent diverges unless η·h_max < 2: refuse such an lr."""
+        if self.dynamics == "discrete" and math.isfinite(self.t) and self.eta * h_max >= 2:
+            raise ParamError(
+                "training.lr",
+                f"gradient descent diverges: lr times the largest eigenvalue of the mean-loss Hessian is "
+                f"{self.eta * h_max:.4g} >= 2; lower lr below {2 / h_max / self.eta:.4g} x its value",
+            )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe in PyTorch terms: SGD with `lr` and `weight_decay` on the mean loss
+    ½·mean_i‖f(x_i) − y_i‖², full batch, for `t` steps.
+
+    On n samples that is sum-loss gradient descent with η = lr/n and λ = n·weight_decay. The left-out
+    model is what the same recipe gives on the other n − 1 samples: η = lr/(n − 1),
+    λ = (n − 1)·weight_decay. Weight decay pulls towards w0, the linearization point.
+    """
+
+    lr: float
+    weight_decay: float
+    t: float
+    dynamics: str
+
+    @classmethod
+    def from_config(cls, cfg: TrainingConfig) -> "Recipe":
+        return cls(cfg.lr, cfg.weight_decay, cfg.t, cfg.dynamics)
+
+    def on(self, n: int) -> GradientDescent:
+        return GradientDescent(self.lr / n, n * self.weight_decay, self.t, self.dynamics)
+
+    def full(self, n: int) -> GradientDescent:
+        return self.on(n)
+
+    def left_out(self, n: int) -> GradientDescent:
+        return self.on(n - 1)
+
+
+@dataclass(frozen=True)
+class SolverPlan:
+    """How the left-out problems are solved, for the record beside the outputs."""
+
+    method: str  # "woodbury" or "chebyshev"
+    matvecs: int  # operator products per sample
+    interval: tuple[float, float]  # holds every left-out Hessian spectrum
+    error_bound: float  # bound on |g' − p| over the interval, relative to max|g'|
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "matvecs": self.matvecs, "interval": list(self.interval),
+                "error_bound": self.error_bound}
+
+
+def chebyshev_coefficients(f, lo: float, hi: float, tol: float, max_degree: int = 1 << 16) -> np.ndarray | None:
+    """Coefficients of a Chebyshev interpolant of f on [lo, hi], without the trailing ones below
+    tol·max|c|. Doubles the number of nodes until the last quarter of the coefficients is below that
+    level (tol must sit above the rounding floor, ~1e-16·max|c|); None if that needs over `max_degree`."""
+    n_nodes = 32
+    while True:
+        theta = np.pi * (np.arange(n_nodes) + 0.5) / n_nodes
+        x = lo + (np.cos(theta) + 1.0) * (hi - lo) / 2
+        c = scipy.fft.dct(f(x), type=2) / n_nodes
+        c[0] /= 2
+        big = np.abs(c) > tol * np.abs(c).max()
+        if not big[-n_nodes // 4:].any():
+            return c[:int(np.flatnonzero(big).max()) + 1]
+        if n_nodes >= max_degree:
+            return None
+        n_nodes *= 2
+
+
+class LeftOutOperator:
+    """H_{−i} = diag(d) − Z_iᵀ Z_i for a block of samples, applied to a block of vectors (B, r)."""
+
+    def __init__(self, d: np.ndarray, z_block: np.ndarray):
+        self.d = d
+        self.z = z_block  # (B, k, r)
+
+    def __matmul__(self, x: np.ndarray) -> np.ndarray:
+        zx = np.einsum("bkr,br->bk", self.z, x)
+        return self.d * x - np.einsum("bkr,bk->br", self.z, zx)
+
+    def solve(self, b: np.ndarray) -> np.ndarray:
+        """H_{−i}⁻¹ b by Woodbury: D⁻¹b + D⁻¹Zᵀ (I − Z D⁻¹ Zᵀ)⁻¹ Z D⁻¹b."""
+        dinv_b = b / self.d
+        zd = self.z / self.d  # (B, k, r)
+        small = np.eye(self.z.shape[1]) - np.einsum("bkr,bjr->bkj", zd, self.z)
+        y = np.linalg.solve(small, np.einsum("bkr,br->bk", self.z, dinv_b)[..., None])[..., 0]
+        return dinv_b + np.einsum("bkr,bk->br", zd, y)
+
+
+def plan_left_out(s: np.ndarray, gd: GradientDescent, tol: float) -> tuple[SolverPlan, np.ndarray | None]:
+    """Pick the exact method for applying g' to every left-out Hessian, and its Chebyshev series."""
+    lo = gd.lam
+    hi = float(s.max(initial=0.0)) + gd.lam
+    if math.isinf(gd.t):
+        return SolverPlan("woodbury", 1, (lo, hi), 0.0), None
+    if hi - lo <= 1e-14 * max(hi, 1.0):
+        return SolverPlan("chebyshev", 0, (lo, hi), 0.0), np.array([float(gd.factor(np.array([0.0]))[0])])
+    coeffs = chebyshev_coefficients(lambda h: gd.factor(h - gd.lam), lo, hi, tol)
+    if coeffs is None:
+        raise ParamError("training.t", f"gradient flow for eta*t*h_max = {gd.eta * gd.t * hi:.3g} needs over "
+                         f"65536 Chebyshev terms at loo.tol={tol:g}; use t: inf with weight_decay > 0, "
+                         "a shorter t, or a larger loo.tol")
+    return SolverPlan("chebyshev", len(coeffs) - 1, (lo, hi), tol), coeffs
+
+
+def apply_left_out(op: LeftOutOperator, b: np.ndarray, gd: GradientDescent, plan: SolverPlan,
+                   coeffs: np.ndarray | None) -> np.ndarray:
+    """g'(H_{−i}) b_i for a block of samples."""
+    if plan.method == "woodbury":
+        return op.solve(b)
+    lo, hi = plan.interval
+    if len(coeffs) == 1:
+        return coeffs[0] * b
+    alpha, beta = 2.0 / (hi - lo), (hi + lo) / (hi - lo)
+    t_prev, t_cur = b, alpha * (op @ b) - beta * b  # T0(Â) b, T1(Â) b with Â = α H − β I
+    y = coeffs[0] * t_prev + coeffs[1] * t_cur
+    for c in coeffs[2:]:
+        t_prev, t_cur = t_cur, 2.0 * (alpha * (op @ t_cur) - beta * t_cur) - t_prev
+        y += c * t_cur
+    return y
+
+
+def trained_coefficients(s: np.ndarray, z: np.ndarray, residual: np.ndarray, gd: GradientDescent) -> np.ndarray:
+    """Coefficients in the eigenbasis of v(t) = g(H) Φᵀ r for the model trained on all samples."""
+    return gd.factor(s) * np.einsum("nkr,nk->r", z, residual)
+
+
+def loo_deltas(s: np.ndarray, z: np.ndarray, residual: np.ndarray, full: GradientDescent,
+               left: GradientDescent, tol: float = 1e-13, block_size: int = 512,
+               dtype: str = "float64") -> tuple[SolverPlan, Iterator[tuple[int, np.ndarray]]]:
+    """Δc_i = c − c_{−i}, the change of the trained weights in the eigenbasis when sample i is left out.
+
+    Returns the plan and an iterator of (first sample index, Δc block (B, r)). `full` and `left` are
+    the recipes on n and n − 1 samples (see `Recipe`); they may differ in η and λ.
+    """
+    n = z.shape[0]
+    h_max = float(s.max(initial=0.0))
+    full.check_stable(h_max + full.lam)
+    left.check_stable(h_max + left.lam)
+    floor = 1e-14 if dtype == "float64" else 1e-6
+    plan, coeffs = plan_left_out(s, left, max(tol, floor))
+    c_full = trained_coefficients(s, z, residual, full)
+    rhs = np.einsum("nkr,nk->r", z, residual)
+    d = s + left.lam
+    np_dtype = np.dtype(dtype)
+
+    def blocks() -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, n, block_size):
+            zb = z[start:start + block_size].astype(np_dtype, copy=False)
+            b = (rhs - np.einsum("bkr,bk->br", z[start:start + block_size], residual[start:start + block_size]))
+            op = LeftOutOperator(d.astype(np_dtype), zb)
+            c_left = apply_left_out(op, b.astype(np_dtype), left, plan, coeffs)
+            yield start, c_full - c_left.astype(np.float64)
+
+    return plan, blocks()
