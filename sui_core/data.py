@@ -66,7 +66,7 @@ def load_source(cfg: DataConfig) -> RawData:
     classes = _classes(cfg, parts)
     splits = {}
     for name, (ids, x, y) in parts.items():
-        label = _map_labels(name, y, classes)
+        label = _map_labels(f"{_where(cfg)}: y_{name}", y, classes)
         splits[name] = Split(
             sample_id=ids.astype(np.int64), x=x.astype(np.float32).reshape((len(y), *input_shape)),
             label=label, clean_label=label.copy(), noisy=np.zeros(len(y), bool),
@@ -194,11 +194,11 @@ def _classes(cfg: DataConfig, parts: dict) -> list[int]:
     return classes
 
 
-def _map_labels(split: str, y: np.ndarray, classes: list[int]) -> np.ndarray:
+def _map_labels(where: str, y: np.ndarray, classes: list[int]) -> np.ndarray:
     lookup = {c: i for i, c in enumerate(classes)}
     bad = [v for v in np.unique(y).tolist() if v not in lookup]
     if bad:
-        raise DataError(f"labels out of range in split {split}: label {bad[0]} is not in classes {classes}")
+        raise DataError(f"{where}: labels out of range: label {bad[0]} is not in data.classes {classes}")
     return np.array([lookup[v] for v in y.tolist()], dtype=np.int64)
 
 

@@ -30,7 +30,7 @@ SHARD_TYPES = {"sample_id": pa.int64(), "f0": pa.list_(pa.float64()), "phi": pa.
 
 
 def _generator(*key: int) -> torch.Generator:
-    """A CPU generator for one (seed, tensor, chunk) key, hashed so that nearby keys give unrelated streams."""
+    """A CPU generator for one (seed, tensor[, chunk]) key, hashed so nearby keys give unrelated streams."""
     state = np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
@@ -115,9 +115,10 @@ class DenseProjector(Projector):
 
     P is never held whole (p × numel can be gigabytes): it is regenerated on the CPU, CHUNK_COLS columns at
     a time, each chunk from its own seed (seed, tensor index, chunk index), so it is the same for every
-    batch, run and device. Cost per batch: p·numel random numbers (about 1.6e8/s on one CPU core, so
-    ~10 s for a 784×1024 layer at p = 2000) plus B·k·p·numel multiply-adds; use a large batch_size to
-    amortize the generation. The `coordinates` kind is far cheaper.
+    batch, run and device (on a GPU the chunks are generated on the CPU and copied). Cost per batch:
+    p·numel random numbers (about 1.6e8/s on one CPU core) plus B·k·p·numel multiply-adds: for a 784×1024
+    layer at p = 2000 that is 1.6e9 numbers and, at B = 64, about 30 s on two CPU cores. Use a large
+    batch_size to amortize the generation; the `coordinates` kind costs next to nothing.
     """
 
     CHUNK_COLS = 4096
@@ -159,7 +160,8 @@ def make_projector(cfg: JacobianConfig, named_shapes: dict[str, torch.Size]) -> 
     raise ParamError("jacobian.projection", f"unknown value {cfg.projection!r}")
 
 
-def per_sample_jacobians(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def per_sample_jacobians(model: torch.nn.Module,
+                         x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Outputs f0 (B, k) and Jacobians {name: (B, k, *shape)} of the outputs w.r.t. the parameters at w0.
 
     The model is put in eval mode: the linearization is of the deterministic network (no dropout, batch
@@ -201,7 +203,8 @@ def extract(model: torch.nn.Module, x: np.ndarray, sample_id: np.ndarray, projec
                 f0s.append(f0.to(torch.float64).cpu().numpy())
                 bar.update(len(xb))
             path = out_dir / f"{split}-{shard:05d}.parquet"
-            write_parquet(path, _shard_table(sample_id[start:stop], np.concatenate(f0s), np.concatenate(phis)))
+            table = _shard_table(sample_id[start:stop], np.concatenate(f0s), np.concatenate(phis))
+            write_parquet(path, table)
             entries.append({"file": path.name, "rows": stop - start, "sha256": file_sha256(path)})
     return entries
 
@@ -249,18 +252,21 @@ def iter_shards(directory: str | Path, split: str) -> Iterator[tuple[np.ndarray,
     directory = Path(directory)
     manifest = read_manifest(directory)
     if split not in manifest["shards"]:
-        raise ArtifactError(f"{directory / MANIFEST_NAME}: no split {split!r} (has {sorted(manifest['shards'])})")
+        raise ArtifactError(f"{directory / MANIFEST_NAME}: no split {split!r} "
+                            f"(has {sorted(manifest['shards'])})")
     k, dim = manifest["k"], manifest["D"]
     for entry in manifest["shards"][split]:
         yield _read_shard(directory / entry["file"], entry, k, dim)
 
 
-def _read_shard(path: Path, entry: dict[str, Any], k: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_shard(path: Path, entry: dict[str, Any], k: int,
+                dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not path.is_file():
         raise ArtifactError(f"{path}: shard listed in {MANIFEST_NAME} is missing")
     sha = file_sha256(path)
     if sha != entry["sha256"]:
-        raise ArtifactError(f"{path}: sha256 {sha[:12]}… does not match {MANIFEST_NAME} ({entry['sha256'][:12]}…)")
+        raise ArtifactError(f"{path}: sha256 {sha[:12]}… does not match {MANIFEST_NAME} "
+                            f"({entry['sha256'][:12]}…)")
     table = read_parquet(path)
     for name, typ in SHARD_TYPES.items():
         got = _type_name(table.schema.field(name).type) if name in table.column_names else "missing"

@@ -160,7 +160,7 @@ def test_npz_flat_features_and_test_split(tmp_path):
 @pytest.mark.parametrize("change, error, message", [
     (lambda a: a.pop("y_val"), DataError, r"missing arrays \['y_val'\]"),
     (lambda a: a.update(y_train=np.repeat([2, 7, 9], [20, 19, 1])), DataError,
-     "labels out of range in split train: label 9"),
+     "y_train: labels out of range: label 9"),
     (lambda a: a["X_val"].__setitem__((slice(0, 3), 0, 0), np.nan), DataError, "X_val holds 3 NaN/Inf"),
     (lambda a: a.update(y_train=a["y_train"][:-1]), DataError, "length mismatch: X_train has 40"),
     (lambda a: a.update(y_train=a["y_train"] + 0.5), DataError, "labels not integers in y_train"),

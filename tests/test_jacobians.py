@@ -75,7 +75,8 @@ def assert_unbiased(projection: str, dims: int, seeds: int) -> None:
     jac = two_sample_jacobians()
     kernels = []
     for seed in range(seeds):
-        phi = make_projector(JacobianConfig(projection=projection, dims_per_tensor=dims, seed=seed), SHAPES).project(jac)
+        cfg = JacobianConfig(projection=projection, dims_per_tensor=dims, seed=seed)
+        phi = make_projector(cfg, SHAPES).project(jac)
         kernels.append(phi[0] @ phi[1].T)
     kernels = torch.stack(kernels)
     stderr = kernels.std(dim=0) / seeds**0.5

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The two commands of the README:
+#
+#   bash run.sh repro [dvc repro args...]   set up, then run the pipeline (`dvc repro`)
+#   bash run.sh test  [pytest args...]      set up, then run the test suite (all of it, slow tests included)
+#   bash run.sh test -m "not slow"          quick run: skip the end-to-end tests marked slow
+#
+# Setup: a virtual environment in .venv (created with `python3 -m venv` when missing), filled from
+# requirements.lock plus this package (editable). It is reused as long as the sha256 of
+# requirements.lock + pyproject.toml matches the one stored in .venv/.sui-lock-sha256. `dvc exp run`
+# needs a git identity: when git has none, a repo-local one (sui <sui@localhost>) is set.
+# CI (.ci/run, env CI=true) runs `bash run.sh test`: the full suite, slow tests included.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+STAMP="$VENV/.sui-lock-sha256"
+
+die() {
+  echo "run.sh: error: $*" >&2
+  exit 1
+}
+
+usage() {
+  sed -n '2,7p' "$ROOT/run.sh" | sed 's/^# \{0,1\}//' >&2
+}
+
+lock_hash() {
+  if command -v sha256sum >/dev/null 2>&1; then
+    cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1
+  else
+    python3 -c 'import hashlib,sys; h=hashlib.sha256()
+for p in sys.argv[1:]: h.update(open(p,"rb").read())
+print(h.hexdigest())' requirements.lock pyproject.toml
+  fi
+}
+
+setup_venv() {
+  [[ -f requirements.lock ]] || die "requirements.lock not found in $ROOT"
+  [[ -f pyproject.toml ]] || die "pyproject.toml not found in $ROOT"
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    command -v python3 >/dev/null 2>&1 || die "python3 not found (need Python >= 3.11)"
+    echo "run.sh: creating $VENV" >&2
+    python3 -m venv "$VENV" || die "python3 -m venv $VENV failed (is the venv module installed?)"
+  fi
+  "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "$VENV has Python $("$VENV/bin/python" -V 2>&1); need >= 3.11 (remove .venv and rerun)"
+
+  local want have=""
+  want="$(lock_hash)"
+  [[ -f "$STAMP" ]] && have="$(cat "$STAMP")"
+  if [[ "$want" == "$have" && -x "$VENV/bin/sui" ]]; then
+    return 0
+  fi
+  echo "run.sh: installing requirements.lock into $VENV (first run or lock changed)" >&2
+  rm -f "$STAMP"
+  "$VENV/bin/python" -m pip install -r requirements.lock \
+    || die "pip install -r requirements.lock failed (see the pip output above)"
+  "$VENV/bin/python" -m pip install --no-deps -e . \
+    || die "pip install --no-deps -e . failed (see the pip output above)"
+  echo "$want" > "$STAMP"
+}
+
+activate() {
+  export VIRTUAL_ENV="$VENV"
+  export PATH="$VENV/bin:$PATH"
+  unset PYTHONHOME
+  export MPLBACKEND="${MPLBACKEND:-Agg}"
+}
+
+git_identity() {
+  # `dvc exp run` commits experiments: it needs a git identity, which CI machines often lack.
+  git rev-parse --is-inside-work-tree >/dev/null 2>&1 || return 0
+  if [[ -z "$(git config user.email || true)" ]]; then
+    git config --local user.email sui@localhost
+  fi
+  if [[ -z "$(git config user.name || true)" ]]; then
+    git config --local user.name sui
+  fi
+}
+
+setup() {
+  setup_venv
+  activate
+  git_identity
+}
+
+cmd="${1:-}"
+[[ $# -gt 0 ]] && shift
+case "$cmd" in
+  repro)
+    setup
+    [[ -f dvc.yaml ]] || die "dvc.yaml not found in $ROOT"
+    rc=0
+    dvc repro "$@" || rc=$?
+    [[ $rc -eq 0 ]] || die "dvc repro failed (exit $rc)"
+    ;;
+  test)
+    setup
+    rc=0
+    python -m pytest "$@" || rc=$?
+    if [[ $rc -eq 5 ]]; then
+      echo "run.sh: error: pytest collected no tests (exit 5)" >&2
+      exit 5
+    fi
+    [[ $rc -eq 0 ]] || echo "run.sh: error: tests failed (pytest exit $rc)" >&2
+    exit "$rc"
+    ;;
+  -h|--help|help)
+    usage
+    ;;
+  *)
+    usage
+    echo "run.sh: error: unknown command '${cmd}' (use: repro, test)" >&2
+    exit 2
+    ;;
+esac
