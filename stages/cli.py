@@ -1,14 +1,18 @@
 """The `sui` command: `sui ui` (the MLflow UI on this pipeline's runs) and every pipeline stage.
 
-Stage commands are registered lazily from STAGE_MODULES: `sui <name>` imports `stages.<name>` and runs
-the single command of its typer `app` (the same as `python -m stages.<name>`). A stage module that does
-not exist yet is simply not listed; any other import error is raised, loudly.
+Stage commands are registered lazily from STAGE_MODULES: `sui --help` lists each existing `stages.<name>`
+with its module docstring without importing it; `sui <name> ...` imports the module and runs the single
+command of its typer `app` (the same as `python -m stages.<name>`). A stage module that does not exist
+yet is simply not listed; any other import error is raised, loudly.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib
+import importlib.machinery
+import importlib.util
 import os
 import signal
 import socket
@@ -27,10 +31,36 @@ from typer.core import TyperGroup
 STAGE_MODULES = ["prepare", "model", "jacobians", "ntk", "loo", "score", "evaluate"]
 
 
+def _module_name(name: str) -> str:
+    return f"{__package__ or 'stages'}.{name}"
+
+
+@functools.cache
+def _stage_spec(name: str) -> importlib.machinery.ModuleSpec | None:
+    """The import spec of `stages.<name>` without importing it; None when the module does not exist."""
+    try:
+        return importlib.util.find_spec(_module_name(name))
+    except ModuleNotFoundError:
+        return None
+    except ValueError:  # already imported, without a spec (e.g. made by hand)
+        return importlib.machinery.ModuleSpec(_module_name(name), None)
+
+
+def _stage_help(name: str) -> str | None:
+    """The module docstring of `stages.<name>`, read without importing the module (fast `sui --help`)."""
+    spec = _stage_spec(name)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    try:
+        return ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8")))
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
 @functools.cache
 def stage_command(name: str) -> click.Command | None:
     """The click command of `stages.<name>`, or None if that module does not exist (yet)."""
-    module_name = f"{__package__ or 'stages'}.{name}"
+    module_name = _module_name(name)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -41,25 +71,37 @@ def stage_command(name: str) -> click.Command | None:
     if app is None:
         raise RuntimeError(f"{module_name} has no typer `app` to register as `sui {name}`")
     command = typer.main.get_command(app)
-    if isinstance(command, click.Group):
+    if isinstance(command, (click.Group, TyperGroup)):
         raise RuntimeError(f"{module_name}.app must hold exactly one command to be `sui {name}`")
     command.name = name
     return command
 
 
+class _StageListing(click.Command):
+    """What `sui --help` lists for a stage: name and docstring only; the module is not imported."""
+
+
 class SuiGroup(TyperGroup):
-    """The built-in commands, then the stage commands found in STAGE_MODULES (imported on demand)."""
+    """The built-in commands, then the stage commands of STAGE_MODULES, imported only when invoked."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         names = list(super().list_commands(ctx))
-        names += [s for s in STAGE_MODULES if s not in names and stage_command(s) is not None]
+        names += [s for s in STAGE_MODULES if s not in names and _stage_spec(s) is not None]
         return names
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
-        if command is None and cmd_name in STAGE_MODULES:
-            command = stage_command(cmd_name)
+        if command is None and cmd_name in STAGE_MODULES and _stage_spec(cmd_name) is not None:
+            command = _StageListing(cmd_name, help=_stage_help(cmd_name))
         return command
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        cmd_name, command, rest = super().resolve_command(ctx, args)
+        if isinstance(command, _StageListing):  # about to run (or show its own --help): load it for real
+            command = stage_command(command.name)
+            if command is None:
+                ctx.fail(f"No such command {cmd_name!r}.")
+        return cmd_name, command, rest
 
 
 app = typer.Typer(
@@ -152,6 +194,8 @@ def ui(
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--host", host, "--port", str(port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.setdefault(  # printed by every start of this mlflow version; nothing a user can act on
+        "PYTHONWARNINGS", "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated:UserWarning")
 
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     proc = None
@@ -177,8 +221,19 @@ def ui(
 
 
 # ---- sui top -------------------------------------------------------------------------------------
-# Reserved: `sui top` (live view of a running pipeline) is added here by its owner, as
-# `@app.command() def top(...)` or as a module listed beside the stages. Not implemented yet.
+@app.command()
+def top(
+    n: int = typer.Option(10, "--n", "-n", help="How many samples at each end."),
+    score: str = typer.Option("fsi", "--score", help="fsi, si_isotropic, si_hessian or si_sgd."),
+) -> None:
+    """Print the most and least informative training samples of the latest scores (data/scores)."""
+    from stages.report import top_table
+    from sui_core.errors import SuiError
+
+    try:
+        typer.echo(top_table(n, score))
+    except SuiError as exc:
+        _fail(str(exc))
 
 
 if __name__ == "__main__":

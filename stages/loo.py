@@ -1,5 +1,4 @@
-"""DVC stage `loo`: the exact leave-one-out weight change of every training sample, kept as the
-σ-free quadratic forms behind F-SI and SI."""
+"""DVC stage `loo`: the exact leave-one-out weight change of every training sample (as the σ-free quadratic forms behind F-SI and SI)."""
 
 import time
 

@@ -1,5 +1,4 @@
-"""DVC stage `score`: per-sample F-SI and SI (isotropic, hessian, sgd smoothings) in nats, ranked,
-with a histogram and the gallery of the least and most informative samples."""
+"""DVC stage `score`: per-sample F-SI and SI (isotropic, hessian, sgd smoothings) in nats, ranks, histogram and gallery."""
 
 import numpy as np
 import pyarrow as pa

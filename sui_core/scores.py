@@ -63,7 +63,7 @@ def sgd_precision(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size
 
 
 def loo_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size: int | None,
-                        tol: float = 1e-13, block_size: int = 512, dtype: str = "float64",
+                        tol: float = 1e-14, block_size: int = 512, dtype: str = "float64",
                         progress: bool = True) -> LooResult:
     """Solve every leave-one-out problem exactly and keep the quadratic forms behind each score."""
     n = basis.z.shape[0]

@@ -188,7 +188,7 @@ def trained_coefficients(s: np.ndarray, z: np.ndarray, residual: np.ndarray, gd:
 
 
 def loo_deltas(s: np.ndarray, z: np.ndarray, residual: np.ndarray, full: GradientDescent,
-               left: GradientDescent, tol: float = 1e-13, block_size: int = 512,
+               left: GradientDescent, tol: float = 1e-14, block_size: int = 512,
                dtype: str = "float64") -> tuple[SolverPlan, Iterator[tuple[int, np.ndarray]]]:
     """Δc_i = c − c_{−i}, the change of the trained weights in the eigenbasis when sample i is left out.
 

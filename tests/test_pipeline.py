@@ -149,3 +149,14 @@ def test_same_params_give_identical_scores(project, tmp_path):
     table_before = pq.read_table(__import__("io").BytesIO(before))
     table_after = pq.read_table(project / "data/scores/scores.parquet")
     assert table_before.equals(table_after)
+
+
+def test_sui_top_lists_the_extremes_of_the_scores(project):
+    out = run([str(Path(sys.executable).parent / "sui"), "top", "--n", "3"], project)
+    scores = pq.read_table(project / "data/scores/scores.parquet").to_pydict()
+    order = sorted(range(len(scores["fsi"])), key=lambda i: -scores["fsi"][i])
+    most, least = out.split("least informative")
+    for i in order[:3]:
+        assert f" {scores['sample_id'][i]} " in most
+    for i in order[-3:]:
+        assert f" {scores['sample_id'][i]} " in least

@@ -238,21 +238,51 @@ def test_stage_module_subprocess_error_and_interrupt(mlflow_uri, tmp_path):
     assert len(_parents(client)) == 2  # standalone runs: one parent each
 
 
-def test_cli_registers_stage_modules_lazily(monkeypatch):
-    module = types.ModuleType("stages.fakestage")
-    module.app = common.stage_app("fakestage", "A fake stage.", lambda cfg, run: {}, sections=[])
-    monkeypatch.setitem(sys.modules, "stages.fakestage", module)
+def test_cli_registers_stage_modules_lazily(monkeypatch, tmp_path):
+    import stages
+
+    extra = tmp_path / "extra_stages"
+    extra.mkdir()
+    (extra / "fakestage.py").write_text(textwrap.dedent('''\
+        """A fake stage for the CLI test."""
+        from stages.common import stage_app
+
+        def body(cfg, run):
+            print("fake body ran")
+            return {}
+
+        app = stage_app("fakestage", __doc__, body, sections=[])
+    '''))
+    monkeypatch.setattr(stages, "__path__", [*stages.__path__, str(extra)])
     monkeypatch.setattr(cli, "STAGE_MODULES", ["fakestage", "does_not_exist_yet"])
+    monkeypatch.delitem(sys.modules, "stages.fakestage", raising=False)
+    monkeypatch.setenv("SUI_TRACKING", "off")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
     cli.stage_command.cache_clear()
+    cli._stage_spec.cache_clear()
     try:
         result = CliRunner().invoke(cli.app, ["--help"])
         assert result.exit_code == 0, result.output
-        assert "fakestage" in result.output and "ui" in result.output
-        assert "does_not_exist_yet" not in result.output
+        assert "fakestage" in result.output and "A fake stage for the CLI test." in result.output
+        assert "ui" in result.output and "does_not_exist_yet" not in result.output
+        assert "stages.fakestage" not in sys.modules  # listing does not import stage modules
         result = CliRunner().invoke(cli.app, ["fakestage", "--help"])
-        assert result.exit_code == 0 and "--params" in result.output
+        assert result.exit_code == 0 and "--params" in result.output, result.output
+        result = CliRunner().invoke(cli.app, ["fakestage"])
+        assert result.exit_code == 0 and "fake body ran" in result.output, result.output
+        result = CliRunner().invoke(cli.app, ["does_not_exist_yet"])
+        assert result.exit_code == 2
     finally:
         cli.stage_command.cache_clear()
+        cli._stage_spec.cache_clear()
+
+
+def test_cli_help_lists_existing_stages():
+    result = CliRunner().invoke(cli.app, ["--help"])
+    assert result.exit_code == 0, result.output
+    for name in cli.STAGE_MODULES:
+        assert (name in result.output) == (cli._stage_spec(name) is not None)
 
 
 # ---- sui ui --------------------------------------------------------------------------------------

@@ -1,0 +1,33 @@
+"""`sui top`: the most and least informative training samples of the latest scores, as a table."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stages import paths
+from sui_core.errors import SuiError
+from sui_core.io import read_json, read_parquet
+from sui_core.scores import SCORES
+
+
+
+def top_table(n: int, score: str = "fsi") -> str:
+    """Two blocks of rows: the n highest and the n lowest samples by `score`."""
+    if score not in SCORES:
+        raise SuiError(f"--score: unknown score {score!r} (choose one of {', '.join(SCORES)})")
+    if n <= 0:
+        raise SuiError(f"--n: must be > 0, got {n}")
+    table = read_parquet(paths.SCORES_FILE).to_pydict()
+    class_names = read_json(paths.PREPARED / "meta.json")["summary"]["class_names"]
+    values = np.asarray(table[score])
+    order = np.argsort(-values, kind="stable")
+    header = f"{'fsi_rank':>8} {'sample_id':>9} {'label':>5} {'clean':>5} {'noisy':>5} {'source':<14} {score:>12}"
+    lines = []
+    for title, idx in ((f"{min(n, len(order))} most informative by {score} (nats)", order[:n]),
+                       (f"{min(n, len(order))} least informative by {score} (nats)", order[::-1][:n])):
+        lines += ["", title, header]
+        for i in idx:
+            lines.append(f"{table['rank_fsi'][i]:>8} {table['sample_id'][i]:>9} "
+                         f"{class_names[table['label'][i]]!s:>5} {class_names[table['clean_label'][i]]!s:>5} "
+                         f"{'yes' if table['noisy'][i] else '':>5} {table['source'][i]:<14} {values[i]:>12.4e}")
+    return "\n".join(lines[1:])
