@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sui_core.config import LooConfig
 from sui_core.ntk import build_basis
 from sui_core.reference import brute_force_deltas, trained_weights
 from sui_core.scores import loo_quadratic_forms, scores_from_forms
@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--t", type=float, default=2000)
     p.add_argument("--dynamics", choices=("discrete", "continuous"), default="discrete")
-    p.add_argument("--block-size", type=int, default=512)
+    p.add_argument("--block-size", type=int, default=LooConfig().block_size)
+    p.add_argument("--tol", type=float, default=LooConfig().tol, help="loo.tol (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=3, help="sui timings: best of this many runs")
     p.add_argument("--csv", default="bench/results.csv")
@@ -144,22 +145,22 @@ def stable_recipe(phi: np.ndarray, args) -> tuple[Recipe, str, float]:
     return Recipe(lr, args.weight_decay, args.t, args.dynamics), note, s_max
 
 
-def run_sui(phi, residual, phi_val, recipe, block_size, dtype="float64", repeat=1):
+def run_sui(phi, residual, phi_val, recipe, block_size, tol, dtype="float64", repeat=1):
     """The timed hot path; with repeat > 1 the fastest of `repeat` runs (the first pays warm-up)."""
     best = None
     for _ in range(repeat):
-        out = _run_sui_once(phi, residual, phi_val, recipe, block_size, dtype)
+        out = _run_sui_once(phi, residual, phi_val, recipe, block_size, tol, dtype)
         if best is None or out[0] < best[0]:
             best = out
     return best
 
 
-def _run_sui_once(phi, residual, phi_val, recipe, block_size, dtype):
+def _run_sui_once(phi, residual, phi_val, recipe, block_size, tol, dtype):
     n, k, dim = phi.shape
     started = time.perf_counter()
     basis = build_basis(lambda: [phi], lambda: [phi_val], n, k, dim)
     t_basis = time.perf_counter() - started
-    result = loo_quadratic_forms(basis, residual, recipe, batch_size=None, block_size=block_size,
+    result = loo_quadratic_forms(basis, residual, recipe, batch_size=None, tol=tol, block_size=block_size,
                                  dtype=dtype, progress=False)
     scores = scores_from_forms(result.forms, basis.n_val, sigma=1.0, lr=recipe.lr, batch_size=n)
     seconds = time.perf_counter() - started
@@ -190,8 +191,9 @@ def max_rel(a, b) -> float:
 
 
 def environment_lines() -> list[str]:
+    load = ", load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
     lines = [f"python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs, "
-             f"{platform.processor() or platform.machine()}",
+             f"{platform.processor() or platform.machine()}{load}",
              f"OPENBLAS_CORETYPE = {os.environ.get('OPENBLAS_CORETYPE', '(unset)')}  "
              "(may be set in this environment; it pins OpenBLAS kernels and changes speed)"]
     try:
@@ -232,10 +234,9 @@ def main(argv=None) -> int:
         m = min(args.brute_samples, n)
         indices = np.unique(np.linspace(0, n - 1, m).round().astype(int))
 
-        sui_s, basis_s, basis, result, scores = run_sui(phi, residual, phi_val, recipe, args.block_size,
-                                                         repeat=args.repeat)
-        f32_s, _, _, _, scores32 = run_sui(phi, residual, phi_val, recipe, args.block_size, dtype="float32",
-                                           repeat=args.repeat)
+        solve = (phi, residual, phi_val, recipe, args.block_size, args.tol)
+        sui_s, basis_s, basis, result, scores = run_sui(*solve, repeat=args.repeat)
+        f32_s, _, _, _, scores32 = run_sui(*solve, dtype="float32", repeat=args.repeat)
         brute_s, brute_checked_s, fsi_bf, dvsq_bf = run_brute(phi, residual, phi_val, recipe, indices)
 
         row = {
@@ -254,8 +255,10 @@ def main(argv=None) -> int:
               f"η·t·h_max = {recipe.lr / n * recipe.t * s_max:.3g})", flush=True)
 
     print()
-    print(f"recipe: lr={rows[0]['lr']:g} weight_decay={args.weight_decay:g} t={args.t:g} {args.dynamics}; float64 "
-          "unless noted; times in seconds, wall clock")
+    lowered = sorted({r["lr"] for r in rows if r["lr"] != args.lr})
+    print(f"recipe: lr={args.lr:g}{f' (lowered to {lowered} where noted above)' if lowered else ''} "
+          f"weight_decay={args.weight_decay:g} t={args.t:g} {args.dynamics}; loo.tol={args.tol:g}; float64 unless "
+          "noted; times in seconds, wall clock")
     print(f"sui = build_basis + loo_quadratic_forms + scores_from_forms for ALL n samples, best of {args.repeat} "
           "(basis s = the build_basis part)")
     print(f"brute = reference.brute_force_deltas on --brute-samples={args.brute_samples} samples spread over the set, "
@@ -263,13 +266,15 @@ def main(argv=None) -> int:
     print("errors: max relative difference sui vs brute force on the checked samples; f32 = sui with loo dtype "
           "float32 vs float64 over all n (max and median)")
     header = (f"{'n':>6} {'D':>5} {'space':>6} {'rank':>5} {'method':>9} {'mv':>5} {'sui s':>8} {'basis s':>8} "
-              f"{'brute s*':>10} {'speedup':>8} {'F-SI err':>9} {'|dv|2 err':>9} {'f32 err':>9} {'f32 med':>9} {'f32 s':>7}")
+              f"{'brute s*':>10} {'speedup':>8} {'F-SI err':>9} {'|dv|2 err':>9} {'f32 err':>9} {'f32 med':>9} "
+              f"{'f32 s':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['n']:>6} {r['D']:>5} {r['space']:>6} {r['rank']:>5} {r['method']:>9} {r['matvecs']:>5} "
               f"{r['sui_s']:>8.3f} {r['basis_s']:>8.3f} {r['brute_s_extrap']:>10.1f} {r['speedup']:>7.0f}x "
-              f"{r['fsi_maxrel']:>9.1e} {r['dvsq_maxrel']:>9.1e} {r['f32_fsi_maxrel']:>9.1e} {r['f32_fsi_medrel']:>9.1e} {r['f32_s']:>7.3f}")
+              f"{r['fsi_maxrel']:>9.1e} {r['dvsq_maxrel']:>9.1e} {r['f32_fsi_maxrel']:>9.1e} "
+              f"{r['f32_fsi_medrel']:>9.1e} {r['f32_s']:>7.3f}")
     print("* brute s extrapolated from the checked samples (brute_s_checked in the CSV is the measured part)")
 
     if args.csv:

@@ -4,12 +4,14 @@ A wide MLP (64-2048-1, float64) on sklearn digits 4 vs 9 (k = 1), exact Jacobian
 `none`), scored through the pipeline's path: per_sample_jacobians → projector → build_basis →
 loo_quadratic_forms with the PyTorch-side recipe. Then the network itself is trained with
 torch.optim.SGD (full batch, same lr and steps, mean loss ½·mean‖f(x) − y‖²) on all samples and on
-all but each of 30 seeded samples, and the real change of its validation outputs
+all but each of 40 seeded samples, and the real change of its validation outputs
 Σ_j ‖f_w(x_j) − f_{w−i}(x_j)‖² is compared with F-SI·2σ²·n_val.
 
 lr·t is chosen so that the training loss falls by over an order of magnitude while the wide network
-stays close to its linearization; the test fails if the left-out recipe (η = lr/(n − 1)), the
-mean-loss convention or the F-SI normalization is off.
+stays close to its linearization and far from converged in most directions. Besides Pearson ≥ 0.99 the
+test asks each sample's prediction to be within 10% (measured: ~3% worst, ~0.4% median) and the overall
+scale within 5%, so it fails if the left-out recipe is off (η = lr/n instead of lr/(n − 1) still gives
+Pearson 0.9995 but misses samples by ~35%), or the mean-loss convention or F-SI normalization is.
 """
 
 import copy
@@ -27,10 +29,11 @@ from sui_core.ntk import build_basis
 from sui_core.scores import loo_quadratic_forms, scores_from_forms
 from sui_core.solver import Recipe
 
-N_TRAIN, N_VAL, N_LEFT_OUT = 120, 100, 30
+N_TRAIN, N_VAL, N_LEFT_OUT = 120, 100, 40
 HIDDEN = 2048
-LR, STEPS = 0.01, 500  # lr·(largest eigenvalue of the mean-loss NTK) ≈ 0.7: stable, trains fast
+LR, STEPS = 0.01, 100  # lr·(largest eigenvalue of the mean-loss NTK) ≈ 0.7: stable; loss falls 30x
 SIGMA = 1.0
+SEED = 0
 
 
 def digits_4_vs_9(seed):
@@ -60,8 +63,8 @@ def train_network(model, x, y, lr, steps):
 @pytest.mark.slow
 def test_fsi_predicts_the_real_retrained_network():
     started = time.perf_counter()
-    x_train, label, x_val = digits_4_vs_9(seed=0)
-    model = build_model(ModelConfig(arch="mlp", hidden=[HIDDEN], init_seed=0), [1, 8, 8], 1).double()
+    x_train, label, x_val = digits_4_vs_9(seed=SEED)
+    model = build_model(ModelConfig(arch="mlp", hidden=[HIDDEN], init_seed=SEED), [1, 8, 8], 1).double()
     y = targets(label, 2)
 
     # --- sui: the linearized network, every leave-one-out problem solved exactly
@@ -82,7 +85,7 @@ def test_fsi_predicts_the_real_retrained_network():
     assert LR * basis.s[0] / (n - 1) < 1.0, "recipe too close to the stability bound for this test"
 
     # --- the real network, retrained from w0 on all samples and without each chosen sample
-    left_out = np.sort(np.random.default_rng(1).choice(n, N_LEFT_OUT, replace=False))
+    left_out = np.sort(np.random.default_rng(SEED + 1).choice(n, N_LEFT_OUT, replace=False))
     y_t = torch.tensor(y)
 
     def trained_val_outputs(keep):
@@ -102,9 +105,15 @@ def test_fsi_predicts_the_real_retrained_network():
     pearson = pearsonr(predicted, real)[0]
     spearman = spearmanr(predicted, real)[0]
     scale = float(np.sum(predicted * real) / np.sum(predicted ** 2))  # least-squares real ≈ scale·predicted
+    rel = np.abs(predicted / real - 1)
+    worst = float(rel.max())
     print(f"\nF-SI vs real retraining of a {HIDDEN}-wide MLP, n = {n}, {N_LEFT_OUT} samples left out: "
-          f"Pearson {pearson:.6f}, Spearman {spearman:.4f}, real/predicted scale {scale:.4f}; "
+          f"Pearson {pearson:.6f}, Spearman {spearman:.4f}, real/predicted scale {scale:.4f}, per-sample "
+          f"relative error median {np.median(rel):.2%} max {worst:.2%}; "
           f"train loss {first_loss:.3g} -> {last_loss:.3g} (linearized model: {result.train_mse:.3g}); "
           f"{time.perf_counter() - started:.0f} s")
     assert pearson >= 0.99, f"Pearson {pearson:.4f} < 0.99 (Spearman {spearman:.4f})"
-    assert 0.9 <= scale <= 1.1, f"real changes are {scale:.3f} x the F-SI prediction"
+    assert 0.95 <= scale <= 1.05, f"real changes are {scale:.3f} x the F-SI prediction"
+    # Per sample, not just correlated: a left-out recipe off by 1/n in η (lr/n instead of lr/(n − 1))
+    # still correlates at 0.9995 but misses single samples by 30% and more.
+    assert worst <= 0.1, f"F-SI misses the real change of sample {left_out[np.argmax(rel)]} by {worst:.1%}"
