@@ -75,6 +75,10 @@ class Configs(dict):
         self.params = params
         self.params_path = params_path
 
+    def record(self) -> dict[str, Any]:
+        """The validated params of this stage's sections, defaults filled in: what meta.json records."""
+        return {name: as_dict(section) for name, section in self.items()}
+
     def __getattr__(self, name: str) -> Any:
         try:
             return self[name]

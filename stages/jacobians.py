@@ -7,7 +7,7 @@ import torch
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
 from sui_core.data import read_split
-from sui_core.io import atomic_dir, file_sha256
+from sui_core.io import atomic_dir, code_version, file_sha256
 from sui_core.jacobians import extract, make_projector, write_manifest
 from sui_core.models import load_model
 
@@ -34,7 +34,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
             shards[split] = extract(model, data.x, data.sample_id, projector, out, split,
                                     cfg.jacobian.batch_size, cfg.jacobian.shard_rows)
         write_manifest(out, projector, info["num_outputs"], shards, info["sha256"], data_sha256(),
-                       extra={"params": {"jacobian": cfg.params.get("jacobian", {})}})
+                       extra={"params": cfg.record(), "code": code_version()})
     run.log_artifact(paths.JACOBIANS / "manifest.json")
     return {"D": projector.total_dim, "k": info["num_outputs"],
             **{f"n_{split}": sum(e["rows"] for e in shards[split]) for split in SPLITS}}

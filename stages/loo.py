@@ -26,7 +26,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
     table = pa.table({"sample_id": targets["sample_id"], **result.forms})
     with atomic_dir(paths.LOO) as out:
         write_parquet(out / paths.FORMS_FILE.name, table)
-        write_meta(out, "loo", {"training": cfg.params.get("training", {}), "loo": cfg.params.get("loo", {})},
+        write_meta(out, "loo", cfg.record(),
                    plan=result.plan.as_dict(), full=vars(recipe.full(n)), left_out=vars(recipe.left_out(n)),
                    n_val=basis.n_val, train_mse=result.train_mse, units="squared weights/outputs, σ-free")
     return {"seconds": seconds, "matvecs_per_sample": result.plan.matvecs, "train_mse": result.train_mse,

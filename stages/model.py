@@ -3,7 +3,7 @@
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
 from sui_core.data import read_split
-from sui_core.io import atomic_dir
+from sui_core.io import atomic_dir, code_version
 from sui_core.models import build_model, num_outputs, save_model
 
 
@@ -11,7 +11,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
     train = read_split(paths.PREPARED / "train.parquet")
     model = build_model(cfg.model, train.input_shape, num_outputs(train.num_classes))
     with atomic_dir(paths.MODEL) as out:
-        info = save_model(out, model, {"params": {"model": cfg.params.get("model", {})},
+        info = save_model(out, model, {"params": cfg.record(), "code": code_version(),
                                        "num_classes": train.num_classes})
     run.log_artifact(paths.MODEL / "model.json")
     return {"param_count": info["param_count"], "num_outputs": info["num_outputs"]}

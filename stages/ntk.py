@@ -36,7 +36,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
     with atomic_dir(paths.NTK) as out:
         basis.save(out / paths.BASIS_FILE.name)
         write_npz(out / paths.RESIDUAL_FILE.name, sample_id=sample_id, residual=residual)
-        write_meta(out, "ntk", {}, space=basis.space, rank=basis.rank, n=n, k=k, D=dim, n_val=basis.n_val,
+        write_meta(out, "ntk", cfg.record(), space=basis.space, rank=basis.rank, n=n, k=k, D=dim, n_val=basis.n_val,
                    projection=manifest["projection"], data_sha256=manifest["data_sha256"])
     run.set_tags({"space": basis.space})
     return {"rank": basis.rank, "eig_max": float(basis.s[0]), "eig_min": float(basis.s[-1]), "n_val": basis.n_val}

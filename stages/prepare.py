@@ -9,7 +9,7 @@ from sui_core.io import atomic_dir, write_meta
 def body(cfg: Configs, run: StageRun) -> dict:
     with atomic_dir(paths.PREPARED) as out:
         summary = prepare(cfg.data, out)
-        write_meta(out, "prepare", {"data": cfg.params.get("data", {})}, summary=summary)
+        write_meta(out, "prepare", cfg.record(), summary=summary)
     run.log_artifact(paths.PREPARED / "meta.json")
     return {key: summary[key] for key in ("n_train", "n_val", "n_test", "noisy", "num_classes")}
 

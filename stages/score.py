@@ -34,7 +34,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
         if plots.is_image(list(train.input_shape)):
             plots.gallery(train.x, scores["fsi"], np.asarray(train.class_names)[train.label], out / "plots" / "fsi_gallery.png",
                           min(cfg.score.gallery_size, n // 2 or 1))
-        write_meta(out, "score", {"score": cfg.params.get("score", {}), "training": cfg.params.get("training", {})},
+        write_meta(out, "score", cfg.record(),
                    units="nats", sigma=cfg.score.sigma, batch_size=batch_size, scores=list(SCORES))
     run.log_artifacts(paths.SCORES / "plots", "plots")
     return {f"{name}_{stat}": float(fn(values)) for name, values in scores.items()

@@ -89,6 +89,23 @@ def test_first_repro_runs_every_stage_and_writes_scores(project):
     assert metrics["n_noisy"] == 12 and 0.5 < metrics["fsi_auroc"] <= 1
 
 
+def test_every_artifact_records_what_produced_it(project):
+    commit = run(["git", "rev-parse", "HEAD"], project).strip()
+    for meta_file, section in [("prepared/meta.json", "data"), ("ntk/meta.json", None),
+                               ("loo/meta.json", "training"), ("scores/meta.json", "score"),
+                               ("model/model.json", "model")]:
+        meta = yaml.safe_load((project / "data" / meta_file).read_text())
+        assert meta["code"]["git_commit"] == commit, meta_file
+        if section:
+            assert section in meta["params"], meta_file
+    prepared = yaml.safe_load((project / "data/prepared/meta.json").read_text())
+    assert prepared["params"]["data"]["seed"] == 0 and prepared["params"]["data"]["max_train"] == 120
+    manifest = yaml.safe_load((project / "data/jacobians/manifest.json").read_text())
+    assert manifest["projection"]["kind"] == "coordinates" and manifest["projection"]["seed"] == 0
+    assert manifest["extra"]["code"]["git_commit"] == commit
+    assert manifest["extra"]["params"]["jacobian"]["dims_per_tensor"] == 150
+
+
 def test_noop_repro_reruns_nothing(project):
     assert stages_ran(run(["dvc", "repro"], project)) == []
 
