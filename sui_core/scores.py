@@ -64,17 +64,19 @@ def sgd_precision(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size
 
 def loo_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size: int | None,
                         tol: float = 1e-14, block_size: int = 512, dtype: str = "float64",
-                        progress: bool = True) -> LooResult:
-    """Solve every leave-one-out problem exactly and keep the quadratic forms behind each score."""
+                        progress: bool = True, samples: range | None = None) -> LooResult:
+    """Solve the leave-one-out problems of `samples` (default all) exactly and keep the quadratic
+    forms behind each score; `forms` arrays are indexed like `samples`."""
     n = basis.z.shape[0]
+    samples = samples if samples is not None else range(n)
     full, left = recipe.full(n), recipe.left_out(n)
-    plan, blocks = loo_deltas(basis.s, basis.z, residual, full, left, tol, block_size, dtype)
+    plan, blocks = loo_deltas(basis.s, basis.z, residual, full, left, tol, block_size, dtype, samples)
     sgd_prec = sgd_precision(basis, residual, recipe, batch_size or n)
     h_mean = basis.s / n + recipe.weight_decay
-    forms = {name: np.empty(n) for name in FORMS}
-    with tqdm(total=n, desc="leave-one-out", unit="sample", disable=not progress) as bar:
+    forms = {name: np.empty(len(samples)) for name in FORMS}
+    with tqdm(total=len(samples), desc="leave-one-out", unit="sample", disable=not progress) as bar:
         for start, delta in blocks:
-            sl = slice(start, start + len(delta))
+            sl = slice(start - samples.start, start - samples.start + len(delta))
             forms["fsi_sum"][sl] = np.einsum("br,br->b", delta @ basis.gram_val, delta)
             forms["dv_sq"][sl] = np.einsum("br,br->b", delta, delta)
             forms["dv_hess"][sl] = np.einsum("br,r,br->b", delta, h_mean, delta)

@@ -189,11 +189,13 @@ def trained_coefficients(s: np.ndarray, z: np.ndarray, residual: np.ndarray, gd:
 
 def loo_deltas(s: np.ndarray, z: np.ndarray, residual: np.ndarray, full: GradientDescent,
                left: GradientDescent, tol: float = 1e-14, block_size: int = 512,
-               dtype: str = "float64") -> tuple[SolverPlan, Iterator[tuple[int, np.ndarray]]]:
+               dtype: str = "float64", samples: range | None = None
+               ) -> tuple[SolverPlan, Iterator[tuple[int, np.ndarray]]]:
     """Δc_i = c − c_{−i}, the change of the trained weights in the eigenbasis when sample i is left out.
 
-    Returns the plan and an iterator of (first sample index, Δc block (B, r)). `full` and `left` are
-    the recipes on n and n − 1 samples (see `Recipe`); they may differ in η and λ.
+    Returns the plan and an iterator of (first sample index, Δc block (B, r)) over `samples` (a
+    contiguous range, default all: a worker of a distributed run solves its own range). `full` and
+    `left` are the recipes on n and n − 1 samples (see `Recipe`); they may differ in η and λ.
     """
     n = z.shape[0]
     h_max = float(s.max(initial=0.0))
@@ -207,9 +209,11 @@ def loo_deltas(s: np.ndarray, z: np.ndarray, residual: np.ndarray, full: Gradien
     np_dtype = np.dtype(dtype)
 
     def blocks() -> Iterator[tuple[int, np.ndarray]]:
-        for start in range(0, n, block_size):
-            zb = z[start:start + block_size].astype(np_dtype, copy=False)
-            b = (rhs - np.einsum("bkr,bk->br", z[start:start + block_size], residual[start:start + block_size]))
+        todo = samples if samples is not None else range(n)
+        for start in range(todo.start, todo.stop, block_size):
+            stop = min(start + block_size, todo.stop)
+            zb = z[start:stop].astype(np_dtype, copy=False)
+            b = rhs - np.einsum("bkr,bk->br", z[start:stop], residual[start:stop])
             op = LeftOutOperator(d.astype(np_dtype), zb)
             c_left = apply_left_out(op, b.astype(np_dtype), left, plan, coeffs)
             yield start, c_full - c_left.astype(np.float64)
