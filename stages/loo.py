@@ -9,7 +9,7 @@ from stages import paths
 from stages.common import Configs, StageRun, stage_app
 from sui_core.io import atomic_dir, read_npz, write_meta, write_parquet
 from sui_core.ntk import Basis
-from sui_core.scores import loo_quadratic_forms
+from sui_core.scores import loo_quadratic_forms, planned_peak_bytes
 from sui_core.solver import Recipe
 
 
@@ -18,7 +18,8 @@ def body(cfg: Configs, run: StageRun) -> dict:
     targets = read_npz(paths.RESIDUAL_FILE, ["sample_id", "residual"])
     recipe = Recipe.from_config(cfg.training)
     n, r = basis.z.shape[0], basis.rank
-    print(f"loo: n = {n}, rank r = {r}, {cfg.loo.dtype}, peak ≈ {(basis.z.nbytes + 3 * r * r * 8) / 2**20:.0f} MiB")
+    peak = planned_peak_bytes(n, basis.z.shape[1], r, cfg.loo.block_size)
+    print(f"loo: n = {n}, rank r = {r}, {cfg.loo.dtype}, planned peak memory {peak / 2**30:.2f} GiB")
     started = time.perf_counter()
     result = loo_quadratic_forms(basis, targets["residual"], recipe, cfg.training.batch_size,
                                  cfg.loo.tol, cfg.loo.block_size, cfg.loo.dtype)

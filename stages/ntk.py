@@ -10,7 +10,7 @@ from sui_core.errors import ArtifactError
 from sui_core.io import atomic_dir, write_meta, write_npz
 from sui_core.jacobians import iter_shards, read_manifest
 from sui_core.models import targets
-from sui_core.ntk import build_basis, choose_space
+from sui_core.ntk import build_basis, choose_space, planned_peak_bytes
 
 
 def body(cfg: Configs, run: StageRun) -> dict:
@@ -28,8 +28,9 @@ def body(cfg: Configs, run: StageRun) -> dict:
         raise ArtifactError(f"{paths.JACOBIANS}: training shards do not hold the samples of "
                             f"{paths.PREPARED / 'train.parquet'} in order")
     n, k, dim = len(sample_id), manifest["k"], manifest["D"]
-    print(f"ntk: n = {n}, k = {k}, D = {dim}: {choose_space(n, k, dim)} space, "
-          f"largest matrix {min(n * k, dim)}² float64 = {min(n * k, dim) ** 2 * 8 / 2**20:.0f} MiB")
+    shard_rows = max(entry["rows"] for entry in manifest["shards"]["train"])
+    print(f"ntk: n = {n}, k = {k}, D = {dim}: {choose_space(n, k, dim)} space, rank ≤ {min(n * k, dim)}, "
+          f"planned peak memory {planned_peak_bytes(n, k, dim, shard_rows) / 2**30:.2f} GiB")
     basis = build_basis(lambda: (phi for _, _, phi in iter_shards(paths.JACOBIANS, "train")),
                         lambda: (phi for _, _, phi in iter_shards(paths.JACOBIANS, "val")), n, k, dim)
     residual = targets(train.label, train.num_classes) - f0

@@ -58,6 +58,16 @@ def choose_space(n: int, k: int, dim: int) -> str:
     return "primal" if dim <= n * k else "kernel"
 
 
+def planned_peak_bytes(n: int, k: int, dim: int, shard_rows: int) -> int:
+    """What `build_basis` holds at its peak, in bytes (float64): in primal space the D×D Gram, its
+    eigenvectors and Z, plus one shard; in kernel space Φ, the kernel, its eigenvectors, V and Z."""
+    r = min(n * k, dim)
+    shard = shard_rows * k * dim * (4 + 8)  # float32 as read, float64 as used
+    if choose_space(n, k, dim) == "primal":
+        return 8 * (2 * dim * dim + n * k * r) + shard
+    return 8 * (n * k * dim + 2 * (n * k) ** 2 + dim * r + n * k * r) + shard
+
+
 def build_basis(train: PhiChunks, val: PhiChunks, n: int, k: int, dim: int,
                 rank_rtol: float | None = None) -> Basis:
     """Eigenbasis of ΦᵀΦ from streamed Jacobian blocks; train is read twice in primal space."""

@@ -38,6 +38,12 @@ class LooResult:
     train_mse: float  # ½·mean‖f_t(x_i) − y_i‖² of the linearized model trained on all samples
 
 
+def planned_peak_bytes(n: int, k: int, r: int, block_size: int) -> int:
+    """What `loo_quadratic_forms` holds at its peak, in bytes: Z, the r×r matrices (F-SI metric, SGD
+    covariance and its eigenvectors, precision) and one block of deltas and moments."""
+    return 8 * (n * k * r + 5 * r * r + 4 * block_size * r + 2 * block_size * k * k * r)
+
+
 def sgd_precision(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size: int,
                   block_size: int = 4096) -> np.ndarray:
     """Σ⁺ of the SGD steady state in the eigenbasis (r×r)."""
@@ -63,7 +69,7 @@ def sgd_precision(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size
 
 
 def loo_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size: int | None,
-                        tol: float = 1e-14, block_size: int = 512, dtype: str = "float64",
+                        tol: float = 1e-14, block_size: int = 256, dtype: str = "float64",
                         progress: bool = True, samples: range | None = None) -> LooResult:
     """Solve the leave-one-out problems of `samples` (default all) exactly and keep the quadratic
     forms behind each score; `forms` arrays are indexed like `samples`."""
