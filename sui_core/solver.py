@@ -7,13 +7,15 @@ v(t) = g(H) Φᵀ r with H = ΦᵀΦ + λI and the gradient-descent factor g (se
 Everything here works in an orthonormal eigenbasis of ΦᵀΦ (built by `sui_core.ntk`): eigenvalues
 s (r,), training rows Z (n, k, r). Leaving sample i out turns H into diag(s + λ') − Z_iᵀZ_i — a
 diagonal minus a rank-k matrix — and the right-hand side into Zᵀr − Z_iᵀr_i. We apply g' to that
-operator exactly, batched over samples, each product costing O(r·k):
+operator exactly, batched over samples:
 
 - t = ∞ (λ' > 0): g(h) = 1/h, solved by the Woodbury identity.
 - otherwise a Chebyshev expansion of g' on an interval that holds every left-out spectrum
-  ([λ', max s + λ'], by interlacing), its degree chosen from the coefficients so that the dropped
+  ([λ', max s + λ'], by interlacing), its degree m chosen from the coefficients so that the dropped
   terms are below `tol` relative to max|g'|. For discrete dynamics g' is a polynomial of degree t − 1,
-  so the expansion never needs more than t terms and is then exact.
+  so the expansion never needs more than t terms and is then exact. The recurrence runs on m×k
+  coefficients per sample rather than on r-vectors (`chebyshev_left_out`), so the r-sized work is
+  three BLAS3 products per block of samples.
 """
 
 from __future__ import annotations
