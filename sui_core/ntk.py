@@ -59,12 +59,13 @@ def choose_space(n: int, k: int, dim: int) -> str:
 
 
 def planned_peak_bytes(n: int, k: int, dim: int, shard_rows: int) -> int:
-    """What `build_basis` holds at its peak, in bytes (float64): in primal space the D×D Gram, its
-    eigenvectors and Z, plus one shard; in kernel space Φ, the kernel, its eigenvectors, V and Z."""
+    """What `build_basis` holds at its peak, in bytes (float64): in primal space the D×D Grams of the
+    training and validation sets, the eigenvectors and Z, plus one shard; in kernel space Φ, the
+    kernel, its eigenvectors, V and Z."""
     r = min(n * k, dim)
     shard = shard_rows * k * dim * (4 + 8)  # float32 as read, float64 as used
     if choose_space(n, k, dim) == "primal":
-        return 8 * (2 * dim * dim + n * k * r) + shard
+        return 8 * (3 * dim * dim + n * k * r) + shard
     return 8 * (n * k * dim + 2 * (n * k) ** 2 + dim * r + n * k * r) + shard
 
 
@@ -75,28 +76,44 @@ def build_basis(train: PhiChunks, val: PhiChunks, n: int, k: int, dim: int,
     if rank_rtol is None:
         rank_rtol = max(n * k, dim) * np.finfo(np.float64).eps
     if space == "primal":
-        gram = np.zeros((dim, dim))
+        s, q = _top_eigen(_gram(train, dim), rank_rtol)
+        z = np.empty((n, k, len(s)))
+        filled = 0
         for phi in train():
-            rows = _rows(phi)
-            gram += rows.T @ rows
-        s, q = _top_eigen(gram, rank_rtol)
-        z = np.concatenate([(_rows(phi) @ q).reshape(len(phi), k, -1) for phi in train()])
-        to_basis = lambda rows: rows @ q  # noqa: E731
+            if filled + len(phi) > n:
+                raise ArtifactError(f"more than the expected {n} training samples in the Jacobian shards")
+            z[filled:filled + len(phi)] = (_rows(phi) @ q).reshape(len(phi), k, -1)
+            filled += len(phi)
+        # Q^T (Σ Φ_valᵀΦ_val) Q: cheaper than projecting every validation row when r ≈ D.
+        gram_val, n_val = _gram(val, dim, count=True)
+        gram_val = q.T @ gram_val @ q
     else:
         phi_all = np.concatenate([_rows(phi) for phi in train()])  # (nk, D): smaller than D×D here
+        filled = phi_all.shape[0] // k
         s, u = _top_eigen(phi_all @ phi_all.T, rank_rtol)
-        z = (u * np.sqrt(s)).reshape(n, k, -1)
+        z = (u * np.sqrt(s)).reshape(filled, k, -1)
         v = phi_all.T @ (u / np.sqrt(s))  # (D, r) orthonormal basis of the row space
-        to_basis = lambda rows: rows @ v  # noqa: E731
-    if z.shape[0] != n:
-        raise ArtifactError(f"expected {n} training samples in the Jacobian shards, found {z.shape[0]}")
-    gram_val = np.zeros((len(s), len(s)))
-    n_val = 0
-    for phi in val():
-        w = to_basis(_rows(phi))
-        gram_val += w.T @ w
-        n_val += len(phi)
+        del phi_all
+        gram_val = np.zeros((len(s), len(s)))
+        n_val = 0
+        for phi in val():
+            w = _rows(phi) @ v
+            gram_val += w.T @ w
+            n_val += len(phi)
+    if filled != n:
+        raise ArtifactError(f"expected {n} training samples in the Jacobian shards, found {filled}")
     return Basis(space, s, z, gram_val, n_val, dim)
+
+
+def _gram(chunks: PhiChunks, dim: int, count: bool = False):
+    """Σ ΦᵀΦ over the streamed blocks (D×D), and optionally the number of samples seen."""
+    gram = np.zeros((dim, dim))
+    seen = 0
+    for phi in chunks():
+        rows = _rows(phi)
+        gram += rows.T @ rows
+        seen += len(phi)
+    return (gram, seen) if count else gram
 
 
 def _rows(phi: np.ndarray) -> np.ndarray:

@@ -177,3 +177,12 @@ def test_sui_top_lists_the_extremes_of_the_scores(project):
         assert f" {scores['sample_id'][i]} " in most
     for i in order[-3:]:
         assert f" {scores['sample_id'][i]} " in least
+
+
+def test_dvc_plots_page_renders_offline(project, tmp_path):
+    """All plots are PNG images, so `dvc plots show` needs no vega scripts from a CDN."""
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], project)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert not re.search(r"<script[^>]+src=[\"']?https?:", page)
+    images = re.findall(r'<img[^>]+src="([^"]+)"', page)
+    assert len(images) == 3 and all((tmp_path / "plots" / src).is_file() for src in images)
