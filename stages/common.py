@@ -41,6 +41,7 @@ The `sui` CLI (stages/cli.py) picks up the single command of each stage module's
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -51,6 +52,7 @@ from typing import Any
 
 import typer
 
+from sui_core import distributed as dist
 from sui_core.config import as_dict, load_params, load_section
 from sui_core.errors import SuiError
 from sui_core.tracking import NullStageRun, StageRun, stage_run
@@ -123,32 +125,73 @@ def load_configs(sections: list[str], params_path: str | Path = DEFAULT_PARAMS) 
 
 
 def run_stage(name: str, sections: list[str], body: StageBody,
-              params_path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+              params_path: str | Path = DEFAULT_PARAMS, *, distributed: bool = False) -> dict[str, Any]:
     """Run one stage as described in the module docstring; return its metrics, or exit (SystemExit).
 
     Exit codes: 1 for a SuiError (one line `error: <message>` on stderr), 130 for KeyboardInterrupt,
     143 for SIGTERM. Other exceptions propagate.
+
+    `distributed=True` (jacobians, loo): the stage can run as several processes (sui_core.distributed).
+    With `compute.nproc` > 1 and not yet under torchrun, this process only launches `python -m
+    <the body's module> --params ...` as nproc workers with torchrun's launcher and exits with their code.
+    Under torchrun (started so, or by hand: `torchrun ... -m stages.<name>`) the process group is
+    joined after the params are validated; rank 0 alone logs to MLflow (the others get a
+    NullStageRun) and prints; an error agreed between ranks is printed once.
     """
     started = time.monotonic()
+    # before the process group is up, only torchrun's rank 0 prints (every rank validates the same params)
+    main, world_size = not (distributed and dist.launched()) or os.environ.get("RANK") == "0", 1
     try:
         with _sigterm_raises():
             cfg = load_configs(sections, params_path)
+            if distributed:
+                nproc = load_section(cfg.params, "compute").nproc
+                if nproc > 1 and not dist.launched():
+                    print(f"{name}: {nproc} processes (torch.distributed)", file=sys.stderr, flush=True)
+                    code = dist.launch(_module_of(body), ["--params", str(params_path)], nproc)
+                    if code:
+                        raise SystemExit(code)
+                    return {}
+                rank, world_size = dist.init_from_env()
+                main = rank == 0
             stage_params = {s: as_dict(c) for s, c in cfg.items()}
-            with stage_run(name, stage_params, all_params=cfg.params) as run:
+            tracked = (stage_run(name, stage_params, all_params=cfg.params) if main
+                       else contextlib.nullcontext(NullStageRun(name)))
+            with tracked as run:
                 metrics = dict(body(cfg, run) or {})
                 if metrics:
                     run.log_metrics(metrics)
     except SuiError as exc:
-        print(f"error: {_one_line(str(exc))}", file=sys.stderr, flush=True)
+        if main or not getattr(exc, "agreed", False):
+            print(f"error: {_one_line(str(exc))}", file=sys.stderr, flush=True)
+        dist.finish_after_error(exc)
         raise SystemExit(EXIT_ERROR) from None
     except StageTerminated:
-        print(f"{name}: terminated", file=sys.stderr, flush=True)
+        if main:
+            print(f"{name}: terminated", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_TERMINATED) from None
     except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr, flush=True)
+        if main:
+            print(f"{name}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
-    print(f"{name}: done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+    finally:
+        if distributed:
+            dist.shutdown()
+    if main:
+        processes = f" ({world_size} processes)" if world_size > 1 else ""
+        print(f"{name}: done in {time.monotonic() - started:.1f} s{processes}", file=sys.stderr, flush=True)
     return metrics
+
+
+def _module_of(body: StageBody) -> str:
+    """The importable module that defines `body` (`stages.loo` also when run as `python -m stages.loo`)."""
+    module = getattr(body, "__module__", None) or "__main__"
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        if spec is None:
+            raise RuntimeError("a distributed stage must be started as `python -m <module>` or `sui <stage>`")
+        module = spec.name
+    return module
 
 
 def params_option() -> Any:
@@ -156,12 +199,15 @@ def params_option() -> Any:
     return typer.Option(DEFAULT_PARAMS, "--params", "-p", help="params.yaml to read.", dir_okay=False)
 
 
-def stage_app(name: str, help: str | None, body: StageBody, sections: list[str]) -> typer.Typer:
-    """A typer app with the one command `name`: `python -m stages.<name> [--params PATH]`."""
+def stage_app(name: str, help: str | None, body: StageBody, sections: list[str],
+              distributed: bool = False) -> typer.Typer:
+    """A typer app with the one command `name`: `python -m stages.<name> [--params PATH]`.
+
+    `distributed`: see `run_stage`."""
     app = typer.Typer(name=name, help=help, add_completion=False, pretty_exceptions_enable=False)
 
     def command(params: Path = params_option()) -> None:
-        run_stage(name, sections, body, params)
+        run_stage(name, sections, body, params, distributed=distributed)
 
     command.__doc__ = help
     command.__name__ = name

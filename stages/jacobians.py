@@ -1,4 +1,9 @@
-"""DVC stage `jacobians`: projected per-sample Jacobians of the outputs at w0, and f0, as Parquet shards."""
+"""DVC stage `jacobians`: projected per-sample Jacobians of the outputs at w0, and f0, as Parquet shards.
+
+With `compute.nproc` > 1 (or under torchrun) each rank computes a contiguous run of the batches one
+process would compute and writes them as its own shard files into one shared temporary folder; rank 0
+writes the manifest (the ranks' shard entries in sample order) and renames the folder into place.
+"""
 
 import hashlib
 
@@ -6,8 +11,9 @@ import torch
 
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
+from sui_core import distributed as dist
 from sui_core.data import read_split
-from sui_core.io import atomic_dir, code_version, file_sha256
+from sui_core.io import code_version, file_sha256
 from sui_core.jacobians import extract, make_projector, write_manifest
 from sui_core.models import load_model
 
@@ -23,24 +29,39 @@ def data_sha256() -> str:
 
 
 def body(cfg: Configs, run: StageRun) -> dict:
-    torch.manual_seed(cfg.jacobian.seed)
-    model, info = load_model(paths.MODEL)
-    projector = make_projector(cfg.jacobian, {name: p.shape for name, p in model.named_parameters()})
-    print(f"jacobians: projection {cfg.jacobian.projection}, D = {projector.total_dim}, k = {info['num_outputs']}")
-    with atomic_dir(paths.JACOBIANS) as out:
-        shards = {}
-        for split in SPLITS:
-            data = read_split(paths.PREPARED / f"{split}.parquet")
-            shards[split] = extract(model, data.x, data.sample_id, projector, out, split,
-                                    cfg.jacobian.batch_size, cfg.jacobian.shard_rows)
+    rank, world = dist.world()
+
+    def load():
+        torch.manual_seed(cfg.jacobian.seed)
+        model, info = load_model(paths.MODEL)
+        return model, info, make_projector(cfg.jacobian, {name: p.shape for name, p in model.named_parameters()})
+
+    model, info, projector = dist.run_checked(load)  # an error on any rank stops every rank
+    if rank == 0:
+        print(f"jacobians: projection {cfg.jacobian.projection}, D = {projector.total_dim}, k = {info['num_outputs']}")
+    with dist.shared_atomic_dir(paths.JACOBIANS) as out:
+
+        def my_shards() -> dict[str, list[dict]]:
+            mine = {}
+            for split in SPLITS:
+                data = read_split(paths.PREPARED / f"{split}.parquet")
+                mine[split] = extract(model, data.x, data.sample_id, projector, out, split,
+                                      cfg.jacobian.batch_size, cfg.jacobian.shard_rows,
+                                      progress=rank == 0, rank=rank, world=world)
+            return mine
+
+        parts = dist.all_gather_checked(my_shards)  # every rank has written its files
+        if rank != 0:
+            return {}
+        shards = {split: [entry for part in parts for entry in part[split]] for split in SPLITS}
         write_manifest(out, projector, info["num_outputs"], shards, info["sha256"], data_sha256(),
-                       extra={"params": cfg.record(), "code": code_version()})
+                       extra={"params": cfg.record(), "code": code_version(), "processes": world})
     run.log_artifact(paths.JACOBIANS / "manifest.json")
     return {"D": projector.total_dim, "k": info["num_outputs"],
             **{f"n_{split}": sum(e["rows"] for e in shards[split]) for split in SPLITS}}
 
 
-app = stage_app("jacobians", __doc__, body, sections=["jacobian"])
+app = stage_app("jacobians", __doc__, body, sections=["jacobian"], distributed=True)
 
 if __name__ == "__main__":
     app()

@@ -1,4 +1,10 @@
-"""DVC stage `loo`: the exact leave-one-out weight change of every training sample (as the σ-free quadratic forms behind F-SI and SI)."""
+"""DVC stage `loo`: the exact leave-one-out weight change of every training sample (as the σ-free quadratic forms behind F-SI and SI).
+
+With `compute.nproc` > 1 (or under torchrun) every rank loads the basis and solves its contiguous
+range of samples; the SGD smoothing's gradient covariance is summed over the ranks' shares
+(all-reduce); rank 0 gathers the forms in sample order and writes them. Everything a rank does before
+that all-reduce depends only on inputs every rank shares, so an error there happens on every rank.
+"""
 
 import time
 
@@ -7,6 +13,7 @@ import pyarrow as pa
 
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
+from sui_core import distributed as dist
 from sui_core.io import atomic_dir, read_npz, write_meta, write_parquet
 from sui_core.ntk import Basis
 from sui_core.scores import loo_quadratic_forms, planned_peak_bytes
@@ -14,27 +21,37 @@ from sui_core.solver import Recipe
 
 
 def body(cfg: Configs, run: StageRun) -> dict:
-    basis = Basis.load(paths.BASIS_FILE)
-    targets = read_npz(paths.RESIDUAL_FILE, ["sample_id", "residual"])
+    basis, targets = dist.run_checked(lambda: (Basis.load(paths.BASIS_FILE),
+                                               read_npz(paths.RESIDUAL_FILE, ["sample_id", "residual"])))
     recipe = Recipe.from_config(cfg.training)
     n, r = basis.z.shape[0], basis.rank
     peak = planned_peak_bytes(n, basis.z.shape[1], r, cfg.loo.block_size)
-    print(f"loo: n = {n}, rank r = {r}, {cfg.loo.dtype}, planned peak memory {peak / 2**30:.2f} GiB")
+    rank, world = dist.world()
+    if rank == 0:
+        print(f"loo: n = {n}, rank r = {r}, {cfg.loo.dtype}, planned peak memory {peak / 2**30:.2f} GiB"
+              + (f" per process, {world} processes" if world > 1 else ""))
     started = time.perf_counter()
-    result = loo_quadratic_forms(basis, targets["residual"], recipe, cfg.training.batch_size,
-                                 cfg.loo.tol, cfg.loo.block_size, cfg.loo.dtype)
+    mine = dist.contiguous_range(n, rank, world)
+    parts = dist.all_gather_checked(lambda: loo_quadratic_forms(
+        basis, targets["residual"], recipe, cfg.training.batch_size, cfg.loo.tol, cfg.loo.block_size,
+        cfg.loo.dtype, progress=rank == 0, samples=mine, all_reduce=dist.all_reduce_sum if world > 1 else None))
     seconds = time.perf_counter() - started
+    if rank != 0:
+        return {}
+    result = parts[0]
+    result.forms = {name: np.concatenate([part.forms[name] for part in parts]) for name in result.forms}
     table = pa.table({"sample_id": targets["sample_id"], **result.forms})
     with atomic_dir(paths.LOO) as out:
         write_parquet(out / paths.FORMS_FILE.name, table)
         write_meta(out, "loo", cfg.record(),
                    plan=result.plan.as_dict(), full=vars(recipe.full(n)), left_out=vars(recipe.left_out(n)),
-                   n_val=basis.n_val, train_mse=result.train_mse, units="squared weights/outputs, σ-free")
+                   n_val=basis.n_val, train_mse=result.train_mse, units="squared weights/outputs, σ-free",
+                   processes=world)
     return {"seconds": seconds, "matvecs_per_sample": result.plan.matvecs, "train_mse": result.train_mse,
             "dv_sq_mean": float(np.mean(result.forms["dv_sq"]))}
 
 
-app = stage_app("loo", __doc__, body, sections=["training", "loo"])
+app = stage_app("loo", __doc__, body, sections=["training", "loo"], distributed=True)
 
 if __name__ == "__main__":
     app()

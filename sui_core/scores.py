@@ -20,6 +20,7 @@ score stage turns them into nats with `scores_from_forms`, so changing σ does n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -45,20 +46,34 @@ def planned_peak_bytes(n: int, k: int, r: int, block_size: int) -> int:
 
 
 def sgd_precision(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size: int,
-                  block_size: int = 4096) -> np.ndarray:
-    """Σ⁺ of the SGD steady state in the eigenbasis (r×r)."""
+                  block_size: int = 4096, samples: range | None = None,
+                  all_reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Σ⁺ of the SGD steady state in the eigenbasis (r×r).
+
+    Distributed: each worker sums the gradient moments over its own `samples` and `all_reduce` (a sum
+    over workers, e.g. `sui_core.distributed.all_reduce_sum`) adds them up; without it `samples` must
+    be all of them.
+    """
     n = basis.z.shape[0]
+    samples = samples if samples is not None else range(n)
+    if all_reduce is None and samples != range(n):
+        raise ValueError("sgd_precision over a part of the samples needs all_reduce to sum the parts")
     full = recipe.full(n)
     c = trained_coefficients(basis.s, basis.z, residual, full)
-    second = np.zeros((basis.rank, basis.rank))
-    mean = np.zeros(basis.rank)
-    for start in range(0, n, block_size):
-        zb = basis.z[start:start + block_size]
-        err = np.einsum("bkr,r->bk", zb, c) - residual[start:start + block_size]
+    r = basis.rank
+    second = np.zeros((r, r))
+    mean = np.zeros(r)
+    for start in range(samples.start, samples.stop, block_size):
+        stop = min(start + block_size, samples.stop)
+        zb = basis.z[start:stop]
+        err = np.einsum("bkr,r->bk", zb, c) - residual[start:stop]
         grads = np.einsum("bkr,bk->br", zb, err)  # per-sample gradients, up to a constant shift
         second += grads.T @ grads
         mean += grads.sum(0)
-    mean /= n
+    if all_reduce is not None:
+        summed = all_reduce(np.concatenate([second.ravel(), mean]))
+        second, mean = summed[:r * r].reshape(r, r), summed[r * r:]
+    mean = mean / n
     cov = second / n - np.outer(mean, mean)
     h = basis.s / n + recipe.weight_decay
     denom = h[:, None] + h[None, :]
@@ -70,14 +85,20 @@ def sgd_precision(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size
 
 def loo_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size: int | None,
                         tol: float = 1e-14, block_size: int = 256, dtype: str = "float64",
-                        progress: bool = True, samples: range | None = None) -> LooResult:
+                        progress: bool = True, samples: range | None = None,
+                        all_reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> LooResult:
     """Solve the leave-one-out problems of `samples` (default all) exactly and keep the quadratic
-    forms behind each score; `forms` arrays are indexed like `samples`."""
+    forms behind each score; `forms` arrays are indexed like `samples`.
+
+    A distributed worker passes its own `samples` and `all_reduce` (a sum over workers): the SGD
+    smoothing's gradient covariance, a sum over all samples, is then summed over the workers' shares
+    (without `all_reduce` every worker sums it over all samples itself)."""
     n = basis.z.shape[0]
     samples = samples if samples is not None else range(n)
     full, left = recipe.full(n), recipe.left_out(n)
     plan, blocks = loo_deltas(basis.s, basis.z, residual, full, left, tol, block_size, dtype, samples)
-    sgd_prec = sgd_precision(basis, residual, recipe, batch_size or n)
+    sgd_prec = sgd_precision(basis, residual, recipe, batch_size or n,
+                             samples=samples if all_reduce is not None else None, all_reduce=all_reduce)
     h_mean = basis.s / n + recipe.weight_decay
     forms = {name: np.empty(len(samples)) for name in FORMS}
     with tqdm(total=len(samples), desc="leave-one-out", unit="sample", disable=not progress) as bar:

@@ -1,4 +1,8 @@
 import dataclasses
+import gzip
+import re
+import struct
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -196,3 +200,182 @@ def test_single_class_and_absent_class(tmp_path):
         load_source(_npz_cfg(tmp_path / "d.npz"))
     with pytest.raises(ParamError, match=r"data.classes.*\[11\]"):
         load_source(dataclasses.replace(DIGITS, classes=[3, 11]))
+
+
+# ---- fashion_mnist source ----
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(
+    not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
+    reason="Debian package dataset-fashion-mnist is not installed (/usr/share/datasets/fashion-mnist missing)")
+FASHION_MISSING_HINT = ("install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
+                        "or set data.root to a folder with the IDX files")
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
+    """An IDX file written by hand (struct, not the code under test): magic 00 00 08 ndim, >i4 dims, bytes."""
+    payload = struct.pack(f">BBBB{array.ndim}i", 0, 0, 8, array.ndim, *array.shape) + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+
+
+@pytest.fixture
+def fake_fashion(tmp_path):
+    """A tiny Fashion-MNIST tree: 3 classes, 12 training images each, 3 test images each, 5×7 pixels
+    (non-square, so a transposed read would show). The t10k files are left uncompressed."""
+    rng = np.random.default_rng(5)
+    arrays = {
+        "train_x": rng.integers(0, 256, size=(36, 5, 7), dtype=np.uint8),
+        "train_y": rng.permutation(np.repeat([0, 1, 2], 12)).astype(np.uint8),
+        "test_x": rng.integers(0, 256, size=(9, 5, 7), dtype=np.uint8),
+        "test_y": np.array([2, 0, 1, 1, 2, 0, 0, 2, 1], dtype=np.uint8),
+    }
+    arrays["train_x"][0, 0, 0], arrays["train_x"][1, 4, 6] = 0, 255
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", arrays["train_x"])
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", arrays["train_y"])
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", arrays["test_x"], compress=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", arrays["test_y"], compress=False)
+    return tmp_path, arrays
+
+
+def _fashion_cfg(root=None, **kw):
+    return DataConfig(source="fashion_mnist", root=None if root is None else str(root), **kw)
+
+
+def test_fashion_parser_against_the_arrays_written(fake_fashion):
+    root, a = fake_fashion
+    raw = load_source(_fashion_cfg(root, classes=[2, 0], val_fraction=0.25, label_noise=0.2, seed=3))
+    assert raw.train.input_shape == (1, 5, 7) and raw.train.class_names == [2, 0]
+    n_train_file = len(a["train_y"])
+    for name, split in raw.splits.items():
+        if name == "test":
+            index = split.sample_id - n_train_file
+            x_src, y_src = a["test_x"], a["test_y"]
+        else:
+            index = split.sample_id
+            x_src, y_src = a["train_x"], a["train_y"]
+        assert index.min() >= 0 and index.max() < len(y_src)
+        np.testing.assert_allclose(split.x[:, 0], x_src[index] / 255.0, rtol=1e-6, atol=0)
+        np.testing.assert_array_equal(np.array([2, 0])[split.clean_label], y_src[index])
+    # the test split is every t10k sample of the chosen classes; val is round(0.25 · 12) a class
+    np.testing.assert_array_equal(raw.test.sample_id, n_train_file + np.flatnonzero(np.isin(a["test_y"], [0, 2])))
+    np.testing.assert_array_equal(np.bincount(raw.val.clean_label), [3, 3])
+    np.testing.assert_array_equal(np.bincount(raw.train.clean_label), [9, 9])
+    assert not set(raw.train.sample_id) & set(raw.val.sample_id)
+    assert raw.train.noisy.sum() == round(0.2 * 18) and not raw.val.noisy.any() and not raw.test.noisy.any()
+    all_x = np.concatenate([s.x.ravel() for s in raw.splits.values()])
+    assert all_x.min() >= 0.0 and all_x.max() <= 1.0
+
+
+def test_fashion_test_fraction_is_ignored_and_max_train_caps(fake_fashion):
+    root, a = fake_fashion
+    base = load_source(_fashion_cfg(root, val_fraction=0.25, test_fraction=0.1, label_noise=0.0))
+    other = load_source(_fashion_cfg(root, val_fraction=0.25, test_fraction=0.5, label_noise=0.0))
+    assert len(base.test) == len(other.test) == 9
+    np.testing.assert_array_equal(base.val.sample_id, other.val.sample_id)
+    capped = load_source(_fashion_cfg(root, val_fraction=0.25, max_train=12, label_noise=0.0))
+    np.testing.assert_array_equal(np.bincount(capped.train.clean_label), [4, 4, 4])
+    assert set(capped.train.sample_id) <= set(base.train.sample_id)
+    np.testing.assert_array_equal(capped.val.sample_id, base.val.sample_id)
+
+
+def test_fashion_missing_files_error(tmp_path):
+    with pytest.raises(DataError) as exc:
+        load_source(_fashion_cfg(tmp_path / "absent"))
+    message = str(exc.value)
+    assert "\n" not in message and message.startswith(str(tmp_path / "absent"))
+    assert message.endswith(FASHION_MISSING_HINT)
+    (tmp_path / "partial").mkdir()
+    write_idx(tmp_path / "partial" / "train-images-idx3-ubyte.gz", np.zeros((2, 3, 3)))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'partial'}: ")) as exc:
+        load_source(_fashion_cfg(tmp_path / "partial"))
+    assert "train-labels-idx1-ubyte.gz" in str(exc.value) and str(exc.value).endswith(FASHION_MISSING_HINT)
+    assert "train-images-idx3-ubyte.gz," not in str(exc.value)
+
+
+@pytest.mark.parametrize("file, corrupt, message", [
+    ("train-labels-idx1-ubyte.gz", lambda p: write_idx(p, np.zeros((36, 1))), "magic 00000802, expected 00000801"),
+    ("train-images-idx3-ubyte.gz", lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-5])),
+     "header says [36, 5, 7] = 1260 bytes of data, the file holds 1255"),
+    ("train-images-idx3-ubyte.gz", lambda p: p.write_bytes(b"not gzip at all"), "unreadable IDX file"),
+    ("t10k-images-idx3-ubyte", lambda p: p.write_bytes(b""), "magic (empty)"),
+    ("t10k-labels-idx1-ubyte", lambda p: write_idx(p, np.zeros(8), compress=False), "holds 8 labels, but"),
+])
+def test_fashion_corrupted_file_is_named(fake_fashion, file, corrupt, message):
+    root, _ = fake_fashion
+    corrupt(root / file)
+    with pytest.raises(DataError) as exc:
+        load_source(_fashion_cfg(root))
+    assert str(exc.value).startswith(str(root / file)) and message in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_fashion_absent_class_is_a_param_error(fake_fashion):
+    root, _ = fake_fashion
+    with pytest.raises(ParamError, match=r"data.classes.*\[7\]"):
+        load_source(_fashion_cfg(root, classes=[0, 7]))
+
+
+@pytest.fixture(scope="module")
+def fashion_files():
+    """The real files read by hand (gzip + frombuffer at the fixed IDX header sizes)."""
+    def read(name, header):
+        return np.frombuffer(gzip.decompress((FASHION_DIR / name).read_bytes())[header:], np.uint8)
+    return {"train_x": read("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28),
+            "train_y": read("train-labels-idx1-ubyte.gz", 8),
+            "test_x": read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28),
+            "test_y": read("t10k-labels-idx1-ubyte.gz", 8)}
+
+
+@needs_fashion
+def test_fashion_all_classes_shapes_and_ranges(fashion_files):
+    raw = load_source(_fashion_cfg())
+    assert (len(raw.train), len(raw.val), len(raw.test)) == (48000, 12000, 10000)
+    assert raw.train.input_shape == (1, 28, 28) and raw.train.num_classes == 10
+    assert raw.train.class_names == list(range(10))
+    for split in raw.splits.values():
+        assert split.x.dtype == np.float32 and split.x.min() == 0.0 and split.x.max() == 1.0
+    np.testing.assert_array_equal(np.bincount(raw.val.clean_label), [1200] * 10)
+    np.testing.assert_array_equal(np.sort(np.concatenate([raw.train.sample_id, raw.val.sample_id])), np.arange(60000))
+    np.testing.assert_array_equal(raw.test.sample_id, 60000 + np.arange(10000))
+    assert raw.train.noisy.sum() == 4800
+    some = raw.train.sample_id[::997]
+    np.testing.assert_allclose(raw.train.x[::997, 0], fashion_files["train_x"][some] / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(raw.train.clean_label[::997], fashion_files["train_y"][some])
+    np.testing.assert_allclose(raw.test.x[::501, 0], fashion_files["test_x"][::501] / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(raw.test.label, fashion_files["test_y"])
+
+
+@needs_fashion
+def test_fashion_class_subset_seeded_split_and_cap(fashion_files):
+    cfg = _fashion_cfg(classes=[9, 0, 6], max_train=300, val_fraction=0.1, label_noise=0.1, seed=4)
+    raw = load_source(cfg)
+    assert raw.train.class_names == [9, 0, 6] and raw.train.num_classes == 3
+    np.testing.assert_array_equal(np.bincount(raw.train.clean_label), [100, 100, 100])
+    np.testing.assert_array_equal(np.bincount(raw.val.clean_label), [600, 600, 600])
+    np.testing.assert_array_equal(np.bincount(raw.test.clean_label), [1000, 1000, 1000])
+    np.testing.assert_array_equal(np.array([9, 0, 6])[raw.train.clean_label], fashion_files["train_y"][raw.train.sample_id])
+    assert raw.train.noisy.sum() == 30
+    again = load_source(cfg)
+    other = load_source(dataclasses.replace(cfg, seed=5))
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(raw.splits[name].sample_id, again.splits[name].sample_id)
+        np.testing.assert_array_equal(raw.splits[name].label, again.splits[name].label)
+    assert not np.array_equal(raw.train.sample_id, other.train.sample_id)
+    assert not np.array_equal(raw.val.sample_id, other.val.sample_id)
+    np.testing.assert_array_equal(raw.test.sample_id, other.test.sample_id)
+
+
+def test_fashion_missing_files_fail_the_prepare_stage_in_one_line(tmp_path, monkeypatch):
+    import importlib
+
+    import yaml
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SUI_TRACKING", "off")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"source": "fashion_mnist", "root": "no/such"}}))
+    result = CliRunner().invoke(importlib.import_module("stages.prepare").app, [])
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: no/such: Fashion-MNIST IDX files not found (folder does not exist); {FASHION_MISSING_HINT}"]
+    assert not (tmp_path / "data" / "prepared").exists()
