@@ -236,5 +236,25 @@ def top(
         _fail(str(exc))
 
 
+# ---- sui plan ------------------------------------------------------------------------------------
+@app.command()
+def plan(
+    params: Path = typer.Option(Path("params.yaml"), "--params", "-p", help="params.yaml to read.", dir_okay=False),
+) -> None:
+    """Print each stage's expected disk use and peak memory for these params, without running anything;
+    exit 1 when the largest peak does not fit in the available memory or the outputs on the free disk."""
+    from sui_core import plan as planning
+    from sui_core.config import load_params
+    from sui_core.errors import SuiError
+
+    try:
+        made = planning.make_plan(load_params(params))
+        memory, disk = planning.available_memory(), planning.free_disk("data")
+        planning.check(made, memory, disk)
+    except SuiError as exc:
+        _fail(" ".join(str(exc).split()))
+    typer.echo(planning.table(made, memory, disk))
+
+
 if __name__ == "__main__":
     app()

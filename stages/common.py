@@ -24,6 +24,7 @@ calls `body`, logs the dict it returns as metrics, and exits:
 
 - 0 on success;
 - 1 on a `sui_core.errors.SuiError`, printed as ONE line `error: <message>` on stderr, no traceback;
+  also on a full disk (OSError ENOSPC/EDQUOT: `error: <path>: no space left on device; ...`);
 - 130 on Ctrl-C (KeyboardInterrupt), 143 on SIGTERM; the child run is then marked KILLED;
 - any other exception is a bug: it propagates with its traceback (the child run is marked FAILED).
 
@@ -55,6 +56,7 @@ import typer
 from sui_core import distributed as dist
 from sui_core.config import as_dict, load_params, load_section
 from sui_core.errors import SuiError
+from sui_core.io import is_disk_full
 from sui_core.tracking import NullStageRun, StageRun, stage_run
 
 __all__ = ["Configs", "StageRun", "NullStageRun", "StageBody", "run_stage", "stage_app", "params_option",
@@ -165,6 +167,13 @@ def run_stage(name: str, sections: list[str], body: StageBody,
         if main or not getattr(exc, "agreed", False):
             print(f"error: {_one_line(str(exc))}", file=sys.stderr, flush=True)
         dist.finish_after_error(exc)
+        raise SystemExit(EXIT_ERROR) from None
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        where = exc.filename or f"the {name} stage's output"
+        print(f"error: {where}: no space left on device; free disk space, or check what the params need "
+              f"with `sui plan`", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_ERROR) from None
     except StageTerminated:
         if main:

@@ -14,7 +14,7 @@ from stages.common import Configs, StageRun, stage_app
 from sui_core import distributed as dist
 from sui_core.data import read_split
 from sui_core.io import code_version, file_sha256
-from sui_core.jacobians import extract, make_projector, write_manifest
+from sui_core.jacobians import extract, jacobian_shapes, make_projector, write_manifest
 from sui_core.models import load_model
 
 SPLITS = ("train", "val")
@@ -34,7 +34,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
     def load():
         torch.manual_seed(cfg.jacobian.seed)
         model, info = load_model(paths.MODEL)
-        return model, info, make_projector(cfg.jacobian, {name: p.shape for name, p in model.named_parameters()})
+        return model, info, make_projector(cfg.jacobian, jacobian_shapes(model))
 
     model, info, projector = dist.run_checked(load)  # an error on any rank stops every rank
     if rank == 0:

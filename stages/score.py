@@ -26,7 +26,8 @@ def body(cfg: Configs, run: StageRun) -> dict:
     rank = np.empty(n, dtype=np.int64)
     rank[np.argsort(-scores["fsi"], kind="stable")] = np.arange(1, n + 1)
     table = pa.table({"sample_id": sample_id, "label": train.label, "clean_label": train.clean_label,
-                      "noisy": train.noisy, "source": train.source, **scores, "rank_fsi": rank})
+                      "noisy": train.noisy, "source": train.source,
+                      "group": pa.array(train.group.tolist(), pa.string()), **scores, "rank_fsi": rank})
     with atomic_dir(paths.SCORES) as out:
         write_parquet(out / paths.SCORES_FILE.name, table)
         plots.histogram(scores["fsi"], out / "plots" / "fsi_histogram.png", "F-SI (nats)",

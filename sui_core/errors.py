@@ -19,3 +19,7 @@ class DataError(SuiError):
 
 class ArtifactError(SuiError):
     """An artifact written by an earlier stage is missing, corrupted or does not match its manifest."""
+
+
+class DiskFullError(SuiError):
+    """Writing an output ran out of disk space (ENOSPC) or quota (EDQUOT); the partial output is removed."""

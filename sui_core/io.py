@@ -7,6 +7,7 @@ stage killed mid-write never leaves a file that a later stage would trust.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sui_core import __version__
-from sui_core.errors import ArtifactError
+from sui_core.errors import ArtifactError, DiskFullError
 
 META_NAME = "meta.json"
 
@@ -37,6 +38,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise_if_disk_full(exc, path)
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -53,9 +57,36 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except DiskFullError as exc:  # from a file written inside: name it as it would have been in `path`
+        inner = Path(getattr(exc, "path", "") or "")
+        raise DiskFullError(_disk_full_message(path / inner.relative_to(tmp) if inner.is_relative_to(tmp)
+                                               else path)) from exc.__cause__
+    except OSError as exc:
+        raise_if_disk_full(exc, path)
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError for a full disk or quota (pyarrow's carries the errno only in its message)."""
+    return isinstance(exc, OSError) and (
+        exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+        or "Disk quota exceeded" in str(exc))
+
+
+def raise_if_disk_full(exc: OSError, path: str | Path) -> None:
+    """Raise DiskFullError (one line naming `path`) if `exc` says the disk is full; else return."""
+    if is_disk_full(exc):
+        error = DiskFullError(_disk_full_message(path))
+        error.path = str(path)
+        raise error from exc
+
+
+def _disk_full_message(path: str | Path) -> str:
+    return (f"{path}: no space left on device while writing it (partial output removed); "
+            f"free disk space, or check what the params need with `sui plan`")
 
 
 def write_json(path: str | Path, obj: Any) -> None:

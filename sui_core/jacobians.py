@@ -161,15 +161,23 @@ def make_projector(cfg: JacobianConfig, named_shapes: dict[str, torch.Size]) -> 
     raise ParamError("jacobian.projection", f"unknown value {cfg.projection!r}")
 
 
+def jacobian_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
+    """Shapes of the tensors the Jacobian is taken against, in model order: the parameters with
+    requires_grad (those frozen by `model.freeze` are constants of the linearization)."""
+    return {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
+
+
 def per_sample_jacobians(model: torch.nn.Module,
                          x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Outputs f0 (B, k) and Jacobians {name: (B, k, *shape)} of the outputs w.r.t. the parameters at w0.
 
-    The model is put in eval mode: the linearization is of the deterministic network (no dropout, batch
-    norm on its running statistics), and one sample's Jacobian must not depend on the others in the batch.
+    Only parameters with requires_grad are differentiated (see `jacobian_shapes`). The model is put in
+    eval mode: the linearization is of the deterministic network (no dropout, batch norm on its running
+    statistics), and one sample's Jacobian must not depend on the others in the batch (each sample is
+    run alone under vmap).
     """
     model.eval()
-    params = {name: p.detach() for name, p in model.named_parameters()}
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
 
     def outputs(p: dict[str, torch.Tensor], xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
