@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import environment_lines, jacobian_model, jacobians, max_rel, stable_lr
+from common import add_recipe_args, environment_lines, jacobian_model, jacobians, max_rel, stable_lr
 
-from sui_core.config import LooConfig
 from sui_core.ntk import build_basis
 from sui_core.reference import brute_force_deltas, trained_weights
 from sui_core.scores import loo_quadratic_forms, scores_from_forms
@@ -45,12 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=4096, help="D, projected Jacobian coordinates")
     p.add_argument("--brute-samples", type=int, default=20, help="samples solved by brute force per n")
     p.add_argument("--source", choices=("mnist", "synthetic"), default="mnist")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--t", type=float, default=2000)
-    p.add_argument("--dynamics", choices=("discrete", "continuous"), default="discrete")
-    p.add_argument("--block-size", type=int, default=LooConfig().block_size)
-    p.add_argument("--tol", type=float, default=LooConfig().tol, help="loo.tol (default: the pipeline's)")
+    add_recipe_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=3, help="sui timings: best of this many runs")
     p.add_argument("--csv", default="bench/results.csv")

@@ -49,9 +49,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import environment_lines, jacobian_model, jacobians, max_rel, stable_lr
+from common import add_recipe_args, environment_lines, jacobian_model, jacobians, max_rel, stable_lr
 
-from sui_core.config import LooConfig
 from sui_core.ntk import build_basis
 from sui_core.scores import loo_quadratic_forms, scores_from_forms
 from sui_core.solver import Recipe
@@ -70,12 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-val", type=int, default=1000, help="validation images (t10k file)")
     p.add_argument("--classes", type=int, nargs=2, default=None, metavar=("A", "B"),
                    help="two Fashion-MNIST classes (n ≤ 12000) instead of all 10 mapped to class < 5")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--t", type=float, default=2000)
-    p.add_argument("--dynamics", choices=("discrete", "continuous"), default="discrete")
-    p.add_argument("--block-size", type=int, default=LooConfig().block_size)
-    p.add_argument("--tol", type=float, default=LooConfig().tol, help="loo.tol (default: the pipeline's)")
+    add_recipe_args(p)
     p.add_argument("--brute-samples", type=int, default=10, help="brute force samples at n = 1000")
     p.add_argument("--paper-samples", type=int, default=10, help="paper-algorithm samples at n = 1000")
     p.add_argument("--check-samples", type=int, default=50, help="samples of the exact check at the largest n")

@@ -13,6 +13,18 @@ import numpy as np
 JACOBIAN_BATCH = 64
 
 
+def add_recipe_args(parser) -> None:
+    """The training recipe and solver options both benchmarks share (defaults: the pipeline's)."""
+    from sui_core.config import LooConfig
+
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--t", type=float, default=2000)
+    parser.add_argument("--dynamics", choices=("discrete", "continuous"), default="discrete")
+    parser.add_argument("--block-size", type=int, default=LooConfig().block_size)
+    parser.add_argument("--tol", type=float, default=LooConfig().tol, help="loo.tol (default: the pipeline's)")
+
+
 def environment_lines() -> list[str]:
     """Python, numpy, CPUs, load, OPENBLAS_CORETYPE and the BLAS that threadpoolctl sees."""
     load = ", load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""

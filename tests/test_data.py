@@ -46,13 +46,19 @@ def test_samples_match_source(raw, digits):
         np.testing.assert_array_equal(np.array(DIGITS.classes)[split.clean_label], digits.target[split.sample_id])
 
 
-def test_seed_reproducible_and_different(raw):
-    again = load_source(DIGITS)
-    other = load_source(dataclasses.replace(DIGITS, seed=8))
+def assert_seeded(raw, cfg, other_seed):
+    """Same config → same splits and flips; another seed → other ones. Returns the other load."""
+    again = load_source(cfg)
+    other = load_source(dataclasses.replace(cfg, seed=other_seed))
     for name in ("train", "val", "test"):
         np.testing.assert_array_equal(raw.splits[name].sample_id, again.splits[name].sample_id)
         np.testing.assert_array_equal(raw.splits[name].label, again.splits[name].label)
     assert not np.array_equal(raw.train.sample_id, other.train.sample_id)
+    return other
+
+
+def test_seed_reproducible_and_different(raw):
+    other = assert_seeded(raw, DIGITS, 8)
     assert not np.array_equal(raw.train.noisy, other.train.noisy)
 
 
@@ -355,12 +361,7 @@ def test_fashion_class_subset_seeded_split_and_cap(fashion_files):
     np.testing.assert_array_equal(np.bincount(raw.test.clean_label), [1000, 1000, 1000])
     np.testing.assert_array_equal(np.array([9, 0, 6])[raw.train.clean_label], fashion_files["train_y"][raw.train.sample_id])
     assert raw.train.noisy.sum() == 30
-    again = load_source(cfg)
-    other = load_source(dataclasses.replace(cfg, seed=5))
-    for name in ("train", "val", "test"):
-        np.testing.assert_array_equal(raw.splits[name].sample_id, again.splits[name].sample_id)
-        np.testing.assert_array_equal(raw.splits[name].label, again.splits[name].label)
-    assert not np.array_equal(raw.train.sample_id, other.train.sample_id)
+    other = assert_seeded(raw, cfg, 5)
     assert not np.array_equal(raw.val.sample_id, other.val.sample_id)
     np.testing.assert_array_equal(raw.test.sample_id, other.test.sample_id)
 
