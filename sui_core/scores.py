@@ -8,7 +8,9 @@ All scores are KL divergences in nats between Gaussians smoothed with noise scal
 - SI_i sgd       = ½ Δv_iᵀ Σ⁺ Δv_i, H̄Σ + ΣH̄ = (lr/b) Λ              (SGD steady state, eq. 14)
 
 H̄ = H/n is the Hessian of the *mean* loss and lr, b (batch size) the PyTorch-side recipe, since
-that is the SGD whose noise these smoothings model; Λ is the covariance of the per-sample gradients
+that is the SGD whose noise these smoothings model (written with the sum-loss η = lr/n and H, as
+in DESIGN.md, the Hessian form reads (b/(ησ²))ΔvᵀHΔv/n²: the same scores, with σ² measured against
+the mean-loss gradient); Λ is the covariance of the per-sample gradients
 at the trained solution. In H̄'s eigenbasis the Lyapunov equation is solved entry by entry:
 Σ_ab = (lr/b) Λ_ab / (h_a + h_b). Directions that the SGD noise never reaches (Σ singular) would make
 the KL infinite; the pseudo-inverse ignores them.
