@@ -10,7 +10,8 @@
 # requirements.lock + pyproject.toml matches the one stored in .venv/.sui-lock-sha256. `dvc exp run`
 # needs a git identity: when git has none, a repo-local one (sui <sui@localhost>) is set.
 # Best effort: when Fashion-MNIST (Debian package dataset-fashion-mnist) is missing and we are root
-# with apt-get, it is installed; if that fails setup goes on and the tests that need it skip.
+# with apt-get, it is installed; if that fails setup goes on and the tests that need it skip. The same
+# for the Debian package fortunes (texts of the example in examples/text).
 # CI (.ci/run, env CI=true) runs `bash run.sh test`: the full suite, slow tests included.
 set -euo pipefail
 
@@ -100,11 +101,31 @@ fashion_mnist() {
   return 0
 }
 
+fortunes() {
+  # Best effort, never fatal: the text example (examples/text) and its slow test need the Debian package.
+  local probe=/usr/share/games/fortunes/food
+  [[ -f "$probe" ]] && return 0
+  if [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "run.sh: $probe missing and not root with apt-get: the fortunes text test will skip" \
+      "(apt-get install fortunes to run it)" >&2
+    return 0
+  fi
+  echo "run.sh: $probe missing: apt-get install -y -qq fortunes" >&2
+  if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes; }; then
+    echo "run.sh: installed fortunes" >&2
+  else
+    echo "run.sh: warning: could not install fortunes; the fortunes text test will skip" >&2
+  fi
+  return 0
+}
+
 setup() {
   setup_venv
   activate
   git_identity
   fashion_mnist
+  fortunes
 }
 
 cmd="${1:-}"

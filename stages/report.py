@@ -9,6 +9,12 @@ from sui_core.errors import SuiError
 from sui_core.io import read_json, read_parquet
 from sui_core.scores import SCORES
 
+TEXT_WIDTH = 70  # characters of a text source's texts shown per row (whitespace collapsed)
+
+
+def _short(text: str | None, width: int = TEXT_WIDTH) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= width else flat[:width - 1] + "…"
 
 
 def top_table(n: int, score: str = "fsi") -> str:
@@ -21,13 +27,17 @@ def top_table(n: int, score: str = "fsi") -> str:
     class_names = read_json(paths.PREPARED / "meta.json")["summary"]["class_names"]
     values = np.asarray(table[score])
     order = np.argsort(-values, kind="stable")
-    header = f"{'fsi_rank':>8} {'sample_id':>9} {'label':>5} {'clean':>5} {'noisy':>5} {'source':<14} {score:>12}"
+    texts = table.get("text")  # only text sources (data.text_column) have it
+    w = max([5, *(len(str(c)) for c in class_names)])  # label columns as wide as the longest class name
+    header = f"{'fsi_rank':>8} {'sample_id':>9} {'label':>{w}} {'clean':>{w}} {'noisy':>5} {'source':<14} {score:>12}"
+    header += "  text" if texts is not None else ""
     lines = []
     for title, idx in ((f"{min(n, len(order))} most informative by {score} (nats)", order[:n]),
                        (f"{min(n, len(order))} least informative by {score} (nats)", order[::-1][:n])):
         lines += ["", title, header]
         for i in idx:
             lines.append(f"{table['rank_fsi'][i]:>8} {table['sample_id'][i]:>9} "
-                         f"{class_names[table['label'][i]]!s:>5} {class_names[table['clean_label'][i]]!s:>5} "
-                         f"{'yes' if table['noisy'][i] else '':>5} {table['source'][i]:<14} {values[i]:>12.4e}")
+                         f"{class_names[table['label'][i]]!s:>{w}} {class_names[table['clean_label'][i]]!s:>{w}} "
+                         f"{'yes' if table['noisy'][i] else '':>5} {table['source'][i]:<14} {values[i]:>12.4e}"
+                         + (f"  {_short(texts[i])}" if texts is not None else ""))
     return "\n".join(lines[1:])

@@ -57,6 +57,9 @@ class DataConfig:
     parquet_path: str | None = None
     feature_columns: list[str] | None = None
     vector_column: str | None = None
+    # or one string column text_column: each text becomes the mean GloVe 6B 50d vector of its known
+    # (lowercased) words (sui_core/text.py); the raw text is kept in the prepared splits and the scores.
+    text_column: str | None = None
     label_column: str = "label"
 
     def validate(self, section: str) -> None:
@@ -96,6 +99,10 @@ class DataConfig:
                 raise ParamError(f"{section}.normalize", f"mean must be finite and std > 0, got {self.normalize}")
         if self.feature_columns is not None and self.vector_column is not None:
             raise ParamError(f"{section}.vector_column", "give either feature_columns or vector_column, not both")
+        if self.text_column is not None and (self.feature_columns is not None or self.vector_column is not None):
+            raise ParamError(f"{section}.text_column", "give one of feature_columns, vector_column, text_column")
+        if self.text_column is not None and not self.text_column:
+            raise ParamError(f"{section}.text_column", "must not be empty (null = no text column)")
         if self.feature_columns is not None and not self.feature_columns:
             raise ParamError(f"{section}.feature_columns", "must not be empty (null = all numeric columns)")
         if not self.label_column:

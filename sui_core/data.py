@@ -53,6 +53,7 @@ class Split:
     num_classes: int
     class_names: list[int | str]
     group: np.ndarray | None = None  # str or None per sample (parquet's `group` column); None = no groups
+    text: np.ndarray | None = None  # str per sample (parquet's data.text_column); None = not a text source
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -93,12 +94,12 @@ def load_source(cfg: DataConfig) -> RawData:
     splits = {}
     for name, (ids, x, y, *extra) in parts.items():
         label = _map_labels(f"{_where(cfg)}: y_{name}", y, classes)
-        source, group = extra if extra else (np.full(len(y), cfg.source, dtype=object), None)
+        source, group, text = (*extra, None)[:3] if extra else (np.full(len(y), cfg.source, dtype=object), None, None)
         splits[name] = Split(
             sample_id=ids.astype(np.int64), x=x.astype(np.float32).reshape((len(y), *input_shape)),
             label=label, clean_label=label.copy(), noisy=np.zeros(len(y), bool),
             source=source, input_shape=tuple(input_shape),
-            num_classes=len(classes), class_names=list(classes), group=group,
+            num_classes=len(classes), class_names=list(classes), group=group, text=text,
         )
     present = set(splits["train"].clean_label.tolist())
     missing = [c for i, c in enumerate(classes) if i not in present]
@@ -347,12 +348,15 @@ def write_splits(raw: RawData, out_dir: str | Path) -> None:
             pa.array(np.arange(n + 1, dtype=np.int32) * width),
             pa.array(split.x.reshape(-1).astype(np.float32, copy=False)),
         )
-        table = pa.table({
+        columns = {
             "sample_id": pa.array(split.sample_id, pa.int64()), "x": x,
             "label": pa.array(split.label, pa.int64()), "clean_label": pa.array(split.clean_label, pa.int64()),
             "noisy": pa.array(split.noisy, pa.bool_()), "source": pa.array(split.source.tolist(), pa.string()),
             "group": pa.array([None] * n if split.group is None else split.group.tolist(), pa.string()),
-        }).replace_schema_metadata({
+        }
+        if split.text is not None:
+            columns["text"] = pa.array(split.text.tolist(), pa.string())
+        table = pa.table(columns).replace_schema_metadata({
             b"sui.input_shape": json.dumps(list(split.input_shape)).encode(),
             b"sui.num_classes": str(split.num_classes).encode(),
             b"sui.class_names": json.dumps(split.class_names).encode(),
@@ -386,6 +390,7 @@ def read_split(path: str | Path) -> Split:
         input_shape=input_shape, num_classes=num_classes, class_names=class_names,
         group=np.array(table.column("group").to_pylist() if "group" in table.column_names else [None] * len(x),
                        dtype=object),
+        text=np.array(table.column("text").to_pylist(), dtype=object) if "text" in table.column_names else None,
     )
 
 

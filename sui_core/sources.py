@@ -158,7 +158,10 @@ def load_parquet(cfg: DataConfig) -> tuple[dict, list[int]]:
     label = cfg.label_column
     if label not in columns:
         raise DataError(f"{path}: no label column {label!r} (data.label_column); columns: {', '.join(columns)}")
-    x, feature_names = _parquet_features(path, table, cfg)
+    if cfg.text_column is not None:
+        x, feature_names, text = _parquet_text(path, table, cfg.text_column)
+    else:
+        (x, feature_names), text = _parquet_features(path, table, cfg), None
     y = _parquet_labels(path, label, table.column(label))
     n = table.num_rows
     source = _string_column(path, table, "source", "parquet")
@@ -177,8 +180,24 @@ def load_parquet(cfg: DataConfig) -> tuple[dict, list[int]]:
             if not len(index[name]):
                 raise DataError(f"{path}: column 'split' has no {name} rows (for the chosen classes)")
     ids = np.arange(n)
-    parts = {name: (ids[idx], x[idx], y[idx], source[idx], group[idx]) for name, idx in index.items()}
+    parts = {name: (ids[idx], x[idx], y[idx], source[idx], group[idx], None if text is None else text[idx])
+             for name, idx in index.items()}
     return parts, [x.shape[1]]
+
+
+def _parquet_text(path: Path, table: pa.Table, name: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Averaged GloVe vectors of a string column (sui_core.text), and the texts themselves."""
+    from sui_core.text import average_vectors
+
+    if name not in table.column_names:
+        raise DataError(f"{path}: no column {name!r} (data.text_column); columns: {', '.join(table.column_names)}")
+    col = table.column(name)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise DataError(f"{path}: text column {name!r} must hold strings, got {col.type}")
+    if col.null_count:
+        raise DataError(f"{path}: text column {name!r} holds {col.null_count} null values")
+    texts = col.to_pylist()
+    return average_vectors(texts, f"{path}: text column {name!r}"), [name], np.array(texts, dtype=object)
 
 
 def _parquet_features(path: Path, table: pa.Table, cfg: DataConfig) -> tuple[np.ndarray, list[str]]:
@@ -207,7 +226,7 @@ def _parquet_features(path: Path, table: pa.Table, cfg: DataConfig) -> tuple[np.
         if bad:
             raise DataError(f"{path}: column {name!r} holds {bad} NaN/Inf/null values")
         return x, [name]
-    reserved = {cfg.label_column, *RESERVED}
+    reserved = {cfg.label_column, *RESERVED}  # a string column (e.g. text) is never a default feature
     if cfg.feature_columns is not None:
         names = list(cfg.feature_columns)
         missing = [c for c in names if c not in columns]
