@@ -33,10 +33,10 @@ import numpy as np
 
 from sui_core.config import load_section
 from sui_core.errors import DataError, SuiError
+from sui_core.scores import FORMS
 
 PREPARED = Path("data/prepared")
 SPLITS = ("train", "val", "test")
-FORMS_COLUMNS = 4  # fsi_sum, dv_sq, dv_hess, dv_sgd (sui_core.scores.FORMS), float64 each
 
 
 @dataclass
@@ -227,9 +227,9 @@ def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED) -> Plan:
                   "jacobian.dims_per_tensor or data.max_train",
                   f"Z {n}·{k}·r={r} float64 + r×r ({ntk.choose_space(n, k, dim)} space)"),
         # forms.parquet: sample_id + 4 float64 forms; the basis is loaded whole
-        StagePlan("loo", 8 * n * (1 + FORMS_COLUMNS),
+        StagePlan("loo", 8 * n * (1 + len(FORMS)),
                   scores.planned_peak_bytes(n, k, r, loo.block_size) + 8 * (r * r + n * k),
-                  "loo.block_size or data.max_train", f"{n} × {FORMS_COLUMNS} forms"),
+                  "loo.block_size or data.max_train", f"{n} × {len(FORMS)} forms"),
     ]
     return Plan(sh, stages)
 
