@@ -83,39 +83,21 @@ git_identity() {
   fi
 }
 
-fashion_mnist() {
-  # Best effort, never fatal: data.source=fashion_mnist and its tests need the Debian package.
-  local probe=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+debian_data() {
+  # Best effort, never fatal: install Debian package $1 when file $2 is missing (its tests skip without it).
+  local package=$1 probe=$2
   [[ -f "$probe" ]] && return 0
   if [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
-    echo "run.sh: $probe missing and not root with apt-get: Fashion-MNIST tests will skip" \
-      "(apt-get install dataset-fashion-mnist to run them)" >&2
+    echo "run.sh: $probe missing and not root with apt-get: the tests that need it will skip" \
+      "(apt-get install $package to run them)" >&2
     return 0
   fi
-  echo "run.sh: $probe missing: apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist" >&2
-  if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; then
-    echo "run.sh: installed dataset-fashion-mnist" >&2
+  echo "run.sh: $probe missing: apt-get install $package" >&2
+  if env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" \
+      || { apt-get update -qq && env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package"; }; then
+    echo "run.sh: installed $package" >&2
   else
-    echo "run.sh: warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will skip" >&2
-  fi
-  return 0
-}
-
-fortunes() {
-  # Best effort, never fatal: the text example (examples/text) and its slow test need the Debian package.
-  local probe=/usr/share/games/fortunes/food
-  [[ -f "$probe" ]] && return 0
-  if [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
-    echo "run.sh: $probe missing and not root with apt-get: the fortunes text test will skip" \
-      "(apt-get install fortunes to run it)" >&2
-    return 0
-  fi
-  echo "run.sh: $probe missing: apt-get install -y -qq fortunes" >&2
-  if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes \
-      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes; }; then
-    echo "run.sh: installed fortunes" >&2
-  else
-    echo "run.sh: warning: could not install fortunes; the fortunes text test will skip" >&2
+    echo "run.sh: warning: could not install $package; the tests that need it will skip" >&2
   fi
   return 0
 }
@@ -124,8 +106,8 @@ setup() {
   setup_venv
   activate
   git_identity
-  fashion_mnist
-  fortunes
+  debian_data dataset-fashion-mnist /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+  debian_data fortunes /usr/share/games/fortunes/food
 }
 
 cmd="${1:-}"
