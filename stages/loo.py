@@ -1,5 +1,8 @@
 """DVC stage `loo`: the exact leave-one-out weight change of every training sample (as the σ-free quadratic forms behind F-SI and SI).
 
+It also leaves out each group of samples at once (each class, source or group: `loo.groups`), for
+the unique information of a whole group.
+
 With `compute.nproc` > 1 (or under torchrun) every rank loads the basis and solves its contiguous
 range of samples; the SGD smoothing's gradient covariance is summed over the ranks' shares
 (all-reduce); rank 0 gathers the forms in sample order and writes them. Everything a rank does before
@@ -14,9 +17,11 @@ import pyarrow as pa
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
 from sui_core import distributed as dist
+from sui_core.data import read_split
+from sui_core.errors import ArtifactError
 from sui_core.io import atomic_dir, read_npz, write_meta, write_parquet
 from sui_core.ntk import Basis
-from sui_core.scores import loo_quadratic_forms, planned_peak_bytes
+from sui_core.scores import group_quadratic_forms, loo_quadratic_forms, planned_peak_bytes
 from sui_core.solver import Recipe
 
 
@@ -41,14 +46,39 @@ def body(cfg: Configs, run: StageRun) -> dict:
     result = parts[0]
     result.forms = {name: np.concatenate([part.forms[name] for part in parts]) for name in result.forms}
     table = pa.table({"sample_id": targets["sample_id"], **result.forms})
+    groups = group_table(basis, targets, recipe, cfg.loo.groups, result.forms["fsi_sum"])
     with atomic_dir(paths.LOO) as out:
         write_parquet(out / paths.FORMS_FILE.name, table)
+        write_parquet(out / paths.GROUPS_FILE.name, groups)
         write_meta(out, "loo", cfg.record(),
                    plan=result.plan.as_dict(), full=vars(recipe.full(n)), left_out=vars(recipe.left_out(n)),
                    n_val=basis.n_val, train_mse=result.train_mse, units="squared weights/outputs, σ-free",
                    processes=world)
     return {"seconds": seconds, "matvecs_per_sample": result.plan.matvecs, "train_mse": result.train_mse,
             "dv_sq_mean": float(np.mean(result.forms["dv_sq"]))}
+
+
+def group_table(basis: Basis, targets: dict, recipe: Recipe, columns: list[str], fsi_sum: np.ndarray) -> pa.Table:
+    """Leave each class / source / group out at once (the `loo.groups` columns of the training split),
+    beside the sum of its members' own F-SI forms: unique information is not additive."""
+    train = read_split(paths.PREPARED / "train.parquet")
+    if not np.array_equal(train.sample_id, targets["sample_id"]):
+        raise ArtifactError(f"{paths.RESIDUAL_FILE}: samples do not match {paths.PREPARED / 'train.parquet'}")
+    values = {"label": np.asarray(train.class_names, dtype=object)[train.label], "source": train.source,
+              "group": train.group}
+    groups = {}
+    for column in columns:
+        column_values = np.array([None if v is None else str(v) for v in values[column]], dtype=object)
+        for value in sorted({v for v in column_values if v is not None}):
+            members = np.flatnonzero(column_values == value)
+            if len(members) < len(column_values):  # leaving everything out is no model at all
+                groups[(column, value)] = members
+    forms = group_quadratic_forms(basis, targets["residual"], recipe, dict(enumerate(groups.values())))
+    rows = [{"column": column, "group": value, **forms[i], "members_fsi_sum": float(fsi_sum[members].sum())}
+            for i, ((column, value), members) in enumerate(groups.items())]
+    schema = pa.schema([("column", pa.string()), ("group", pa.string()), ("size", pa.int64()),
+                        ("fsi_sum", pa.float64()), ("dv_sq", pa.float64()), ("members_fsi_sum", pa.float64())])
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 app = stage_app("loo", __doc__, body, sections=["training", "loo"], distributed=True)

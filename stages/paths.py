@@ -15,4 +15,6 @@ METRICS = DATA / "metrics"  # small JSON files DVC tracks in git as metrics
 BASIS_FILE = NTK / "basis.npz"
 RESIDUAL_FILE = NTK / "residual.npz"
 FORMS_FILE = LOO / "forms.parquet"
+GROUPS_FILE = LOO / "groups.parquet"
 SCORES_FILE = SCORES / "scores.parquet"
+GROUP_SCORES_FILE = SCORES / "groups.parquet"

@@ -37,11 +37,25 @@ def body(cfg: Configs, run: StageRun) -> dict:
         if plots.is_image(list(train.input_shape)):
             plots.gallery(train.x, scores["fsi"], np.asarray(train.class_names)[train.label], out / "plots" / "fsi_gallery.png",
                           min(cfg.score.gallery_size, n // 2 or 1))
+        write_parquet(out / paths.GROUP_SCORES_FILE.name, group_scores(loo_meta["n_val"], cfg.score.sigma))
         write_meta(out, "score", cfg.record(),
                    units="nats", sigma=cfg.score.sigma, batch_size=batch_size, scores=list(SCORES))
     run.log_artifacts(paths.SCORES / "plots", "plots")
     return {f"{name}_{stat}": float(fn(values)) for name, values in scores.items()
             for stat, fn in (("mean", np.mean), ("median", np.median), ("max", np.max))}
+
+
+def group_scores(n_val: int, sigma: float) -> pa.Table:
+    """F-SI of leaving each group out at once, beside the sum of its members' F-SI (nats)."""
+    groups = read_parquet(paths.GROUPS_FILE).to_pydict()
+    scale = 1 / (2 * sigma**2 * n_val)
+    table = pa.table({"column": groups["column"], "group": groups["group"], "size": groups["size"],
+                      "fsi_group": [v * scale for v in groups["fsi_sum"]],
+                      "fsi_members_sum": [v * scale for v in groups["members_fsi_sum"]]})
+    for row in table.to_pylist():
+        print(f"score: group {row['column']}={row['group']} ({row['size']} samples): F-SI {row['fsi_group']:.4g} nats "
+              f"left out together, {row['fsi_members_sum']:.4g} summed over its members")
+    return table
 
 
 app = stage_app("score", __doc__, body, sections=["score", "training"])

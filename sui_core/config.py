@@ -25,6 +25,7 @@ NAMED_CLASS_SOURCES = ("imagefolder", "parquet")  # sources whose data.classes m
 ARCHS = ("mlp", "cnn")
 PROJECTIONS = ("none", "coordinates", "gaussian", "rademacher")
 DYNAMICS = ("discrete", "continuous")
+GROUP_COLUMNS = ("label", "source", "group")
 
 
 @dataclass(frozen=True)
@@ -191,12 +192,17 @@ class LooConfig:
     tol: float = 1e-14  # dropped Chebyshev terms, relative to max|g| (1e-14 is near the float64 floor)
     block_size: int = 256  # samples solved together
     dtype: Literal["float64", "float32"] = "float64"
+    # prepared-split columns whose values define groups left out together (group unique information);
+    # each group costs one r×r eigendecomposition
+    groups: list[str] = field(default_factory=lambda: ["label"])
 
     def validate(self, section: str) -> None:
         _range(section, "tol", self.tol, 0.0, 1.0, low_open=True, high_open=True)
         if self.block_size <= 0:
             raise ParamError(f"{section}.block_size", f"must be > 0, got {self.block_size}")
         _choice(section, "dtype", self.dtype, ("float64", "float32"))
+        for column in self.groups:
+            _choice(section, "groups", column, GROUP_COLUMNS)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sui_core.ntk import Basis
-from sui_core.solver import Recipe, SolverPlan, loo_deltas, trained_coefficients
+from sui_core.solver import Recipe, SolverPlan, group_delta, loo_deltas, trained_coefficients
 
 FORMS = ("fsi_sum", "dv_sq", "dv_hess", "dv_sgd")
 SCORES = ("fsi", "si_isotropic", "si_hessian", "si_sgd")
@@ -114,6 +114,17 @@ def loo_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe, batc
     c = trained_coefficients(basis.s, basis.z, residual, full)
     train_mse = float(0.5 * np.mean(np.sum((np.einsum("nkr,r->nk", basis.z, c) - residual) ** 2, -1)))
     return LooResult(forms, plan, train_mse)
+
+
+def group_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe,
+                          groups: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """F-SI's and SI isotropic's σ-free forms for leaving each group of samples out at once."""
+    out = {}
+    for name, members in groups.items():
+        delta = group_delta(basis.s, basis.z, residual, recipe, members)
+        out[name] = {"size": len(members), "fsi_sum": float(delta @ basis.gram_val @ delta),
+                     "dv_sq": float(delta @ delta)}
+    return out
 
 
 def scores_from_forms(forms: dict[str, np.ndarray], n_val: int, sigma: float, lr: float,

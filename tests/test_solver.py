@@ -7,7 +7,7 @@ import pytest
 
 from sui_core.ntk import build_basis
 from sui_core.reference import brute_force_deltas, gradient_descent_steps, trained_weights
-from sui_core.solver import GradientDescent, Recipe, loo_deltas
+from sui_core.solver import GradientDescent, Recipe, group_delta, loo_deltas
 
 REL = 1e-8
 
@@ -165,3 +165,26 @@ def test_recipe_maps_mean_loss_to_sum_loss():
     recipe = Recipe(lr=0.3, weight_decay=0.02, t=10, dynamics="discrete")
     assert recipe.full(50) == GradientDescent(0.3 / 50, 50 * 0.02, 10, "discrete")
     assert recipe.left_out(50) == GradientDescent(0.3 / 49, 49 * 0.02, 10, "discrete")
+
+
+@pytest.mark.parametrize("n,k,dim,weight_decay,t", [(40, 1, 12, 0.0, 800), (30, 2, 90, 0.02, 300),
+                                                    (25, 1, 60, 0.05, math.inf)])
+def test_group_left_out_matches_retraining_without_the_group(n, k, dim, weight_decay, t):
+    phi, residual, phi_val = make_problem(n, k, dim, seed=dim)
+    basis = build_basis(lambda: [phi], lambda: [phi_val], n, k, dim)
+    rows = phi.reshape(-1, dim)
+    recipe = Recipe(0.5 * n / np.linalg.eigvalsh(rows.T @ rows).max(), weight_decay, t, "discrete")
+    v = trained_weights(phi, residual, recipe.full(n))
+    for members in (np.array([3]), np.array([0, 7, 8, 20]), np.arange(n // 2)):
+        keep = np.setdiff1d(np.arange(n), members)
+        dv = v - trained_weights(phi[keep], residual[keep], recipe.on(len(keep)))
+        delta = group_delta(basis.s, basis.z, residual, recipe, members)
+        got_train = basis.z.reshape(-1, basis.rank) @ delta
+        assert np.linalg.norm(got_train - rows @ dv) <= REL * np.linalg.norm(rows @ dv)
+        assert delta @ delta == pytest.approx(dv @ dv, rel=REL)
+        assert delta @ basis.gram_val @ delta == pytest.approx(np.sum((phi_val.reshape(-1, dim) @ dv) ** 2), rel=REL)
+    # a group of one is the single-sample leave-one-out
+    _, blocks = loo_deltas(basis.s, basis.z, residual, recipe.full(n), recipe.left_out(n))
+    single = np.concatenate([d for _, d in blocks])[3]
+    np.testing.assert_allclose(group_delta(basis.s, basis.z, residual, recipe, np.array([3])), single,
+                               rtol=1e-7, atol=1e-9 * np.abs(single).max())
