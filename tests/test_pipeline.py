@@ -87,6 +87,9 @@ def test_first_repro_runs_every_stage_and_writes_scores(project):
     assert sorted(scores["rank_fsi"]) == list(range(1, 121))
     metrics = yaml.safe_load((project / "data/metrics/evaluate.json").read_text())
     assert metrics["n_noisy"] == 12 and 0.5 < metrics["fsi_auroc"] <= 1
+    groups = pq.read_table(project / "data/scores/groups.parquet").to_pydict()
+    assert groups["group"] == ["3", "8"] and sum(groups["size"]) == 120
+    assert all(g > 0 for g in groups["fsi_group"]) and all(m > 0 for m in groups["fsi_members_sum"])
 
 
 def test_every_artifact_records_what_produced_it(project):
