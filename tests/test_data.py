@@ -380,3 +380,35 @@ def test_fashion_missing_files_fail_the_prepare_stage_in_one_line(tmp_path, monk
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [f"error: no/such: Fashion-MNIST IDX files not found (folder does not exist); {FASHION_MISSING_HINT}"]
     assert not (tmp_path / "data" / "prepared").exists()
+
+
+def _bilinear_1d(n_in: int, n_out: int) -> np.ndarray:
+    """Half-pixel-centre bilinear resampling weights (n_out × n_in), clamped at the borders."""
+    weights = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        u = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        lo = min(int(np.floor(u)), n_in - 1)
+        hi = min(lo + 1, n_in - 1)
+        weights[i, lo] += 1 - (u - lo)
+        weights[i, hi] += u - lo
+    return weights
+
+
+def test_mixed_digits_balances_two_real_sources():
+    from sklearn.datasets import load_digits
+
+    raw = load_source(DataConfig(source="mixed_digits", classes=[2, 5], label_noise=0.0, seed=4))
+    digits = load_digits()
+    resize = _bilinear_1d(8, 28)
+    for split in raw.splits.values():
+        assert split.input_shape == (1, 28, 28)
+        from_digits = split.sample_id >= 5000
+        np.testing.assert_array_equal(split.source[from_digits], "sklearn_digits")
+        np.testing.assert_array_equal(split.source[~from_digits], "mnist")
+        for i in np.flatnonzero(from_digits)[:5]:
+            image = digits.data[split.sample_id[i] - 5000].reshape(8, 8) / 16.0
+            np.testing.assert_allclose(split.x[i, 0], resize @ image @ resize.T, atol=1e-6)
+    pooled = np.concatenate([s.sample_id for s in raw.splits.values()])
+    labels = np.concatenate([s.clean_label for s in raw.splits.values()])
+    for c in (0, 1):  # the same number of each class from each source
+        assert np.sum((pooled >= 5000) & (labels == c)) == np.sum((pooled < 5000) & (labels == c)) > 100
