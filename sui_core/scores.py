@@ -47,10 +47,11 @@ def planned_peak_bytes(n: int, k: int, r: int, block_size: int) -> int:
     return 8 * (n * k * r + 5 * r * r + 4 * block_size * r + 2 * block_size * k * k * r)
 
 
-def sgd_precision(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size: int,
+def sgd_precision(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size: int, c: np.ndarray,
                   block_size: int = 4096, samples: range | None = None,
                   all_reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-    """Σ⁺ of the SGD steady state in the eigenbasis (r×r).
+    """Σ⁺ of the SGD steady state in the eigenbasis (r×r), at the trained coefficients `c`
+    (`sui_core.solver.trained_coefficients`).
 
     Distributed: each worker sums the gradient moments over its own `samples` and `all_reduce` (a sum
     over workers, e.g. `sui_core.distributed.all_reduce_sum`) adds them up; without it `samples` must
@@ -60,8 +61,6 @@ def sgd_precision(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size
     samples = samples if samples is not None else range(n)
     if all_reduce is None and samples != range(n):
         raise ValueError("sgd_precision over a part of the samples needs all_reduce to sum the parts")
-    full = recipe.full(n)
-    c = trained_coefficients(basis.s, basis.z, residual, full)
     r = basis.rank
     second = np.zeros((r, r))
     mean = np.zeros(r)
@@ -99,7 +98,8 @@ def loo_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe, batc
     samples = samples if samples is not None else range(n)
     full, left = recipe.full(n), recipe.left_out(n)
     plan, blocks = loo_deltas(basis.s, basis.z, residual, full, left, tol, block_size, dtype, samples)
-    sgd_prec = sgd_precision(basis, residual, recipe, batch_size or n,
+    c = trained_coefficients(basis.s, basis.z, residual, full)
+    sgd_prec = sgd_precision(basis, residual, recipe, batch_size or n, c,
                              samples=samples if all_reduce is not None else None, all_reduce=all_reduce)
     h_mean = basis.s / n + recipe.weight_decay
     forms = {name: np.empty(len(samples)) for name in FORMS}
@@ -111,7 +111,6 @@ def loo_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe, batc
             forms["dv_hess"][sl] = np.einsum("br,r,br->b", delta, h_mean, delta)
             forms["dv_sgd"][sl] = np.einsum("br,br->b", delta @ sgd_prec, delta)
             bar.update(len(delta))
-    c = trained_coefficients(basis.s, basis.z, residual, full)
     train_mse = float(0.5 * np.mean(np.sum((np.einsum("nkr,r->nk", basis.z, c) - residual) ** 2, -1)))
     return LooResult(forms, plan, train_mse)
 

@@ -25,7 +25,7 @@ from sui_core.errors import DataError, ParamError
 from sui_core.jacobians import extract, load_split, make_projector, shard_plan, write_manifest
 from sui_core.ntk import Basis
 from sui_core.scores import loo_quadratic_forms, sgd_precision
-from sui_core.solver import Recipe
+from sui_core.solver import Recipe, trained_coefficients
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {
@@ -106,16 +106,17 @@ def test_sgd_covariance_summed_over_parts_matches_all_samples():
         partial.append(a)
         return a
 
+    c = trained_coefficients(basis.s, basis.z, residual, recipe.full(40))
     parts = [range(0, 17), range(17, 40)]
     for part in parts:
-        sgd_precision(basis, residual, recipe, 40, block_size=8, samples=part, all_reduce=capture)
+        sgd_precision(basis, residual, recipe, 40, c, block_size=8, samples=part, all_reduce=capture)
     total = partial[0] + partial[1]
-    whole = sgd_precision(basis, residual, recipe, 40)
+    whole = sgd_precision(basis, residual, recipe, 40, c)
     for part in parts:
-        split = sgd_precision(basis, residual, recipe, 40, block_size=8, samples=part, all_reduce=lambda a: total)
+        split = sgd_precision(basis, residual, recipe, 40, c, block_size=8, samples=part, all_reduce=lambda a: total)
         assert np.allclose(split, whole, rtol=1e-10, atol=1e-12 * np.abs(whole).max())
     with pytest.raises(ValueError, match="all_reduce"):
-        sgd_precision(basis, residual, recipe, 40, samples=parts[0])
+        sgd_precision(basis, residual, recipe, 40, c, samples=parts[0])
     forms = [loo_quadratic_forms(basis, residual, recipe, None, block_size=8, progress=False, samples=part,
                                  all_reduce=lambda a: total).forms for part in parts]
     reference = loo_quadratic_forms(basis, residual, recipe, None, progress=False).forms
