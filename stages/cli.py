@@ -28,7 +28,7 @@ from typer.core import TyperGroup
 # ---- stage commands ------------------------------------------------------------------------------
 # To add a stage: write stages/<name>.py with a module-level typer `app` holding one command (see
 # stages/common.py: `app = stage_app(...)`) and list <name> here, in pipeline order.
-STAGE_MODULES = ["prepare", "model", "jacobians", "ntk", "loo", "score", "evaluate"]
+STAGE_MODULES = ["prepare", "pretrain", "model", "jacobians", "ntk", "loo", "score", "evaluate", "validate"]
 
 
 def _module_name(name: str) -> str:

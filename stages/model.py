@@ -1,15 +1,30 @@
-"""DVC stage `model`: the network at w0 (seeded init, or weights from a state_dict file)."""
+"""DVC stage `model`: the network at w0 (seeded init, weights from a state_dict file, or with model.pretrain
+the pretrain stage's body and a fresh seeded head)."""
+
+import dataclasses
 
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
 from sui_core.data import read_split
+from sui_core.errors import ArtifactError, ParamError
 from sui_core.io import atomic_dir, code_version
 from sui_core.models import build_model, num_outputs, save_model
 
 
 def body(cfg: Configs, run: StageRun) -> dict:
     train = read_split(paths.PREPARED / "train.parquet")
-    model = build_model(cfg.model, train.input_shape, num_outputs(train.num_classes))
+    model_cfg = cfg.model
+    if model_cfg.pretrain:
+        body_file = paths.PRETRAIN / "body.pt"
+        if not body_file.is_file():
+            raise ArtifactError(f"{body_file}: file not found (model.pretrain needs the pretrain stage's output)")
+        model_cfg = dataclasses.replace(model_cfg, init_path=str(body_file), pretrained_body=True)
+    try:
+        model = build_model(model_cfg, train.input_shape, num_outputs(train.num_classes))
+    except ParamError as exc:
+        if not model_cfg.pretrain:
+            raise
+        raise ParamError("pretrain.source", f"the pretrained body does not fit this network and data ({exc})") from None
     with atomic_dir(paths.MODEL) as out:
         info = save_model(out, model, {"params": cfg.record(), "code": code_version(),
                                        "num_classes": train.num_classes})

@@ -5,11 +5,13 @@ from pathlib import Path
 DATA = Path("data")
 PREPARED = DATA / "prepared"
 MODEL = DATA / "model"
+PRETRAIN = DATA / "pretrain"  # the body trained on a disjoint task (model.pretrain)
 JACOBIANS = DATA / "jacobians"
 NTK = DATA / "ntk"
 LOO = DATA / "loo"
 SCORES = DATA / "scores"
 EVALUATE = DATA / "evaluate"
+VALIDATE = DATA / "validate"
 METRICS = DATA / "metrics"  # small JSON files DVC tracks in git as metrics
 
 BASIS_FILE = NTK / "basis.npz"

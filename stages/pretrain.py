@@ -1,0 +1,28 @@
+"""DVC stage `pretrain`: with model.pretrain, the network trained first on a disjoint task; the model stage
+starts from its body (the paper's pretrained setting). Off: a constant record, so nothing downstream reruns."""
+
+import torch
+
+from stages import paths
+from stages.common import Configs, StageRun, stage_app
+from sui_core.io import atomic_dir, write_json, write_meta
+from sui_core.pretrain import pretrain
+
+BODY_FILE = paths.PRETRAIN / "body.pt"
+
+
+def body(cfg: Configs, run: StageRun) -> dict:
+    with atomic_dir(paths.PRETRAIN) as out:
+        if not cfg.model.pretrain:
+            write_json(out / "meta.json", {"stage": "pretrain", "enabled": False})
+            return {}
+        model, info = pretrain(cfg.model, cfg.pretrain, cfg.data, progress=True)
+        torch.save(model.state_dict(), out / BODY_FILE.name)
+        write_meta(out, "pretrain", cfg.record(), enabled=True, **info)
+    return info
+
+
+app = stage_app("pretrain", __doc__, body, sections=["model", "pretrain", "data"])
+
+if __name__ == "__main__":
+    app()
