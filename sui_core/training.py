@@ -6,9 +6,12 @@ vector (0/1 to leave samples out, or any non-negative weights). Run m minimizes,
     L_m(w) = ½ Σ_j a_mj ‖f_w(x_j) − y_j‖² / Σ_j a_mj  +  ½ weight_decay ‖w − w0‖²
 
 by `steps` steps w ← w − lr ∇L_m(w): full-batch SGD on the mean loss over the kept samples, the recipe
-the linearized model assumes (weight decay towards w0, as in `sui_core.solver`). The runs are stacked
-along a leading axis and stepped together with torch.func (vmap of grad over stacked parameters), so
-m leave-one-out retrainings cost one batched pass per step instead of m separate trainings.
+the linearized model assumes (weight decay towards w0, as in `sui_core.solver`). Runs are stacked
+along a leading axis, `runs_per_batch` at a time, and stepped together with torch.func (vmap of grad
+over stacked parameters). On a GPU stacking all runs fills the device; on CPU it does not pay
+(bench/bench_retrain.py, 11 runs: one at a time 3.5 s vs stacked 4.2 s for the MLP, 8.0 s vs 9.5 s for
+the CNN, whose stacked conv weights become grouped convolutions), so the default is one run at a time
+on CPU and all at once on CUDA.
 
 Only parameters with requires_grad are trained; frozen ones and buffers (batch-norm statistics, used
 in eval mode) stay at w0.
@@ -48,16 +51,16 @@ def unstack(params: Params, run: int) -> Params:
 
 def train_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_weights: torch.Tensor,
                      lr: float, steps: int, weight_decay: float = 0.0, runs_per_batch: int | None = None,
-                     callback: Callable[[int, Params], None] | None = None,
+                     callback: Callable[[int, Params, int], None] | None = None,
                      progress: bool | str = False) -> Params:
     """Train len(sample_weights) runs of `model` from its current weights (w0); returns the stacked
     trained parameters {name: (runs, *shape)}.
 
     x: (n, ...) inputs, y: (n, k) targets, sample_weights: (runs, n) non-negative, each row with a
-    positive sum. `runs_per_batch` bounds how many runs are stepped together (memory: activations of
-    runs_per_batch × n samples). `callback(step, stacked_params)` is called after each step of a run
-    batch whose runs are all in the same batch (only when runs_per_batch covers all runs), e.g. to
-    save checkpoints. Computed in the dtype of the model's parameters.
+    positive sum. `runs_per_batch` is how many runs are stepped together (memory: activations of
+    runs_per_batch × n samples; None: 1 on CPU, all on CUDA). `callback(step, stacked_params,
+    first_run)` is called after each step of each batch of runs (first_run: the index of the batch's
+    first run), e.g. to keep checkpoints. Computed in the dtype of the model's parameters.
     """
     model = model.eval()
     dtype = next(iter(trainable(model).values())).dtype
@@ -81,12 +84,19 @@ def train_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_
             value = value + 0.5 * weight_decay * sum(((params[k] - w0[k]) ** 2).sum() for k in params)
         return value
 
-    step_grads = vmap(grad(loss))
+    batched_grads, single_grads = vmap(grad(loss)), grad(loss)
+
+    def step_grads(params: Params, a: torch.Tensor) -> Params:
+        if len(a) > 1:
+            return batched_grads(params, a)
+        # one run: plain grad, since vmap over a batch of one still pays for batched kernels (grouped convs)
+        return {name: g.unsqueeze(0) for name, g in single_grads(unstack(params, 0), a[0]).items()}
+
     runs = weights.shape[0]
-    size = runs if runs_per_batch is None else max(1, min(runs, runs_per_batch))
+    if runs_per_batch is None:
+        runs_per_batch = runs if x.is_cuda else 1
+    size = max(1, min(runs, runs_per_batch))
     batches = math.ceil(runs / size)
-    if callback is not None and batches > 1:
-        raise ValueError("a callback needs all runs in one batch (runs_per_batch >= runs)")
     out: list[Params] = []
     bar = tqdm(total=batches * steps, disable=not progress, desc=progress if isinstance(progress, str) else "train",
                unit="step", leave=False)
@@ -99,7 +109,7 @@ def train_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_
                 for name, g in grads.items():
                     params[name].sub_(g, alpha=lr)
                 if callback is not None:
-                    callback(step + 1, params)
+                    callback(step + 1, params, start)
                 bar.update()
             out.append(params)
     bar.close()

@@ -2,8 +2,8 @@
 
 Ground truth (`retrain`): the network itself, not its linearization, is trained by full-batch gradient
 descent with exactly the recipe the linearized model assumes (sui_core.training: mean loss ½·mean‖f − y‖²,
-lr, steps, weight decay towards w0) on all n samples and, stacked in the same batch, on all but each of
-m sampled ones. For each left-out sample i it records
+lr, steps, weight decay towards w0) on all n samples and on all but each of m sampled ones (one
+`train_full_batch` call). For each left-out sample i it records
 
     weights      ‖w − w₋ᵢ‖²                        over all trained parameters
     predictions  Σ_j ‖f_w(x_j) − f_{w₋ᵢ}(x_j)‖²    over the validation set
@@ -89,15 +89,15 @@ def sample_left_out(n: int, m: int, seed: int) -> np.ndarray:
 def retrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, left_out: np.ndarray,
             lr: float, steps: int, weight_decay: float = 0.0, checkpoint_step: int | None = None,
             progress: bool = False) -> Retrained:
-    """Train the real network on all samples (run 0) and without each of `left_out` (runs 1..m), all
-    stacked in one batch, in the model's dtype; the changes each removal makes."""
+    """Train the real network on all samples (run 0) and without each of `left_out` (runs 1..m), in the
+    model's dtype; the changes each removal makes."""
     n = len(x)
     masks = torch.ones(len(left_out) + 1, n)
     masks[torch.arange(1, len(left_out) + 1), torch.as_tensor(left_out)] = 0
     kept: Params = {}
 
-    def keep_checkpoint(step: int, params: Params) -> None:
-        if step == checkpoint_step:
+    def keep_checkpoint(step: int, params: Params, first_run: int) -> None:
+        if step == checkpoint_step and first_run == 0:
             kept.update({name: p[0].clone() for name, p in params.items()})
 
     started = time.perf_counter()
