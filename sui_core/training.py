@@ -9,9 +9,9 @@ by `steps` steps w ← w − lr ∇L_m(w): full-batch SGD on the mean loss over 
 the linearized model assumes (weight decay towards w0, as in `sui_core.solver`). Runs are stacked
 along a leading axis, `runs_per_batch` at a time, and stepped together with torch.func (vmap of grad
 over stacked parameters). On a GPU stacking all runs fills the device; on CPU it does not pay
-(bench/bench_retrain.py, 11 runs: one at a time 3.5 s vs stacked 4.2 s for the MLP, 8.0 s vs 9.5 s for
-the CNN, whose stacked conv weights become grouped convolutions), so the default is one run at a time
-on CPU and all at once on CUDA.
+(bench/bench_retrain.py, 11 runs: one at a time 3.5–4.4 s vs stacked 4.0–4.2 s for the MLP, 8.0 s vs
+9.2–9.5 s for the CNN, whose stacked conv weights become grouped convolutions), so the default is one
+run at a time on CPU and all at once on CUDA.
 
 Only parameters with requires_grad are trained; frozen ones and buffers (batch-norm statistics, used
 in eval mode) stay at w0.

@@ -1,6 +1,5 @@
 """Real-network baseline scores (sui_core.baselines) against explicit torch loops, one sample and seed at a time."""
 
-import copy
 
 import numpy as np
 import pytest
@@ -8,22 +7,10 @@ import torch
 
 from sui_core.baselines import el2n, grand, seeded_builder, training_loss
 from sui_core.config import ModelConfig
+from sui_core.reference import sgd_trained
 
 SHAPE = [1, 20, 20]
 
-
-def sgd_loop(model, x, y, lr, steps, weight_decay):
-    """What a user writes: full-batch SGD on the mean loss ½·mean‖f − y‖², weight decay towards w0."""
-    net = copy.deepcopy(model)
-    w0 = [p.detach().clone() for p in net.parameters()]
-    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = 0.5 * ((net(x) - y) ** 2).sum(-1).mean()
-        loss = loss + 0.5 * weight_decay * sum(((p - p0) ** 2).sum() for p, p0 in zip(net.parameters(), w0))
-        loss.backward()
-        opt.step()
-    return net
 
 
 def data(n, k, seed=0):
@@ -39,7 +26,7 @@ def test_training_loss_is_half_squared_error_of_the_sgd_trained_net(arch, k, wei
     x, y = data(16, k)
     model = seeded_builder(ModelConfig(arch=arch, hidden=[24]), SHAPE, k, double=True)(3)
     got = training_loss(model, x, y, lr=0.05, steps=12, weight_decay=weight_decay)
-    net = sgd_loop(model, x, y, 0.05, 12, weight_decay)
+    net = sgd_trained(model, x, y, 0.05, 12, weight_decay)
     want = [0.5 * float(((net(x[i:i + 1])[0] - y[i]) ** 2).sum().detach()) for i in range(len(x))]
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-14)
     assert not np.allclose(got, training_loss(model, x, y, lr=0.05, steps=0)), "training changed nothing"
@@ -53,7 +40,7 @@ def test_el2n_is_the_seed_mean_of_early_error_norms(k):
     got = el2n(build, x, y, seeds, lr=0.1, steps=4)
     per_seed = []
     for seed in seeds:
-        net = sgd_loop(build(seed), x, y, 0.1, 4, 0.0)
+        net = sgd_trained(build(seed), x, y, 0.1, 4)
         per_seed.append([float(torch.sqrt(((net(x[i:i + 1])[0] - y[i]) ** 2).sum()).detach()) for i in range(len(x))])
     np.testing.assert_allclose(got, np.mean(per_seed, axis=0), rtol=1e-9, atol=1e-14)
     # seeds matter (else the average would be pointless) and y may be a 1-d label vector for k = 1
@@ -71,7 +58,7 @@ def test_grand_is_the_seed_mean_of_per_sample_gradient_norms(steps):
     got = grand(build, x, y, seeds, lr=0.1, steps=steps, batch_size=4)
     per_seed = []
     for seed in seeds:
-        net = sgd_loop(build(seed), x, y, 0.1, steps, 0.0)
+        net = sgd_trained(build(seed), x, y, 0.1, steps)
         norms = []
         for i in range(len(x)):
             net.zero_grad()

@@ -2,7 +2,6 @@
 the linear model by plain gradient-descent loops, separate SGD trainings per fold, cleanlab's definition
 of label quality; and the evaluate stage end to end on small real data."""
 
-import copy
 import importlib
 import json
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from sui_core import detection
 from sui_core.evaluation import detection_metrics, rare_subgroup_report
 from sui_core.ntk import build_basis
+from sui_core.reference import sgd_trained
 from sui_core.solver import Recipe
 
 
@@ -106,13 +106,8 @@ def test_out_of_fold_outputs_equal_separate_sgd_trainings():
     fold = np.arange(15) % 3
     got = detection.out_of_fold_outputs(model, x, y, fold, lr=0.1, steps=12)
     for i in range(3):
-        net = copy.deepcopy(model)
-        opt = torch.optim.SGD(net.parameters(), lr=0.1)
         keep = torch.as_tensor(fold != i)
-        for _ in range(12):
-            opt.zero_grad()
-            (0.5 * ((net(x[keep]) - y[keep]) ** 2).sum(-1).mean()).backward()
-            opt.step()
+        net = sgd_trained(model, x, y, 0.1, 12, keep=keep)
         with torch.no_grad():
             np.testing.assert_allclose(got[fold == i], net(x[~keep]).numpy(), rtol=1e-10, atol=1e-12)
 

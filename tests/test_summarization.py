@@ -1,7 +1,6 @@
 """Data summarization (sui_core.summarization): removal orders against hand-checked cases and
 independent recomputation (fresh Jacobians on the kept subset, plain SGD loops for the retraining)."""
 
-import copy
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 from sui_core.baselines import el2n, seeded_builder
 from sui_core.config import JacobianConfig, ModelConfig, SummarizationConfig
 from sui_core.estimate import estimate_from_jacobians, projected_jacobians, unique_information
+from sui_core.reference import sgd_trained
 from sui_core.solver import Recipe
 from sui_core.summarization import (accuracy, accuracy_drops, curves, iterative_removal,
                                     removal_counts, retrained_accuracy, summarize)
@@ -64,12 +64,7 @@ def test_rescoring_a_subset_from_the_full_jacobians_equals_scoring_it_from_scrat
 
 
 def sgd_accuracy(model, x, y, kept, x_test, labels, lr, steps):
-    net = copy.deepcopy(model)
-    opt = torch.optim.SGD(net.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        (0.5 * ((net(x[kept]) - y[kept]) ** 2).sum(-1).mean()).backward()
-        opt.step()
+    net = sgd_trained(model, x, y, lr, steps, keep=kept)
     with torch.no_grad():
         out = net(x_test)
     pred = (out[:, 0] > 0.5).long() if out.shape[1] == 1 else out.argmax(1)

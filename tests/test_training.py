@@ -1,28 +1,14 @@
 """Batched full-batch training (sui_core.training) against plain torch.optim.SGD loops, one run at a time."""
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 
 from sui_core.config import ModelConfig
 from sui_core.models import build_model
+from sui_core.reference import sgd_trained
 from sui_core.training import flat, predict, train_full_batch, unstack
 
-
-def sgd_loop(model, x, y, keep, lr, steps, weight_decay):
-    """What a user writes: SGD on the mean loss over the kept samples, weight decay towards w0."""
-    net = copy.deepcopy(model)
-    w0 = [p.detach().clone() for p in net.parameters()]
-    opt = torch.optim.SGD(net.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = 0.5 * ((net(x[keep]) - y[keep]) ** 2).sum(-1).mean()
-        loss = loss + 0.5 * weight_decay * sum(((p - p0) ** 2).sum() for p, p0 in zip(net.parameters(), w0))
-        loss.backward()
-        opt.step()
-    return net
 
 
 @pytest.mark.parametrize("arch,weight_decay", [("mlp", 0.0), ("cnn", 0.05)])
@@ -37,7 +23,7 @@ def test_batched_runs_equal_separate_sgd_loops(arch, weight_decay):
     params = train_full_batch(model, x, y, weights, lr=0.05, steps=15, weight_decay=weight_decay, runs_per_batch=2)
     outputs = predict(model, params, x[:5])
     for run, keep in enumerate(keeps):
-        ref = sgd_loop(model, x, y, keep, 0.05, 15, weight_decay)
+        ref = sgd_trained(model, x, y, 0.05, 15, weight_decay, keep)
         for name, p in ref.named_parameters():
             np.testing.assert_allclose(unstack(params, run)[name].numpy(), p.detach().numpy(), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(outputs[run].numpy(), ref(x[:5]).detach().numpy(), rtol=1e-9, atol=1e-12)

@@ -12,6 +12,7 @@ from sui_core.config import DataConfig, ModelConfig, PretrainConfig, ValidateCon
 from sui_core.errors import ParamError
 from sui_core.models import build_model, head_names, targets
 from sui_core.ntk import build_basis
+from sui_core.reference import sgd_trained
 from sui_core.solver import Recipe
 from sui_core.validation import FlatNetwork, influence_exact, influence_lissa, retrain, sample_left_out, validate
 
@@ -27,16 +28,6 @@ def digits(n_train, n_val, seed=0):
     return x[train], torch.tensor(y[train]), x[val]
 
 
-def sgd_run(model, x, y, keep, lr, steps):
-    """What a user does: torch.optim.SGD, full batch, on the mean loss ½·mean‖f − y‖² of the kept samples."""
-    net = copy.deepcopy(model)
-    opt = torch.optim.SGD(net.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        (0.5 * ((net(x[keep]) - y[keep]) ** 2).sum(-1).mean()).backward()
-        opt.step()
-    return net
-
 
 def test_retrain_equals_separate_sgd_runs():
     x, y, x_val = digits(30, 10)
@@ -44,16 +35,16 @@ def test_retrain_equals_separate_sgd_runs():
     left_out = np.array([3, 17, 29])
     lr, steps = 0.3, 20
     got = retrain(model, x, y, x_val, left_out, lr, steps, checkpoint_step=8)
-    full = sgd_run(model, x, y, np.arange(30), lr, steps)
+    full = sgd_trained(model, x, y, lr, steps)
     w_full = torch.cat([p.detach().flatten() for p in full.parameters()])
     for row, i in enumerate(left_out):
-        net = sgd_run(model, x, y, np.arange(30) != i, lr, steps)
+        net = sgd_trained(model, x, y, lr, steps, keep=np.arange(30) != i)
         w = torch.cat([p.detach().flatten() for p in net.parameters()])
         with torch.no_grad():
             moved = ((full(x_val) - net(x_val)) ** 2).sum()
         np.testing.assert_allclose(got.changes.weights[row], float(((w - w_full) ** 2).sum()), rtol=1e-8)
         np.testing.assert_allclose(got.changes.predictions[row], float(moved), rtol=1e-8)
-    early = sgd_run(model, x, y, np.arange(30), lr, 8)
+    early = sgd_trained(model, x, y, lr, 8)
     for name, p in early.named_parameters():
         np.testing.assert_allclose(got.checkpoint[name].numpy(), p.detach().numpy(), rtol=1e-10, atol=1e-12)
     with torch.no_grad():
