@@ -71,19 +71,26 @@ def training_loss(model: nn.Module, x, y, lr: float, steps: int, weight_decay: f
     return (0.5 * ((out - y) ** 2).sum(-1)).to(torch.float64).numpy()
 
 
+def _mean_over_seeds(name: str, build: Builder, x, y, seeds: Sequence[int], progress: bool,
+                     score: Callable[[nn.Module, torch.Tensor, torch.Tensor], np.ndarray]) -> np.ndarray:
+    """Mean over init seeds of score(build(seed), x, y)."""
+    if not seeds:
+        raise ValueError(f"{name} needs at least one init seed")
+    total = 0.0
+    for seed in tqdm(seeds, desc=f"{name} seeds", disable=not progress, leave=False):
+        model = build(seed)
+        total = total + score(model, *_tensors(model, x, y))
+    return total / len(seeds)
+
+
 def el2n(build: Builder, x, y, seeds: Sequence[int], lr: float, steps: int, weight_decay: float = 0.0,
          progress: bool = False) -> np.ndarray:
     """Mean over init seeds of ‖f_w(x_i) − y_i‖ after `steps` early full-batch steps from build(seed)."""
-    if not seeds:
-        raise ValueError("el2n needs at least one init seed")
-    total = None
-    for seed in tqdm(seeds, desc="el2n seeds", disable=not progress, leave=False):
-        model = build(seed)
-        xs, ys = _tensors(model, x, y)
+    def error_norm(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> np.ndarray:
         out = predict(model, _trained(model, xs, ys, lr, steps, weight_decay), xs)[0]
-        norm = torch.linalg.vector_norm(out - ys, dim=-1).to(torch.float64).numpy()
-        total = norm if total is None else total + norm
-    return total / len(seeds)
+        return torch.linalg.vector_norm(out - ys, dim=-1).to(torch.float64).numpy()
+
+    return _mean_over_seeds("el2n", build, x, y, seeds, progress, error_norm)
 
 
 def gradient_norms(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
@@ -108,13 +115,8 @@ def grand(build: Builder, x, y, seeds: Sequence[int], lr: float = 0.0, steps: in
           weight_decay: float = 0.0, batch_size: int = 256, progress: bool = False) -> np.ndarray:
     """Mean over init seeds of the per-sample gradient norm ‖∇_w ℓ_i‖ at build(seed)'s w0 (steps = 0,
     the paper's choice) or after `steps` early full-batch steps with `lr`."""
-    if not seeds:
-        raise ValueError("grand needs at least one init seed")
-    total = None
-    for seed in tqdm(seeds, desc="grand seeds", disable=not progress, leave=False):
-        model = build(seed)
-        xs, ys = _tensors(model, x, y)
+    def norms(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> np.ndarray:
         params = unstack(_trained(model, xs, ys, lr, steps, weight_decay), 0)
-        norm = gradient_norms(model, params, xs, ys, batch_size)
-        total = norm if total is None else total + norm
-    return total / len(seeds)
+        return gradient_norms(model, params, xs, ys, batch_size)
+
+    return _mean_over_seeds("grand", build, x, y, seeds, progress, norms)
