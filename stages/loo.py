@@ -1,4 +1,5 @@
-"""DVC stage `loo`: the exact leave-one-out weight change of every training sample (as the σ-free quadratic forms behind F-SI and SI).
+"""DVC stage `loo`: the exact leave-one-out weight change of every training sample (as the σ-free quadratic forms behind F-SI and SI),
+and how the linearized model fits each sample (leave-one-out loss, training loss, leverage).
 
 It also leaves out each group of samples at once (each class, source or group: `loo.groups`), for
 the unique information of a whole group.
@@ -44,9 +45,10 @@ def body(cfg: Configs, run: StageRun) -> dict:
     if rank != 0:
         return {}
     result = parts[0]
-    result.forms = {name: np.concatenate([part.forms[name] for part in parts]) for name in result.forms}
-    table = pa.table({"sample_id": targets["sample_id"], **result.forms})
-    groups = group_table(basis, targets, recipe, cfg.loo.groups, result.forms["fsi_sum"])
+    forms = {name: np.concatenate([part.forms[name] for part in parts]) for name in result.forms}
+    fit = {name: np.concatenate([part.fit[name] for part in parts]) for name in result.fit}
+    table = pa.table({"sample_id": targets["sample_id"], **forms, **fit})
+    groups = group_table(basis, targets, recipe, cfg.loo.groups, forms["fsi_sum"])
     with atomic_dir(paths.LOO) as out:
         write_parquet(out / paths.FORMS_FILE.name, table)
         write_parquet(out / paths.GROUPS_FILE.name, groups)
@@ -55,7 +57,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
                    n_val=basis.n_val, train_mse=result.train_mse, units="squared weights/outputs, σ-free",
                    processes=world)
     return {"seconds": seconds, "matvecs_per_sample": result.plan.matvecs, "train_mse": result.train_mse,
-            "dv_sq_mean": float(np.mean(result.forms["dv_sq"]))}
+            "dv_sq_mean": float(np.mean(forms["dv_sq"]))}
 
 
 def group_table(basis: Basis, targets: dict, recipe: Recipe, columns: list[str], fsi_sum: np.ndarray) -> pa.Table:

@@ -1,4 +1,5 @@
-"""DVC stage `score`: per-sample F-SI and SI (isotropic, hessian, sgd smoothings) in nats, ranks, histogram and gallery."""
+"""DVC stage `score`: per-sample F-SI and SI (isotropic, hessian, sgd smoothings) in nats, ranks, histogram and gallery;
+the table also carries the loo stage's fit of each sample (leave-one-out loss, training loss, leverage)."""
 
 import numpy as np
 import pyarrow as pa
@@ -9,11 +10,11 @@ from sui_core import plots
 from sui_core.data import read_split
 from sui_core.errors import ArtifactError
 from sui_core.io import atomic_dir, read_json, read_parquet, write_meta, write_parquet
-from sui_core.scores import FORMS, SCORES, scores_from_forms
+from sui_core.scores import FIT, FORMS, SCORES, scores_from_forms
 
 
 def body(cfg: Configs, run: StageRun) -> dict:
-    forms_table = read_parquet(paths.FORMS_FILE)
+    forms_table = read_parquet(paths.FORMS_FILE, ["sample_id", *FORMS, *FIT])
     loo_meta = read_json(paths.LOO / "meta.json")
     train = read_split(paths.PREPARED / "train.parquet")
     sample_id = forms_table.column("sample_id").to_numpy()
@@ -27,7 +28,8 @@ def body(cfg: Configs, run: StageRun) -> dict:
     rank[np.argsort(-scores["fsi"], kind="stable")] = np.arange(1, n + 1)
     table = pa.table({"sample_id": sample_id, "label": train.label, "clean_label": train.clean_label,
                       "noisy": train.noisy, "source": train.source,
-                      "group": pa.array(train.group.tolist(), pa.string()), **scores, "rank_fsi": rank})
+                      "group": pa.array(train.group.tolist(), pa.string()), **scores, "rank_fsi": rank,
+                      **{name: forms_table.column(name) for name in FIT}})
     if train.adversarial is not None:  # data.adversarial: which images are FGSM examples
         table = table.append_column("adversarial", pa.array(train.adversarial, pa.bool_()))
     if train.text is not None:  # a text source (data.text_column): the raw texts, last column

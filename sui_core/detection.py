@@ -11,7 +11,8 @@ flips is about 0.4), so it multiplies the useful factor by noise: clean but atyp
 into the top of F-SI and cost precision (AP), while the order of most flips vs most clean samples
 (AUROC) barely changes. The evaluate stage measures this (`why_*` metrics).
 
-**sui's detectors** (all from the linearized model's exact leave-one-out solution, no retraining):
+**sui's detectors** (from the linearized model's exact leave-one-out solution, no retraining; the
+loo stage writes the fit of every sample, `sui_core.scores.FIT`, and the score table carries it):
 
 - `fsi`: F-SI itself;
 - `loo_loss`: ½‖y_i − f₋ᵢ(x_i)‖², the exact leave-one-out loss of the linearized model (from the
@@ -21,11 +22,18 @@ into the top of F-SI and cost precision (AP), while the order of most flips vs m
   high-leverage samples;
 - `fsi_over_leverage_multi_t`: geometric mean of F-SI/leverage at several training lengths
   (t times each `t_factors`), which averages out when each sample is fitted;
-- `fsi_over_leverage_x_loo_loss`: F-SI/leverage times the leave-one-out loss.
+- `fsi_over_leverage_x_loo_loss`, `fsi_over_leverage_x_train_loss`: F-SI/leverage times the
+  linearized model's leave-one-out or training loss: how unique the sample is per unit of reach, times
+  how badly it is fitted;
+- `fsi_over_leverage_x_loss` (only when the evaluate stage trains the real network for the `loss`
+  baseline): F-SI/leverage times the trained real network's loss, which fits the flips less than the
+  linearized model does (measured: the real loss alone has a higher AP than the linearized losses).
 
-`sui_best` is the candidate with the highest average precision on a seeded *selection* half of the
-training samples, whose flips are known because they are synthetic; every method is reported on the
-other half only, so the choice never sees the reported samples (nor any test label).
+`sui_best` is the candidate with the highest average precision on one seeded half of the training
+samples, whose flips are known because they are synthetic, and is reported on the other half only, so
+the choice never sees the reported samples (nor any test label). `cross_selected` does this both ways
+(choose on half a, report on half b; choose on b, report on a) and averages the two folds, so every
+sample is reported once and every method is compared on the same samples.
 
 **Confident learning** (Northcutt et al., cleanlab): out-of-fold predicted probabilities from K-fold
 real training of the network (`sui_core.training.train_full_batch`, the pipeline's recipe), then
@@ -44,63 +52,63 @@ import numpy as np
 import torch
 from torch import nn
 
+from sui_core.evaluation import detection_metrics
 from sui_core.ntk import Basis
-from sui_core.solver import Recipe, loo_deltas, trained_coefficients
+from sui_core.scores import loo_quadratic_forms
+from sui_core.solver import Recipe
 from sui_core.training import predict, train_full_batch
 
-SUI_DETECTORS = ("fsi", "loo_loss", "fsi_over_leverage", "fsi_over_leverage_multi_t", "fsi_over_leverage_x_loo_loss")
+SUI_DETECTORS = ("fsi", "loo_loss", "fsi_over_leverage", "fsi_over_leverage_multi_t", "fsi_over_leverage_x_loo_loss",
+                 "fsi_over_leverage_x_train_loss")
+# candidates that also need the trained real network's loss (`detection.baselines` has `loss`)
+WITH_LOSS = ("fsi_over_leverage_x_loss",)
 
 
-def linearized_quantities(basis: Basis, residual: np.ndarray, recipe: Recipe, tol: float = 1e-14) -> dict[str, np.ndarray]:
-    """Per sample, for the linearized model trained by `recipe` on all n samples: `fsi_sum`
-    (Σ_j ‖Φ_val,j Δv_i‖², σ-free), `loo_loss` ½‖y_i − f₋ᵢ(x_i)‖², `train_loss` ½‖y_i − f_t(x_i)‖²
-    and `leverage` tr Φ_i g(H) Φ_iᵀ."""
-    n = basis.z.shape[0]
-    full = recipe.full(n)
-    c = trained_coefficients(basis.s, basis.z, residual, full)
-    train_error = residual - np.einsum("nkr,r->nk", basis.z, c)
-    fsi_sum, loo_error = np.empty(n), np.empty_like(train_error)
-    _, blocks = loo_deltas(basis.s, basis.z, residual, full, recipe.left_out(n), tol)
-    for start, delta in blocks:
-        sl = slice(start, start + len(delta))
-        fsi_sum[sl] = np.einsum("br,br->b", delta @ basis.gram_val, delta)
-        loo_error[sl] = train_error[sl] + np.einsum("bkr,br->bk", basis.z[sl], delta)
-    leverage = np.einsum("nkr,r,nkr->n", basis.z, full.factor(basis.s), basis.z)
-    return {"fsi_sum": fsi_sum, "loo_loss": 0.5 * (loo_error ** 2).sum(1),
-            "train_loss": 0.5 * (train_error ** 2).sum(1), "leverage": leverage}
+def other_lengths(recipe: Recipe, t_factors: list[float]) -> list[Recipe]:
+    """The recipe at t times each factor other than 1 (none for t = ∞: every length is converged)."""
+    if not math.isfinite(recipe.t):
+        return []
+    return [dataclasses.replace(recipe, t=recipe.t * f if recipe.dynamics == "continuous" else max(1, round(recipe.t * f)))
+            for f in sorted(set(t_factors) - {1.0})]
 
 
-def sui_detectors(basis: Basis, residual: np.ndarray, recipe: Recipe, t_factors: list[float],
-                  tol: float = 1e-14) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """sui's candidate detectors (see the module docstring; higher = more likely flipped) and the
-    linearized quantities at the recipe's own t behind them."""
-    factors = sorted(set(t_factors) | {1.0}) if math.isfinite(recipe.t) else [1.0]
-    per_t = {}
-    for f in factors:
-        t = recipe.t * f if recipe.dynamics == "continuous" else max(1, round(recipe.t * f))
-        per_t[f] = linearized_quantities(basis, residual, dataclasses.replace(recipe, t=t), tol)
-    q = per_t[1.0]
-    fsi = q["fsi_sum"] / (2 * basis.n_val)
-    ratio = {f: (p["fsi_sum"] / (2 * basis.n_val)) / p["leverage"] for f, p in per_t.items()}
+def linearized_fit(basis: Basis, residual: np.ndarray, recipe: Recipe, tol: float = 1e-14) -> tuple[np.ndarray, dict]:
+    """F-SI (σ = 1) and the fit (`sui_core.scores.FIT`) of every sample for the linearized model
+    trained by `recipe`: the loo stage's solve at another training length."""
+    result = loo_quadratic_forms(basis, residual, recipe, None, tol, progress=False)
+    return result.forms["fsi_sum"] / (2 * basis.n_val), result.fit
+
+
+def sui_detectors(fsi: np.ndarray, fit: dict[str, np.ndarray], others: list[tuple[np.ndarray, dict]] = (),
+                  loss: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """sui's candidate detectors (see the module docstring; higher = more likely flipped) from F-SI and
+    the fit at the recipe's t (the score table), F-SI and fit at other training lengths (`others`, from
+    `linearized_fit`) and, when given, the trained real network's loss (adds `WITH_LOSS`). Only their
+    order matters: F-SI's unit (σ) may differ between t and the others."""
+    ratio = fsi / fit["leverage"]
+    ratios = [ratio] + [other_fsi / other_fit["leverage"] for other_fsi, other_fit in others]
     candidates = {
         "fsi": fsi,
-        "loo_loss": q["loo_loss"],
-        "fsi_over_leverage": ratio[1.0],
-        "fsi_over_leverage_multi_t": np.exp(np.mean([np.log(np.maximum(r, 1e-300)) for r in ratio.values()], 0)),
-        "fsi_over_leverage_x_loo_loss": ratio[1.0] * q["loo_loss"],
+        "loo_loss": fit["loo_loss"],
+        "fsi_over_leverage": ratio,
+        "fsi_over_leverage_multi_t": np.exp(np.mean([np.log(np.maximum(r, 1e-300)) for r in ratios], 0)),
+        "fsi_over_leverage_x_loo_loss": ratio * fit["loo_loss"],
+        "fsi_over_leverage_x_train_loss": ratio * fit["train_loss"],
     }
-    return candidates, q
+    if loss is not None:
+        candidates["fsi_over_leverage_x_loss"] = ratio * loss
+    return candidates
 
 
 def selection_split(n: int, fraction: float, seed: int) -> np.ndarray:
-    """A seeded boolean mask of round(fraction·n) samples used to choose a detector; the rest are reported."""
+    """A seeded boolean mask of round(fraction·n) samples: half a of `cross_selected` (the rest is half b)."""
     mask = np.zeros(n, bool)
     mask[np.random.default_rng([seed, 5]).choice(n, round(fraction * n), replace=False)] = True
     return mask
 
 
 def choose_detector(candidates: dict[str, np.ndarray], flagged: np.ndarray, selection: np.ndarray) -> str:
-    """The candidate with the highest average precision on the selection samples (ties: the first)."""
+    """The candidate with the highest average precision on the `selection` samples (ties: the first)."""
     from sklearn.metrics import average_precision_score
 
     flags = np.asarray(flagged, bool)[selection]
@@ -108,6 +116,29 @@ def choose_detector(candidates: dict[str, np.ndarray], flagged: np.ndarray, sele
         raise ValueError("the selection samples need flipped and clean labels both to choose a detector")
     aps = {name: average_precision_score(flags, score[selection]) for name, score in candidates.items()}
     return max(aps, key=lambda name: (aps[name], -list(aps).index(name)))
+
+
+def cross_selected(candidates: dict[str, np.ndarray], others: dict[str, np.ndarray], flagged: np.ndarray,
+                   half_a: np.ndarray, top_fractions: list[float]) -> tuple[dict, dict, dict]:
+    """Two-fold honest evaluation of sui's best detector beside every other method: choose the best
+    candidate on half a and report all methods on half b, then choose on half b and report on half a.
+
+    Returns (rows, folds, chosen): rows[method] the mean of the two folds' `detection_metrics`
+    (`sui_best` included: each half scored by the candidate chosen on the other half), folds["a"|"b"]
+    the rows of the fold that chose on that half, chosen["a"|"b"] the candidate chosen on that half.
+    """
+    flagged = np.asarray(flagged, bool)
+    methods = {**candidates, **others}
+    folds, chosen = {}, {}
+    for fold, choose in (("a", half_a), ("b", ~half_a)):
+        chosen[fold] = choose_detector(candidates, flagged, choose)
+        report = ~choose
+        rows = {name: detection_metrics(score[report], flagged[report], top_fractions) for name, score in methods.items()}
+        rows["sui_best"] = rows[chosen[fold]]
+        folds[fold] = rows
+    rows = {name: {key: (folds["a"][name][key] + folds["b"][name][key]) / 2 for key in folds["a"][name]}
+            for name in folds["a"]}
+    return rows, folds, chosen
 
 
 def output_probabilities(outputs: np.ndarray, num_classes: int) -> np.ndarray:

@@ -33,7 +33,7 @@ import numpy as np
 
 from sui_core.config import load_section
 from sui_core.errors import DataError, SuiError
-from sui_core.scores import FORMS
+from sui_core.scores import FIT, FORMS
 
 PREPARED = Path("data/prepared")
 SPLITS = ("train", "val", "test")
@@ -226,10 +226,10 @@ def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED) -> Plan:
                   ntk.planned_peak_bytes(n, k, dim, min(jac.shard_rows, max(n, 1))),
                   "jacobian.dims_per_tensor or data.max_train",
                   f"Z {n}·{k}·r={r} float64 + r×r ({ntk.choose_space(n, k, dim)} space)"),
-        # forms.parquet: sample_id + 4 float64 forms; the basis is loaded whole
-        StagePlan("loo", 8 * n * (1 + len(FORMS)),
+        # forms.parquet: sample_id + 4 float64 forms + 3 fit columns; the basis is loaded whole
+        StagePlan("loo", 8 * n * (1 + len(FORMS) + len(FIT)),
                   scores.planned_peak_bytes(n, k, r, loo.block_size) + 8 * (r * r + n * k),
-                  "loo.block_size or data.max_train", f"{n} × {len(FORMS)} forms"),
+                  "loo.block_size or data.max_train", f"{n} × ({len(FORMS)} forms + {len(FIT)} fit)"),
     ]
     return Plan(sh, stages)
 

@@ -32,11 +32,16 @@ from sui_core.solver import Recipe, SolverPlan, group_delta, loo_deltas, trained
 
 FORMS = ("fsi_sum", "dv_sq", "dv_hess", "dv_sgd")
 SCORES = ("fsi", "si_isotropic", "si_hessian", "si_sgd")
+# How the linearized model fits each sample, from the same solve: ½‖y_i − f₋ᵢ(x_i)‖² (leave-one-out),
+# ½‖y_i − f_t(x_i)‖² (trained on all) and the leverage tr Φ_i g(H) Φ_iᵀ (∂f_t(x_i)/∂y_i, the diagonal
+# of the hat matrix); the mislabel detectors of sui_core.detection are built from them.
+FIT = ("loo_loss", "train_loss", "leverage")
 
 
 @dataclass
 class LooResult:
-    forms: dict[str, np.ndarray]  # each (n,)
+    forms: dict[str, np.ndarray]  # FORMS, each (n,)
+    fit: dict[str, np.ndarray]  # FIT, each (n,)
     plan: SolverPlan
     train_mse: float  # ½·mean‖f_t(x_i) − y_i‖² of the linearized model trained on all samples
 
@@ -102,17 +107,25 @@ def loo_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe, batc
     sgd_prec = sgd_precision(basis, residual, recipe, batch_size or n, c,
                              samples=samples if all_reduce is not None else None, all_reduce=all_reduce)
     h_mean = basis.s / n + recipe.weight_decay
+    factor = full.factor(basis.s)
+    train_error = residual - np.einsum("nkr,r->nk", basis.z, c)  # y − f_t(x)
     forms = {name: np.empty(len(samples)) for name in FORMS}
+    fit = {name: np.empty(len(samples)) for name in FIT}
     with tqdm(total=len(samples), desc="leave-one-out", unit="sample", disable=not progress) as bar:
         for start, delta in blocks:
             sl = slice(start - samples.start, start - samples.start + len(delta))
+            zb, error = basis.z[start:start + len(delta)], train_error[start:start + len(delta)]
             forms["fsi_sum"][sl] = np.einsum("br,br->b", delta @ basis.gram_val, delta)
             forms["dv_sq"][sl] = np.einsum("br,br->b", delta, delta)
             forms["dv_hess"][sl] = np.einsum("br,r,br->b", delta, h_mean, delta)
             forms["dv_sgd"][sl] = np.einsum("br,br->b", delta @ sgd_prec, delta)
+            loo_error = error + np.einsum("bkr,br->bk", zb, delta)  # y − f₋ᵢ(x) = y − f_t(x) + Φ_iΔv_i
+            fit["loo_loss"][sl] = 0.5 * (loo_error ** 2).sum(1)
+            fit["train_loss"][sl] = 0.5 * (error ** 2).sum(1)
+            fit["leverage"][sl] = np.einsum("bkr,r,bkr->b", zb, factor, zb)
             bar.update(len(delta))
-    train_mse = float(0.5 * np.mean(np.sum((np.einsum("nkr,r->nk", basis.z, c) - residual) ** 2, -1)))
-    return LooResult(forms, plan, train_mse)
+    train_mse = float(0.5 * np.mean(np.sum(train_error ** 2, -1)))
+    return LooResult(forms, fit, plan, train_mse)
 
 
 def group_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe,

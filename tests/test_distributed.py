@@ -117,9 +117,11 @@ def test_sgd_covariance_summed_over_parts_matches_all_samples():
         assert np.allclose(split, whole, rtol=1e-10, atol=1e-12 * np.abs(whole).max())
     with pytest.raises(ValueError, match="all_reduce"):
         sgd_precision(basis, residual, recipe, 40, c, samples=parts[0])
-    forms = [loo_quadratic_forms(basis, residual, recipe, None, block_size=8, progress=False, samples=part,
-                                 all_reduce=lambda a: total).forms for part in parts]
-    reference = loo_quadratic_forms(basis, residual, recipe, None, progress=False).forms
+    forms = [(lambda res: res.forms | res.fit)(
+        loo_quadratic_forms(basis, residual, recipe, None, block_size=8, progress=False, samples=part,
+                            all_reduce=lambda a: total)) for part in parts]
+    whole_result = loo_quadratic_forms(basis, residual, recipe, None, progress=False)
+    reference = whole_result.forms | whole_result.fit
     for name, values in reference.items():
         joined = np.concatenate([f[name] for f in forms])
         assert np.allclose(joined, values, rtol=1e-10, atol=0), name

@@ -105,6 +105,10 @@ def test_fashion_mnist_ten_classes_end_to_end(tmp_path, monkeypatch):
     for name in SCORES:
         values = np.asarray(scores[name], dtype=float)
         assert np.all(np.isfinite(values)) and np.all(values >= 0), name
+    # the loo stage's fit of each sample: leverage = Σ_c of hat-matrix diagonals of GD from w0, each in [0, 1]
+    leverage = np.asarray(scores["leverage"])
+    assert np.all((leverage > 0) & (leverage <= K))
+    assert np.all(np.asarray(scores["loo_loss"]) >= 0) and np.all(np.asarray(scores["train_loss"]) >= 0)
     fsi, noisy = np.asarray(scores["fsi"]), np.asarray(scores["noisy"])
     assert noisy.sum() == 30
     assert fsi[noisy].mean() > fsi[~noisy].mean()

@@ -95,7 +95,7 @@ def test_plan_matches_a_tiny_run(project):
     prepared = sum(p.stat().st_size for p in Path("data/prepared").glob("*.parquet"))
     assert prepared <= sizes["prepare"].disk_bytes + 3 * 4096
 
-    # forms.parquet: 5 float64/int64 columns
+    # forms.parquet: 8 float64/int64 columns
     forms = Path("data/loo/forms.parquet").stat().st_size
     assert sizes["loo"].disk_bytes / 2 <= forms <= sizes["loo"].disk_bytes + 8192
 
