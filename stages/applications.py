@@ -22,13 +22,14 @@ from sui_core.models import targets
 from sui_core.solver import Recipe
 
 
-def _splits() -> tuple[Split, Split, Split]:
-    return tuple(read_split(paths.PREPARED / f"{name}.parquet") for name in ("train", "val", "test"))
+def _splits(cfg: Configs) -> tuple[Split, Split, Split]:
+    prepared = cfg.input(paths.PREPARED)
+    return tuple(read_split(prepared.file(f"{name}.parquet")) for name in ("train", "val", "test"))
 
 
-def _network() -> tuple[ModelConfig, dict]:
+def _network(cfg: Configs) -> tuple[ModelConfig, dict]:
     """The architecture of data/model (arch, hidden, freeze) as a config whose init seed can be changed."""
-    info = read_json(paths.MODEL / "model.json")
+    info = read_json(cfg.input(paths.MODEL).file("model.json"))
     return ModelConfig(arch=info["arch"], hidden=info["hidden"] or [], freeze=info.get("freeze") or []), info
 
 
@@ -40,8 +41,8 @@ def summarize_data(cfg: Configs, out: Path) -> dict:
     if cfg.training.dynamics != "discrete" or not math.isfinite(cfg.training.t):
         raise ParamError("training.dynamics", "summarization retrains the network for t gradient steps: it needs "
                          "discrete dynamics and a finite training.t")
-    train, val, test = _splits()
-    arch, info = _network()
+    train, val, test = _splits(cfg)
+    arch, info = _network(cfg)
     build = seeded_builder(arch, info["input_shape"], info["num_outputs"])
     rows = summarization.summarize(build, torch.as_tensor(train.x), targets(train.label, train.num_classes),
                                    torch.as_tensor(val.x), torch.as_tensor(test.x), test.clean_label,
@@ -66,8 +67,8 @@ def score_robustness(cfg: Configs, out: Path) -> dict:
     settings = cfg.robustness
     if not settings.enabled:
         return {}
-    train, val, _ = _splits()
-    arch, info = _network()
+    train, val, _ = _splits(cfg)
+    arch, info = _network(cfg)
     var = robustness.variants(tuple(settings.archs), tuple(settings.init_seeds), tuple(settings.steps))
     scores = robustness.fsi_variants(arch, torch.as_tensor(train.x), targets(train.label, train.num_classes),
                                      torch.as_tensor(val.x), Recipe.from_config(cfg.training), cfg.jacobian, var,

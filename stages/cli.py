@@ -28,7 +28,8 @@ from typer.core import TyperGroup
 # ---- stage commands ------------------------------------------------------------------------------
 # To add a stage: write stages/<name>.py with a module-level typer `app` holding one command (see
 # stages/common.py: `app = stage_app(...)`) and list <name> here, in pipeline order.
-STAGE_MODULES = ["prepare", "pretrain", "model", "jacobians", "ntk", "loo", "score", "evaluate", "validate"]
+STAGE_MODULES = ["prepare", "pretrain", "model", "jacobians", "ntk", "loo", "score", "evaluate", "validate",
+                 "track"]
 
 
 def _module_name(name: str) -> str:
@@ -181,7 +182,7 @@ def ui(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1: this machine only)."),
 ) -> None:
     """Serve the MLflow UI on this pipeline's runs (Ctrl-C to stop)."""
-    from sui_core.tracking import _sqlite_path, tracking_uri
+    from sui_core.tracking import _sqlite_path, runs_page, tracking_uri
 
     uri = tracking_uri()
     if uri.split(":", 1)[0] in ("http", "https", "databricks"):
@@ -197,12 +198,13 @@ def ui(
     env.setdefault(  # printed by every start of this mlflow version; nothing a user can act on
         "PYTHONWARNINGS", "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated:UserWarning")
 
+    page = runs_page()  # before the server starts: it also creates the experiment on a new store
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     proc = None
     try:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
         shown = f"[{host}]" if ":" in host else host
-        typer.echo(f"MLflow UI: http://{shown}:{port}  (runs from {uri}; Ctrl-C to stop)", err=True)
+        typer.echo(f"MLflow UI: http://{shown}:{port}/{page}  (runs from {uri}; Ctrl-C to stop)", err=True)
         code = proc.wait()
     except _Stop:
         code = None

@@ -53,10 +53,14 @@ from typing import Any
 
 import typer
 
+import yaml
+
+from stages import paths
+from sui_core import artifacts
 from sui_core import distributed as dist
 from sui_core.config import as_dict, load_params, load_section
-from sui_core.errors import SuiError
-from sui_core.io import is_disk_full
+from sui_core.errors import ParamError, SuiError
+from sui_core.io import checked_publish, code_version, file_sha256, is_disk_full, write_json
 from sui_core.tracking import NullStageRun, StageRun, stage_run
 
 __all__ = ["Configs", "StageRun", "NullStageRun", "StageBody", "run_stage", "stage_app", "params_option",
@@ -71,17 +75,39 @@ DEFAULT_PARAMS = Path("params.yaml")
 class Configs(dict):
     """The validated config dataclass of each requested section, by name: `cfg["data"]` or `cfg.data`.
 
-    `cfg.params` is the whole params.yaml as loaded (a dict), `cfg.params_path` its path.
+    `cfg.params` is the whole params.yaml as loaded (a dict), `cfg.params_path` its path, `cfg.tracked`
+    the params DVC tracks for this stage (dvc.yaml's `params:` of the stage; all requested sections for
+    a stage dvc.yaml does not list), validated, {section: {key: value}}: what its outputs record.
+
+    Inputs are read through `cfg.input(folder)` (hashes and recorded params checked against
+    `cfg.tracked`, `sui_core.artifacts.open_output`) and outputs finished with `cfg.publish(folder)`,
+    which records this stage's tracked params and the lineage of every input it opened.
     """
 
-    def __init__(self, sections: Mapping[str, Any], params: dict[str, Any], params_path: Path):
+    def __init__(self, sections: Mapping[str, Any], params: dict[str, Any], params_path: Path,
+                 tracked: dict[str, dict[str, Any]], stage: str = ""):
         super().__init__(sections)
         self.params = params
         self.params_path = params_path
+        self.tracked = tracked
+        self.stage = stage
+        self.inputs: list[artifacts.Output] = []
+        self.tracked_keys: list[str] = list(tracked)
+        self.raw: bytes | None = None
 
     def record(self) -> dict[str, Any]:
-        """The validated params of this stage's sections, defaults filled in: what meta.json records."""
-        return {name: as_dict(section) for name, section in self.items()}
+        """The params this stage's outputs depend on: what meta.json records."""
+        return self.tracked
+
+    def input(self, folder: str | Path) -> artifacts.Output:
+        """Open an upstream output, checked (files' sha256, its recorded params vs this stage's)."""
+        opened = artifacts.open_output(folder, self.tracked, stage=dvc_writer(folder))
+        self.inputs.append(opened)
+        return opened
+
+    def publish(self, folder: str | Path, **extra: Any) -> dict[str, Any]:
+        """Write meta.json into `folder` (last, inside its atomic_dir): tracked params, lineage, hashes."""
+        return artifacts.publish(folder, self.stage, self.tracked, self.inputs, **extra)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -119,11 +145,124 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def load_configs(sections: list[str], params_path: str | Path = DEFAULT_PARAMS) -> Configs:
-    """Load params.yaml and build the validated dataclass of each section (ParamError on problems)."""
+def dvc_stage(stage: str, dvc_yaml: Path = paths.DVC_YAML) -> dict[str, Any] | None:
+    """dvc.yaml's entry for `stage` (cmd, deps, params, outs); None when it has no such stage."""
+    if not stage or not dvc_yaml.is_file():
+        return None
+    try:
+        spec = yaml.safe_load(dvc_yaml.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SuiError(f"{dvc_yaml}: not valid YAML ({_one_line(str(exc))})") from exc
+    entry = (spec.get("stages") or {}).get(stage)
+    return entry if isinstance(entry, dict) else None
+
+
+def _names(entries: list[Any] | None) -> list[str]:
+    """dvc.yaml list entries as names: `- data` or `- data/metrics/x.json: {cache: false}` or `- file: [keys]`."""
+    names: list[str] = []
+    for entry in entries or []:
+        names += [entry] if isinstance(entry, str) else list(entry)
+    return names
+
+
+def dvc_writer(folder: str | Path, dvc_yaml: Path = paths.DVC_YAML) -> str | None:
+    """The dvc.yaml stage whose outs include `folder` (for messages: "run the prepare stage first")."""
+    if not dvc_yaml.is_file():
+        return None
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+    return next((name for name, entry in stages.items() if isinstance(entry, dict)
+                 and Path(folder) in map(Path, _names(entry.get("outs")))), None)
+
+
+def dvc_stage_params(stage: str) -> list[str] | None:
+    """The `params:` keys dvc.yaml lists for `stage` (`data`, `training.lr`); None when it has no such stage."""
+    entry = dvc_stage(stage)
+    if entry is None:
+        return None
+    keys: list[str] = []
+    for item in entry.get("params") or []:
+        keys += [item] if isinstance(item, str) else [k for names in item.values() for k in names]
+    return keys
+
+
+def tracked_params(params: dict[str, Any], keys: list[str]) -> dict[str, dict[str, Any]]:
+    """The validated values of `keys` (whole sections or `section.key`), {section: {key: value}}."""
+    tracked: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        section, _, field = key.partition(".")
+        values = as_dict(load_section(params, section))
+        if not field:
+            tracked[section] = values
+        elif field in values:
+            tracked.setdefault(section, {})[field] = values[field]
+        else:
+            raise SuiError(f"{paths.DVC_YAML}: a stage tracks param {key}, which params.yaml's section {section} "
+                           f"does not have")
+    return tracked
+
+
+def load_configs(sections: list[str], params_path: str | Path = DEFAULT_PARAMS, stage: str = "") -> Configs:
+    """Load params.yaml and build the validated dataclass of each section (ParamError on problems), and
+    the params dvc.yaml tracks for `stage`."""
     params_path = Path(params_path)
+    raw = _read_bytes(params_path)
     params = load_params(params_path)
-    return Configs({s: load_section(params, s) for s in sections}, params, params_path)
+    if _read_bytes(params_path) != raw:
+        raise ParamError(str(params_path), "changed while it was being read; run the stage again")
+    keys = dvc_stage_params(stage)
+    cfg = Configs({s: load_section(params, s) for s in sections}, params, params_path,
+                  tracked_params(params, sections if keys is None else keys), stage)
+    cfg.tracked_keys, cfg.raw = (sections if keys is None else keys), raw
+    return cfg
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def params_unchanged(cfg: Configs) -> Callable[[], None]:
+    """A check that params.yaml still gives this stage the tracked params it started with.
+
+    DVC records a stage's params by reading params.yaml *after* the stage ran, and does not lock it
+    while the stage runs: `dvc exp run --temp` (and a user's editor) may rewrite it meanwhile. An output
+    computed from params DVC would not record must not be published, so this runs before every rename
+    into place (`sui_core.io.checked_publish`) and once more when the body returns (then DVC sees the
+    stage fail and records nothing). Unchanged bytes are the fast path; a change elsewhere in the file
+    (another stage's section) is fine.
+    """
+
+    def check() -> None:
+        if _read_bytes(cfg.params_path) == cfg.raw:
+            return
+        try:
+            now = artifacts.flatten(tracked_params(load_params(cfg.params_path), cfg.tracked_keys))
+        except SuiError as exc:
+            raise ParamError(str(cfg.params_path), f"changed while the {cfg.stage} stage ran and no longer loads "
+                             f"({_one_line(str(exc))}); nothing was recorded: run the stage again") from None
+        before = artifacts.flatten(cfg.tracked)
+        for key in sorted(before.keys() | now.keys()):
+            if artifacts.canonical(before.get(key)) != artifacts.canonical(now.get(key)):
+                raise ParamError(key, f"changed while the {cfg.stage} stage ran ({before.get(key)!r} when it "
+                                 f"started, {now.get(key)!r} now): nothing was recorded; run the stage again")
+
+    return check
+
+
+def write_provenance(stage: str, processes: int) -> None:
+    """What code made this stage's outputs, kept outside them (output hashes must not change with the
+    commit): `.sui/provenance/<stage>.json`, beside the sha256 of each output's record (dvc.yaml's outs)."""
+    entry = dvc_stage(stage) or {}
+    records = {}
+    for out in map(Path, _names(entry.get("outs")) + _names(entry.get("metrics"))):
+        record = out / artifacts.META_NAME if out.is_dir() else out
+        if record.is_file():
+            records[str(out)] = file_sha256(record)
+    write_json(paths.PROVENANCE / f"{stage}.json",
+               {"stage": stage, "outputs": records, "code": code_version(), "processes": processes,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def run_stage(name: str, sections: list[str], body: StageBody,
@@ -145,7 +284,7 @@ def run_stage(name: str, sections: list[str], body: StageBody,
     main, world_size = not (distributed and dist.launched()) or os.environ.get("RANK") == "0", 1
     try:
         with _sigterm_raises():
-            cfg = load_configs(sections, params_path)
+            cfg = load_configs(sections, params_path, name)
             if distributed:
                 nproc = load_section(cfg.params, "compute").nproc
                 if nproc > 1 and not dist.launched():
@@ -160,9 +299,14 @@ def run_stage(name: str, sections: list[str], body: StageBody,
             tracked = (stage_run(name, stage_params, all_params=cfg.params) if main
                        else contextlib.nullcontext(NullStageRun(name)))
             with tracked as run:
-                metrics = dict(body(cfg, run) or {})
+                unchanged = params_unchanged(cfg)
+                with checked_publish(unchanged):
+                    metrics = dict(body(cfg, run) or {})
+                unchanged()  # after the last rename too: DVC records the params once the stage has exited
                 if metrics:
                     run.log_metrics(metrics)
+            if main:
+                write_provenance(name, world_size)
     except SuiError as exc:
         if main or not getattr(exc, "agreed", False):
             print(f"error: {_one_line(str(exc))}", file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ from sui_core.config import ModelConfig
 from sui_core.data import read_split
 from sui_core.errors import ArtifactError, ParamError
 from sui_core.evaluation import detection_metrics, rare_subgroup_report, write_table
-from sui_core.io import atomic_dir, read_npz, read_parquet, write_json, write_meta, write_parquet
+from sui_core.io import atomic_dir, read_npz, read_parquet, write_json, write_parquet
 from sui_core.models import load_model, targets
 from sui_core.ntk import Basis
 from sui_core.scores import FIT, SCORES
@@ -26,7 +26,8 @@ METRICS_FILE = paths.METRICS / "evaluate.json"
 
 
 def body(cfg: Configs, run: StageRun) -> dict:
-    table = read_parquet(paths.SCORES_FILE)
+    scores = cfg.input(paths.SCORES)
+    table = read_parquet(scores.file(paths.SCORES_FILE.name))
     fsi = table.column("fsi").to_numpy()
     metrics: dict = {}
     with atomic_dir(paths.EVALUATE) as out:
@@ -34,11 +35,10 @@ def body(cfg: Configs, run: StageRun) -> dict:
         metrics |= by_column("source", fsi, _strings(table, "source"), out)
         metrics |= subclasses(fsi, table, out)
         metrics |= adversarial(fsi, table, out)
-        metrics |= group_information(out)
+        metrics |= group_information(scores.file(paths.GROUP_SCORES_FILE.name), out)
         # retraining / re-scoring applications (stages/applications.py), each off unless enabled
         metrics |= applications.summarize_data(cfg, out) | applications.score_robustness(cfg, out)
-        write_meta(out, "evaluate", cfg.record(),
-                   selected_detector={half: metrics.get(f"sui_best_{half}") for half in ("a", "b")})
+        cfg.publish(out, selected_detector={half: metrics.get(f"sui_best_{half}") for half in ("a", "b")})
     write_json(METRICS_FILE, metrics)
     run.log_artifacts(paths.EVALUATE / "plots", "plots")
     run.log_artifact(METRICS_FILE)
@@ -74,10 +74,11 @@ def mislabel_detection(cfg: Configs, table: pa.Table, out, run: StageRun) -> dic
     others = []
     recipe = Recipe.from_config(cfg.training)
     if lengths := detection.other_lengths(recipe, cfg.detection.t_factors):
-        residual = read_npz(paths.RESIDUAL_FILE, ["sample_id", "residual"])
+        ntk = cfg.input(paths.NTK)
+        residual = read_npz(ntk.file(paths.RESIDUAL_FILE.name), ["sample_id", "residual"])
         if not np.array_equal(residual["sample_id"], sample_id):
             raise ArtifactError(f"{paths.RESIDUAL_FILE}: samples do not match {paths.SCORES_FILE}")
-        basis = Basis.load(paths.BASIS_FILE)
+        basis = Basis.load(ntk.file(paths.BASIS_FILE.name))
         others = [detection.linearized_fit(basis, residual["residual"], other) for other in lengths]
     real, issues = real_network_baselines(cfg, sample_id) if cfg.detection.baselines else ({}, None)
     scores = {name: table.column(name).to_numpy() for name in SCORES}
@@ -119,10 +120,10 @@ def real_network_baselines(cfg: Configs, sample_id: np.ndarray) -> tuple[dict[st
     if not np.isfinite(cfg.training.t):
         raise ParamError("detection.baselines", "real-network baselines need a finite training.t (steps to train)")
     steps = round(cfg.training.t)  # continuous dynamics: gradient flow for time lr·t ≈ t steps of lr
-    train = read_split(paths.PREPARED / "train.parquet")
+    train = read_split(cfg.input(paths.PREPARED).file("train.parquet"))
     if not np.array_equal(train.sample_id, sample_id):
         raise ArtifactError(f"{paths.PREPARED / 'train.parquet'}: samples do not match {paths.SCORES_FILE}")
-    model, info = load_model(paths.MODEL)
+    model, info = load_model(cfg.input(paths.MODEL).path)
     x = torch.as_tensor(train.x)
     y = torch.as_tensor(targets(train.label, train.num_classes))
     lr, wd = cfg.training.lr, cfg.training.weight_decay
@@ -194,11 +195,9 @@ def adversarial(fsi: np.ndarray, table: pa.Table, out) -> dict:
             "fsi_mean_adversarial": float(fsi[flag].mean()), "fsi_mean_not_adversarial": float(fsi[~flag].mean())}
 
 
-def group_information(out) -> dict:
+def group_information(groups_file, out) -> dict:
     """Each group left out at once (loo.groups) beside the sum of its members' F-SI, and a bar plot."""
-    if not paths.GROUP_SCORES_FILE.exists():
-        return {}
-    rows = read_parquet(paths.GROUP_SCORES_FILE).to_pylist()
+    rows = read_parquet(groups_file).to_pylist()
     if not rows:
         return {}
     plots.bars({f"{r['column']}={r['group']}": {"left out together": r["fsi_group"],

@@ -13,7 +13,7 @@ from stages import paths
 from stages.common import Configs, StageRun, stage_app
 from sui_core import distributed as dist
 from sui_core.data import read_split
-from sui_core.io import code_version, file_sha256
+from sui_core.io import file_sha256
 from sui_core.jacobians import extract, jacobian_shapes, make_projector, write_manifest
 from sui_core.models import load_model
 
@@ -33,7 +33,8 @@ def body(cfg: Configs, run: StageRun) -> dict:
 
     def load():
         torch.manual_seed(cfg.jacobian.seed)
-        model, info = load_model(paths.MODEL)
+        model, info = load_model(cfg.input(paths.MODEL).path)
+        cfg.input(paths.PREPARED)
         return model, info, make_projector(cfg.jacobian, jacobian_shapes(model))
 
     model, info, projector = dist.run_checked(load)  # an error on any rank stops every rank
@@ -54,8 +55,8 @@ def body(cfg: Configs, run: StageRun) -> dict:
         if rank != 0:
             return {}
         shards = {split: [entry for part in parts for entry in part[split]] for split in SPLITS}
-        write_manifest(out, projector, info["num_outputs"], shards, info["sha256"], data_sha256(),
-                       extra={"params": cfg.record(), "code": code_version(), "processes": world})
+        write_manifest(out, projector, info["num_outputs"], shards, info["sha256"], data_sha256())
+        cfg.publish(out)
     run.log_artifact(paths.JACOBIANS / "manifest.json")
     return {"D": projector.total_dim, "k": info["num_outputs"],
             **{f"n_{split}": sum(e["rows"] for e in shards[split]) for split in SPLITS}}

@@ -18,17 +18,22 @@ import pyarrow as pa
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
 from sui_core import distributed as dist
-from sui_core.data import read_split
+from sui_core.data import Split, read_split
 from sui_core.errors import ArtifactError
-from sui_core.io import atomic_dir, read_npz, write_meta, write_parquet
+from sui_core.io import atomic_dir, read_npz, write_parquet
 from sui_core.ntk import Basis
 from sui_core.scores import group_quadratic_forms, loo_quadratic_forms, planned_peak_bytes
 from sui_core.solver import Recipe
 
 
 def body(cfg: Configs, run: StageRun) -> dict:
-    basis, targets = dist.run_checked(lambda: (Basis.load(paths.BASIS_FILE),
-                                               read_npz(paths.RESIDUAL_FILE, ["sample_id", "residual"])))
+    def load():
+        ntk = cfg.input(paths.NTK)
+        return (Basis.load(ntk.file(paths.BASIS_FILE.name)),
+                read_npz(ntk.file(paths.RESIDUAL_FILE.name), ["sample_id", "residual"]),
+                read_split(cfg.input(paths.PREPARED).file("train.parquet")))
+
+    basis, targets, train = dist.run_checked(load)
     recipe = Recipe.from_config(cfg.training)
     n, r = basis.z.shape[0], basis.rank
     peak = planned_peak_bytes(n, basis.z.shape[1], r, cfg.loo.block_size)
@@ -48,22 +53,20 @@ def body(cfg: Configs, run: StageRun) -> dict:
     forms = {name: np.concatenate([part.forms[name] for part in parts]) for name in result.forms}
     fit = {name: np.concatenate([part.fit[name] for part in parts]) for name in result.fit}
     table = pa.table({"sample_id": targets["sample_id"], **forms, **fit})
-    groups = group_table(basis, targets, recipe, cfg.loo.groups, forms["fsi_sum"])
+    groups = group_table(basis, targets, train, recipe, cfg.loo.groups, forms["fsi_sum"])
     with atomic_dir(paths.LOO) as out:
         write_parquet(out / paths.FORMS_FILE.name, table)
         write_parquet(out / paths.GROUPS_FILE.name, groups)
-        write_meta(out, "loo", cfg.record(),
-                   plan=result.plan.as_dict(), full=vars(recipe.full(n)), left_out=vars(recipe.left_out(n)),
-                   n_val=basis.n_val, train_mse=result.train_mse, units="squared weights/outputs, σ-free",
-                   processes=world)
+        cfg.publish(out, plan=result.plan.as_dict(), full=vars(recipe.full(n)), left_out=vars(recipe.left_out(n)),
+                    n_val=basis.n_val, train_mse=result.train_mse, units="squared weights/outputs, σ-free")
     return {"seconds": seconds, "matvecs_per_sample": result.plan.matvecs, "train_mse": result.train_mse,
             "dv_sq_mean": float(np.mean(forms["dv_sq"]))}
 
 
-def group_table(basis: Basis, targets: dict, recipe: Recipe, columns: list[str], fsi_sum: np.ndarray) -> pa.Table:
+def group_table(basis: Basis, targets: dict, train: Split, recipe: Recipe, columns: list[str],
+                fsi_sum: np.ndarray) -> pa.Table:
     """Leave each class / source / group out at once (the `loo.groups` columns of the training split),
     beside the sum of its members' own F-SI forms: unique information is not additive."""
-    train = read_split(paths.PREPARED / "train.parquet")
     if not np.array_equal(train.sample_id, targets["sample_id"]):
         raise ArtifactError(f"{paths.RESIDUAL_FILE}: samples do not match {paths.PREPARED / 'train.parquet'}")
     values = {"label": np.asarray(train.class_names, dtype=object)[train.label], "source": train.source,

@@ -7,17 +7,19 @@ from stages import paths
 from stages.common import Configs, StageRun, stage_app
 from sui_core.data import read_split
 from sui_core.errors import ArtifactError, ParamError
-from sui_core.io import atomic_dir, code_version
+from sui_core.io import atomic_dir
 from sui_core.models import build_model, num_outputs, save_model
 
 
 def body(cfg: Configs, run: StageRun) -> dict:
-    train = read_split(paths.PREPARED / "train.parquet")
+    train = read_split(cfg.input(paths.PREPARED).file("train.parquet"))
     model_cfg = cfg.model
     if model_cfg.pretrain:
-        body_file = paths.PRETRAIN / "body.pt"
-        if not body_file.is_file():
-            raise ArtifactError(f"{body_file}: file not found (model.pretrain needs the pretrain stage's output)")
+        pretrained = cfg.input(paths.PRETRAIN)
+        if not pretrained.meta.get("enabled"):
+            raise ArtifactError(f"{paths.PRETRAIN}: holds no pretrained body (model.pretrain needs the pretrain "
+                                f"stage's output: dvc repro)")
+        body_file = pretrained.file("body.pt")
         model_cfg = dataclasses.replace(model_cfg, init_path=str(body_file), pretrained_body=True)
     try:
         model = build_model(model_cfg, train.input_shape, num_outputs(train.num_classes))
@@ -26,8 +28,8 @@ def body(cfg: Configs, run: StageRun) -> dict:
             raise
         raise ParamError("pretrain.source", f"the pretrained body does not fit this network and data ({exc})") from None
     with atomic_dir(paths.MODEL) as out:
-        info = save_model(out, model, {"params": cfg.record(), "code": code_version(),
-                                       "num_classes": train.num_classes})
+        info = save_model(out, model, {"num_classes": train.num_classes})
+        cfg.publish(out)
     run.log_artifact(paths.MODEL / "model.json")
     return {"param_count": info["param_count"], "num_outputs": info["num_outputs"]}
 

@@ -7,18 +7,18 @@ from stages.common import Configs, StageRun, stage_app
 from stages.jacobians import data_sha256
 from sui_core.data import read_split
 from sui_core.errors import ArtifactError
-from sui_core.io import atomic_dir, write_meta, write_npz
+from sui_core.io import atomic_dir, write_npz
 from sui_core.jacobians import iter_shards, read_manifest
 from sui_core.models import targets
 from sui_core.ntk import build_basis, choose_space, planned_peak_bytes
 
 
 def body(cfg: Configs, run: StageRun) -> dict:
-    manifest = read_manifest(paths.JACOBIANS)
+    train = read_split(cfg.input(paths.PREPARED).file("train.parquet"))
+    manifest = read_manifest(cfg.input(paths.JACOBIANS).path)
     if manifest.get("data_sha256") != data_sha256():
         raise ArtifactError(f"{paths.JACOBIANS}/manifest.json: made from other prepared data than "
                             f"{paths.PREPARED}; rerun the jacobians stage (dvc repro)")
-    train = read_split(paths.PREPARED / "train.parquet")
     sample_id, f0 = [], []
     for ids, f0_block, _ in iter_shards(paths.JACOBIANS, "train"):
         sample_id.append(ids)
@@ -37,7 +37,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
     with atomic_dir(paths.NTK) as out:
         basis.save(out / paths.BASIS_FILE.name)
         write_npz(out / paths.RESIDUAL_FILE.name, sample_id=sample_id, residual=residual)
-        write_meta(out, "ntk", cfg.record(), space=basis.space, rank=basis.rank, n=n, k=k, D=dim, n_val=basis.n_val,
+        cfg.publish(out, space=basis.space, rank=basis.rank, n=n, k=k, D=dim, n_val=basis.n_val,
                    projection=manifest["projection"], data_sha256=manifest["data_sha256"])
     run.set_tags({"space": basis.space})
     return {"rank": basis.rank, "eig_max": float(basis.s[0]), "eig_min": float(basis.s[-1]), "n_val": basis.n_val}

@@ -20,3 +20,6 @@ FORMS_FILE = LOO / "forms.parquet"
 GROUPS_FILE = LOO / "groups.parquet"
 SCORES_FILE = SCORES / "scores.parquet"
 GROUP_SCORES_FILE = SCORES / "groups.parquet"
+
+DVC_YAML = Path("dvc.yaml")
+PROVENANCE = Path(".sui") / "provenance"  # what code made each stage's outputs (not an output: see stages/common.py)

@@ -3,13 +3,13 @@
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
 from sui_core.data import prepare
-from sui_core.io import atomic_dir, write_meta
+from sui_core.io import atomic_dir
 
 
 def body(cfg: Configs, run: StageRun) -> dict:
     with atomic_dir(paths.PREPARED) as out:
         summary = prepare(cfg.data, out)
-        write_meta(out, "prepare", cfg.record(), summary=summary)
+        cfg.publish(out, summary=summary)
     run.log_artifact(paths.PREPARED / "meta.json")
     return {key: summary[key] for key in ("n_train", "n_val", "n_test", "noisy", "num_classes")}
 

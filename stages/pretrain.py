@@ -5,7 +5,8 @@ import torch
 
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
-from sui_core.io import atomic_dir, write_json, write_meta
+from sui_core import artifacts
+from sui_core.io import atomic_dir
 from sui_core.pretrain import pretrain
 
 BODY_FILE = paths.PRETRAIN / "body.pt"
@@ -14,11 +15,11 @@ BODY_FILE = paths.PRETRAIN / "body.pt"
 def body(cfg: Configs, run: StageRun) -> dict:
     with atomic_dir(paths.PRETRAIN) as out:
         if not cfg.model.pretrain:
-            write_json(out / "meta.json", {"stage": "pretrain", "enabled": False})
+            artifacts.publish(out, "pretrain", {}, enabled=False)  # constant: turning it off reruns nothing
             return {}
         model, info = pretrain(cfg.model, cfg.pretrain, cfg.data, progress=True)
         torch.save(model.state_dict(), out / BODY_FILE.name)
-        write_meta(out, "pretrain", cfg.record(), enabled=True, **info)
+        cfg.publish(out, enabled=True, **info)
     return info
 
 

@@ -6,7 +6,8 @@ import numpy as np
 
 from stages import paths
 from sui_core.errors import SuiError
-from sui_core.io import read_json, read_parquet
+from sui_core.artifacts import open_output
+from sui_core.io import read_parquet
 from sui_core.scores import SCORES
 
 TEXT_WIDTH = 70  # characters of a text source's texts shown per row (whitespace collapsed)
@@ -23,8 +24,8 @@ def top_table(n: int, score: str = "fsi") -> str:
         raise SuiError(f"--score: unknown score {score!r} (choose one of {', '.join(SCORES)})")
     if n <= 0:
         raise SuiError(f"--n: must be > 0, got {n}")
-    table = read_parquet(paths.SCORES_FILE).to_pydict()
-    class_names = read_json(paths.PREPARED / "meta.json")["summary"]["class_names"]
+    table = read_parquet(open_output(paths.SCORES, stage="score").file(paths.SCORES_FILE.name)).to_pydict()
+    class_names = open_output(paths.PREPARED, stage="prepare").meta["summary"]["class_names"]
     values = np.asarray(table[score])
     order = np.argsort(-values, kind="stable")
     texts = table.get("text")  # only text sources (data.text_column) have it

@@ -1,6 +1,8 @@
 """DVC stage `score`: per-sample F-SI and SI (isotropic, hessian, sgd smoothings) in nats, ranks, histogram and gallery;
 the table also carries the loo stage's fit of each sample (leave-one-out loss, training loss, leverage)."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 
@@ -9,14 +11,15 @@ from stages.common import Configs, StageRun, stage_app
 from sui_core import plots
 from sui_core.data import read_split
 from sui_core.errors import ArtifactError
-from sui_core.io import atomic_dir, read_json, read_parquet, write_meta, write_parquet
+from sui_core.io import atomic_dir, read_parquet, write_parquet
 from sui_core.scores import FIT, FORMS, SCORES, scores_from_forms
 
 
 def body(cfg: Configs, run: StageRun) -> dict:
-    forms_table = read_parquet(paths.FORMS_FILE, ["sample_id", *FORMS, *FIT])
-    loo_meta = read_json(paths.LOO / "meta.json")
-    train = read_split(paths.PREPARED / "train.parquet")
+    loo = cfg.input(paths.LOO)
+    forms_table = read_parquet(loo.file(paths.FORMS_FILE.name), ["sample_id", *FORMS, *FIT])
+    loo_meta = loo.meta
+    train = read_split(cfg.input(paths.PREPARED).file("train.parquet"))
     sample_id = forms_table.column("sample_id").to_numpy()
     if not np.array_equal(sample_id, train.sample_id):
         raise ArtifactError(f"{paths.FORMS_FILE}: samples do not match {paths.PREPARED / 'train.parquet'}")
@@ -41,17 +44,17 @@ def body(cfg: Configs, run: StageRun) -> dict:
         if plots.is_image(list(train.input_shape)):
             plots.gallery(train.x, scores["fsi"], np.asarray(train.class_names)[train.label], out / "plots" / "fsi_gallery.png",
                           min(cfg.score.gallery_size, n // 2 or 1))
-        write_parquet(out / paths.GROUP_SCORES_FILE.name, group_scores(loo_meta["n_val"], cfg.score.sigma))
-        write_meta(out, "score", cfg.record(),
-                   units="nats", sigma=cfg.score.sigma, batch_size=batch_size, scores=list(SCORES))
+        write_parquet(out / paths.GROUP_SCORES_FILE.name,
+                      group_scores(loo.file(paths.GROUPS_FILE.name), loo_meta["n_val"], cfg.score.sigma))
+        cfg.publish(out, units="nats", sigma=cfg.score.sigma, batch_size=batch_size, scores=list(SCORES))
     run.log_artifacts(paths.SCORES / "plots", "plots")
     return {f"{name}_{stat}": float(fn(values)) for name, values in scores.items()
             for stat, fn in (("mean", np.mean), ("median", np.median), ("max", np.max))}
 
 
-def group_scores(n_val: int, sigma: float) -> pa.Table:
+def group_scores(groups_file: Path, n_val: int, sigma: float) -> pa.Table:
     """F-SI of leaving each group out at once, beside the sum of its members' F-SI (nats)."""
-    groups = read_parquet(paths.GROUPS_FILE).to_pydict()
+    groups = read_parquet(groups_file).to_pydict()
     scale = 1 / (2 * sigma**2 * n_val)
     table = pa.table({"column": groups["column"], "group": groups["group"], "size": groups["size"],
                       "fsi_group": [v * scale for v in groups["fsi_sum"]],

@@ -11,7 +11,8 @@ from stages.common import Configs, StageRun, stage_app
 from sui_core import plots
 from sui_core.data import read_split
 from sui_core.errors import ArtifactError, ParamError
-from sui_core.io import atomic_dir, read_parquet, write_json, write_meta, write_parquet
+from sui_core import artifacts
+from sui_core.io import atomic_dir, read_parquet, write_json, write_parquet
 from sui_core.models import load_model, targets
 from sui_core.solver import Recipe
 from sui_core.validation import Changes, agreement, validate
@@ -24,17 +25,18 @@ def body(cfg: Configs, run: StageRun) -> dict:
     v = cfg.validate
     if not v.enabled:
         with atomic_dir(paths.VALIDATE) as out:
-            write_json(out / "meta.json", {"stage": "validate", "enabled": False})
+            artifacts.publish(out, "validate", {}, enabled=False)
         write_json(METRICS_FILE, {"enabled": False})
         return {}
     if cfg.training.dynamics != "discrete" or not np.isfinite(cfg.training.t):
         raise ParamError("training.t", "validate retrains the network for a whole number of steps: needs "
                          f"dynamics discrete and a finite t (got {cfg.training.dynamics}, t = {cfg.training.t})")
-    train = read_split(paths.PREPARED / "train.parquet")
-    val = read_split(paths.PREPARED / "val.parquet")
+    prepared = cfg.input(paths.PREPARED)
+    train = read_split(prepared.file("train.parquet"))
+    val = read_split(prepared.file("val.parquet"))
     if v.samples > len(train):
         raise ParamError("validate.samples", f"must be at most the {len(train)} training samples, got {v.samples}")
-    model, _ = load_model(paths.MODEL)
+    model, _ = load_model(cfg.input(paths.MODEL).path)
     dtype = getattr(torch, v.dtype)
     model = model.to(dtype)
     recipe = Recipe.from_config(cfg.training)
@@ -42,7 +44,8 @@ def body(cfg: Configs, run: StageRun) -> dict:
                       recipe, v.samples, v.seed, tuple(v.influence), v.exact_max_params, v.lissa_depth, v.lissa_scale,
                       v.lissa_damping, v.lissa_batch_size, v.checkpoint_fraction, progress=True)
     estimates = dict(result.estimates)
-    estimates["sui_pipeline"] = pipeline_changes(train.sample_id[result.left_out])
+    estimates["sui_pipeline"] = pipeline_changes(cfg.input(paths.LOO).file(paths.FORMS_FILE.name),
+                                                 train.sample_id[result.left_out])
     truth = result.truth
     rows = [{"method": name, **agreement(truth.changes, est)} for name, est in estimates.items()]
     with atomic_dir(paths.VALIDATE) as out:
@@ -56,7 +59,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
         plots.scatter_grid({q: getattr(truth.changes, q) for q in QUANTITIES},
                            {name: {q: getattr(est, q) for q in QUANTITIES} for name, est in estimates.items()},
                            out / "plots" / "scatter.png", f"leave-one-out changes of {len(result.left_out)} samples")
-        write_meta(out, "validate", cfg.record(), enabled=True, n=len(train), n_val=len(val),
+        cfg.publish(out, enabled=True, n=len(train), n_val=len(val),
                    checkpoint_step=result.checkpoint_step, notes=result.notes, loss_start=truth.loss_start,
                    loss_end=truth.loss_end, distance_sq=truth.distance_sq,
                    ntk_top_eigenvalues=result.spectrum["w0"][:5].tolist(),
@@ -74,10 +77,10 @@ def body(cfg: Configs, run: StageRun) -> dict:
     return metrics
 
 
-def pipeline_changes(sample_id: np.ndarray) -> Changes:
+def pipeline_changes(forms_file, sample_id: np.ndarray) -> Changes:
     """The loo stage's σ-free forms of the sampled samples (its Jacobians are projected: dv_sq covers the
     projected coordinates only); no time of its own here (see the pipeline stages' times)."""
-    forms = read_parquet(paths.FORMS_FILE, ["sample_id", "fsi_sum", "dv_sq"]).to_pydict()
+    forms = read_parquet(forms_file, ["sample_id", "fsi_sum", "dv_sq"]).to_pydict()
     row_of = {sid: i for i, sid in enumerate(forms["sample_id"])}
     missing = [int(s) for s in sample_id if s not in row_of]
     if missing:

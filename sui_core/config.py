@@ -1,12 +1,14 @@
 """Typed configuration, one dataclass per params.yaml section, validated on load.
 
 Every stage reads its sections through `load_section`, so a wrong key, type or range in params.yaml
-fails before any work starts, with the offending key named.
+fails before any work starts, with the offending key named; `load_params` refuses a top-level key that
+is no section (a typo there would silently leave the defaults in force).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -496,7 +498,18 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         raise ParamError(str(path), f"not valid YAML ({exc})") from exc
     if not isinstance(params, dict):
         raise ParamError(str(path), "top level must be a mapping of sections")
+    check_sections(params)
     return params
+
+
+def check_sections(params: dict[str, Any]) -> None:
+    """ParamError for a top-level key that is no section: a mistyped `trainig:` would otherwise be
+    ignored without a word and the stages would run on the defaults of the section meant."""
+    unknown = sorted((str(key) for key in params if key not in SECTIONS))
+    if unknown:
+        closest = difflib.get_close_matches(unknown[0], SECTIONS, n=1)
+        hint = f"did you mean `{closest[0]}`? " if closest else ""
+        raise ParamError(unknown[0], f"unknown section ({hint}known: {', '.join(SECTIONS)})")
 
 
 def load_section(params: dict[str, Any], section: str) -> Any:

@@ -23,3 +23,7 @@ class ArtifactError(SuiError):
 
 class DiskFullError(SuiError):
     """Writing an output ran out of disk space (ENOSPC) or quota (EDQUOT); the partial output is removed."""
+
+
+class TrackingError(SuiError):
+    """The MLflow tracking store or server does not answer or refuses a write (SUI_TRACKING=off skips it)."""

@@ -266,11 +266,10 @@ def _shard_table(sample_id: np.ndarray, f0: np.ndarray, phi: np.ndarray) -> pa.T
 
 
 def write_manifest(out_dir: str | Path, projector: Projector, k: int, shards: dict[str, list[dict[str, Any]]],
-                   model_sha256: str, data_sha256: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   model_sha256: str, data_sha256: str) -> dict[str, Any]:
     """Write `manifest.json`: how Φ was made (projection, layer map, D, k) and what each shard must hold."""
     manifest = {"projection": projector.describe(), "D": projector.total_dim, "k": k, "dtype": PHI_DTYPE,
-                "shards": shards, "model_sha256": model_sha256, "data_sha256": data_sha256,
-                "extra": extra or {}}
+                "shards": shards, "model_sha256": model_sha256, "data_sha256": data_sha256}
     write_json(Path(out_dir) / MANIFEST_NAME, manifest)
     return manifest
 

@@ -243,8 +243,8 @@ def save_model(dir: str | Path, model: nn.Module, info: dict[str, Any]) -> dict[
     caught by load_model rather than trusted.
     """
     dir = Path(dir)
-    with atomic_path(dir / "model.pt") as tmp:
-        torch.save(model.state_dict(), tmp)
+    with atomic_path(dir / "model.pt") as tmp, open(tmp, "wb") as fh:
+        torch.save(model.state_dict(), fh)  # to a file object: a path would put its random name in the archive
     record = {**info, **model.spec, "param_count": sum(p.numel() for p in model.parameters()),
               "sha256": file_sha256(dir / "model.pt")}
     write_json(dir / "model.json", record)

@@ -10,6 +10,18 @@ DVC sets for the stage commands of `dvc exp run`). After each child ends the par
 (FINISHED, or FAILED/KILLED with the child) with the current end time; later stages of the same
 session add more children and move the end time on.
 
+Every metric a child logs is also logged on the parent, prefixed by the stage (`evaluate.fsi_auroc`,
+`loo.seconds`), so that comparing parent runs in the MLflow UI compares results.
+
+Stages DVC does not run (restored from its run cache, or unchanged) log nothing themselves. The last
+DVC stage, `track` (stages/track.py, `always_changed`, so never restored itself), calls
+`log_restored`: for every pipeline stage without a child run in this session it logs that stage's
+metrics, read from its outputs, on the parent (prefixed the same way) and tags the parent
+`sui.restored` with the comma list of those stages: their numbers were not recomputed in this session.
+It creates the parent when no stage ran only for `dvc exp run` (env DVC_EXP_NAME set), so that every
+experiment appears in MLflow, even one restored entirely from the run cache; a plain `dvc repro` that
+ran nothing logs nothing (it changed nothing).
+
 Tracking URI: env `MLFLOW_TRACKING_URI` if set, else `sqlite:///<repo root>/mlflow.db`, where the repo
 root is env `DVC_ROOT` (set by DVC for every stage command; for `dvc exp run --temp` it names the
 user's repo, not the temporary copy), else the nearest folder holding dvc.yaml from the working
@@ -18,6 +30,30 @@ directory upward, else the working directory. Artifacts of a sqlite store go to 
 Env overrides: `SUI_SESSION_KEY` forces the session key; `SUI_TRACKING=off` disables tracking (the
 stage run object then logs nothing).
 
+Tracking faults stop the stage, they never hang it: the stage fails with one line `error: ...` naming
+the tracking store (the sqlite file, or the server URI) and the way out (`SUI_TRACKING=off`), exit 1.
+Running on untracked would leave a DVC output with no MLflow run behind it, unnoticed; so the stage
+refuses. For an http(s) URI the server is probed once (GET `<uri>/health`, PROBE_TIMEOUT_S) before
+the stage's work starts: a refused connection or a server that does not answer fails in seconds instead
+of MLflow's retries (about 4 minutes). MLflow's own requests for the rest of the run are bounded too
+(env MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES / _BACKOFF_FACTOR, defaults in MLFLOW_HTTP_BOUNDS, a
+user's own values win), so a server that dies mid-run fails within seconds. Every MLflow call (opening
+the store, creating, logging to and ending runs) goes through `_GuardedClient`, which turns MLflow,
+sqlalchemy and OS errors (a read-only or deleted mlflow.db, a full disk) into that one-line
+`TrackingError`; a KeyboardInterrupt passes through unchanged.
+
+Runs of killed stages: each run is tagged `sui.owner` = `<host>/<pid>-<start time>` of the process that
+owns it (a child run: its stage process; a parent run: its session process, see `session_owner()`).
+A SIGKILLed stage cannot close its runs, so every stage start looks for RUNNING runs of the experiment
+(one search) and marks KILLED those whose owner process is gone (and, for a parent, that have no live
+child); runs owned by a live process (a concurrent stage) or by another host are left alone.
+
+The experiment is created with the tag `mlflow.experimentKind` = `custom_model_development`; an
+existing `sui` experiment without the tag gets it. MLflow 3.17's UI still picks its view from its own
+GenAI / model-training switch (stored in the browser, GenAI by default) unless the URL says
+`workflowType=machine_learning`: `sui ui` therefore prints the URL of the runs table with it
+(`runs_page`), which opens on the training runs in any browser.
+
 mlflow is imported only inside functions, so importing sui_core stays fast.
 """
 
@@ -25,24 +61,40 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http.client
 import logging
 import os
+import socket
+import sqlite3
+import ssl
 import time
+import urllib.error
+import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sui_core.errors import ArtifactError
+from sui_core.errors import ArtifactError, TrackingError
 
 EXPERIMENT_NAME = "sui"
 SESSION_TAG = "sui.session"
 STAGE_TAG = "sui.stage"
+RESTORED_TAG = "sui.restored"  # on a parent: the stages whose metrics were read from outputs, not recomputed
 PARENT_TAG = "mlflow.parentRunId"
 DVC_EXP_NAME_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` (dvc.env.DVC_EXP_NAME) for every stage command
 DVC_EXP_BASELINE_ENV = "DVC_EXP_BASELINE_REV"  # set beside DVC_EXP_NAME: the commit the experiment starts from
 DVC_ROOT_ENV = "DVC_ROOT"  # set by DVC for every stage command: the repo root
 DVC_STAGE_ENV = "DVC_STAGE"  # set by DVC for every stage command: the stage's address
+OWNER_TAG = "sui.owner"  # <host>/<pid>-<start time> of the process that closes the run
+# the tag MLflow 3's UI reads to choose an experiment's view, and its value for model training (both
+# defined in mlflow/server/js/build: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT; no Python constant)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+PROBE_TIMEOUT_S = 3.0
+# MLflow's defaults (120 s timeout, 7 retries, backoff factor 2) wait about 4 minutes on a dead server
+MLFLOW_HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                      "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 MAX_TAG_LEN = 5000
 _BATCH = 100  # MLflow's limit on params per log_batch call
@@ -116,17 +168,54 @@ def dvc_ancestor() -> tuple[int, float] | None:
     return None
 
 
+def _this_process() -> tuple[int, float]:
+    import psutil
+
+    return os.getpid(), psutil.Process().create_time()
+
+
+def session_owner() -> tuple[int, float] | None:
+    """(pid, create_time) of the process a session lives as long as: the dvc ancestor, else this one.
+
+    None when SUI_SESSION_KEY forces the session: no process is known to own it."""
+    if os.environ.get("SUI_SESSION_KEY", "").strip():
+        return None
+    return dvc_ancestor() or _this_process()
+
+
 def session_key() -> str:
     """f"{pid}-{create_time}" of the dvc ancestor; without one, of this process (a standalone run)."""
     override = os.environ.get("SUI_SESSION_KEY", "").strip()
-    if override:
-        return override
-    found = dvc_ancestor()
-    if found:
-        return _process_key(*found)
+    return override or _process_key(*session_owner())
+
+
+def owner_tag(process: tuple[int, float]) -> str:
+    """`<host>/<pid>-<create_time>`: names a process uniquely, also after its pid is reused."""
+    return f"{socket.gethostname()}/{_process_key(*process)}"
+
+
+def owner_alive(tag: str) -> bool:
+    """False only when the process an owner tag names is known to be gone (or a zombie).
+
+    Another host's process cannot be checked: counted alive, its runs are left alone."""
     import psutil
 
-    return _process_key(os.getpid(), psutil.Process().create_time())
+    host, _, key = tag.rpartition("/")
+    pid, _, created = key.partition("-")
+    try:
+        pid_number, create_time = int(pid), float(created)
+    except ValueError:
+        return True
+    if host != socket.gethostname():
+        return True
+    try:
+        proc = psutil.Process(pid_number)
+        same = abs(proc.create_time() - create_time) < 0.5  # else the pid was reused
+        return same and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
 
 
 def session_kind() -> str:
@@ -192,16 +281,112 @@ def _quiet_mlflow() -> None:
 
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # these log every store/HTTP failure with its traceback; _store_errors reports it in one line
+    for name in ("mlflow.store.db.utils", "mlflow.utils.rest_utils", "urllib3.connectionpool"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=r"mlflow(\..*)?")
     warnings.filterwarnings("ignore", module=r"(pydantic|alembic|sqlalchemy)(\..*)?")
 
 
-def _client():
+def _store_name(uri: str) -> str:
+    """What a user knows the store as: `store <sqlite file>`, else `server <URI>`."""
+    db = _sqlite_path(uri)
+    return f"store {db}" if db else f"server {uri}"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain (MLflow wraps sqlalchemy wraps sqlite3 ...)."""
+    seen = {id(exc)}
+    while ((inner := exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)) is not None
+           and id(inner) not in seen):
+        seen.add(id(inner))
+        exc = inner
+    return exc
+
+
+def _tracking_failures() -> tuple[type[BaseException], ...]:
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return MlflowException, SQLAlchemyError, sqlite3.Error, OSError  # requests' errors are OSErrors
+
+
+@contextlib.contextmanager
+def _store_errors(uri: str, action: str) -> Iterator[None]:
+    """Turn a failure of the tracking store during `action` into one TrackingError line."""
+    try:
+        yield
+    except _tracking_failures() as exc:
+        root = _root_cause(exc)
+        lines = [line for line in str(root).splitlines() if line.strip()]
+        cause = f"{type(root).__name__}: {lines[0].strip()[:300] if lines else 'no message'}"
+        db = _sqlite_path(uri)
+        if db is not None and not db.exists():
+            cause += " (the file is gone)"
+        raise TrackingError(
+            f"MLflow tracking {_store_name(uri)}: {action} failed ({cause}); fix the store or "
+            f"MLFLOW_TRACKING_URI, or run without tracking: SUI_TRACKING=off") from None
+
+
+class _GuardedClient:
+    """An MlflowClient whose every call fails as one TrackingError line naming the store."""
+
+    def __init__(self, client, uri: str):
+        self._client = client
+        self._uri = uri
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def guarded(*args, **kwargs):
+            with _store_errors(self._uri, f"MLflow {name}"):
+                return attr(*args, **kwargs)
+
+        return guarded
+
+
+def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """For an http(s) URI: one GET <uri>/health; TrackingError when the server does not answer in time.
+
+    Any HTTP answer (also 401 or 404) or TLS handshake (also with a certificate urllib rejects, which
+    MLFLOW_TRACKING_INSECURE_TLS may allow) counts: the server is there, MLflow reports the rest."""
+    if uri.split(":", 1)[0].lower() not in ("http", "https"):
+        return
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass
+    except urllib.error.URLError as exc:
+        if not isinstance(exc.reason, ssl.SSLError):
+            raise _unreachable(uri, health, exc.reason, timeout) from None
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # read timeout, reset, not HTTP
+        raise _unreachable(uri, health, exc, timeout) from None
+
+
+def _unreachable(uri: str, health: str, reason: Any, timeout: float) -> TrackingError:
+    """The one line for a server that is not there: the URI, what the probe saw, the way out."""
+    if isinstance(reason, TimeoutError):
+        reason = f"no answer within {timeout:g} s"
+    return TrackingError(f"MLflow tracking server {uri} does not answer (GET {health}: {reason}); start it, "
+                         f"fix MLFLOW_TRACKING_URI, or run without tracking: SUI_TRACKING=off")
+
+
+def _client() -> _GuardedClient:
+    for name, value in MLFLOW_HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
     _quiet_mlflow()
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri())
+    uri = tracking_uri()
+    with _store_errors(uri, "opening the store"):
+        client = MlflowClient(tracking_uri=uri)
+    return _GuardedClient(client, uri)
 
 
 def _experiment_id(client) -> str:
@@ -211,14 +396,22 @@ def _experiment_id(client) -> str:
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(EXPERIMENT_NAME, artifact_location=default_artifact_location())
+        return client.create_experiment(EXPERIMENT_NAME, artifact_location=default_artifact_location(),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException:  # created meanwhile by another process
         exp = client.get_experiment_by_name(EXPERIMENT_NAME)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def runs_page() -> str:
+    """The UI route of the sui experiment's runs table in the model-training view (made if missing)."""
+    return f"#/experiments/{_experiment_id(_client())}/runs?workflowType=machine_learning"
 
 
 def _log_params(client, run_id: str, params: Mapping[str, Any], skip: Mapping[str, str] | None = None) -> None:
@@ -230,7 +423,7 @@ def _log_params(client, run_id: str, params: Mapping[str, Any], skip: Mapping[st
 
 
 def _find_or_create_parent(client, experiment_id: str, key: str, stage: str,
-                           all_params: Mapping[str, Any] | None) -> str:
+                           all_params: Mapping[str, Any] | None, owner: str | None) -> str:
     runs = client.search_runs(
         [experiment_id], filter_string=f"tags.`{SESSION_TAG}` = '{key}'",
         order_by=["attributes.start_time ASC"], max_results=1,
@@ -250,6 +443,7 @@ def _find_or_create_parent(client, experiment_id: str, key: str, stage: str,
     run_name = exp_name or (f"repro {short}" if kind == "dvc-repro" else f"{stage} {short}")
     tags = {
         SESSION_TAG: key,
+        OWNER_TAG: owner,
         "sui.kind": kind,
         "sui.version": code.get("sui_version"),
         "sui.repo_root": str(repo_root()),
@@ -269,6 +463,81 @@ def _find_or_create_parent(client, experiment_id: str, key: str, stage: str,
     return run.info.run_id
 
 
+def stage_prefixed(stage: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's metrics as the parent run holds them: `evaluate.fsi_auroc`, `loo.seconds`, ..."""
+    return {f"{stage}.{key}": value for key, value in flatten(metrics).items()}
+
+
+def _log_metric_values(client, run_id: str, values: Mapping[str, float], step: int | None = None) -> None:
+    from mlflow.entities import Metric
+
+    ts = _now_ms()
+    items = [Metric(k, v, ts, step or 0) for k, v in values.items()]
+    for start in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[start:start + 1000])
+
+
+def log_restored(stages: Sequence[str], metrics_of: Callable[[str], Mapping[str, Any]],
+                 all_params: Mapping[str, Any] | None = None) -> list[str] | None:
+    """Log the metrics of the `stages` that have no child run in this session on its parent (see the
+    module docstring); `metrics_of(stage)` reads them from the stage's outputs. Returns those stages,
+    or None when nothing was logged (tracking off, or a plain `dvc repro` in which no stage ran)."""
+    if not tracking_enabled():
+        return None
+    probe_server(tracking_uri())
+    client = _client()
+    experiment_id = _experiment_id(client)
+    key = session_key()
+    session = client.search_runs([experiment_id], filter_string=f"tags.`{SESSION_TAG}` = '{key}'",
+                                 order_by=["attributes.start_time ASC"], max_results=1000)
+    parents = [r.info.run_id for r in session if PARENT_TAG not in r.data.tags]
+    if not parents and not os.environ.get(DVC_EXP_NAME_ENV, "").strip():
+        return None
+    ran = {r.data.tags.get(STAGE_TAG) for r in session if PARENT_TAG in r.data.tags}
+    restored = [stage for stage in stages if stage not in ran]
+    if parents:
+        parent_id = parents[0]
+    else:
+        owner = session_owner()
+        parent_id = _find_or_create_parent(client, experiment_id, key, "track", all_params,
+                                           owner_tag(owner) if owner else None)
+    values = {}
+    for stage in restored:
+        values |= stage_prefixed(stage, {k: _metric_value(k, v) for k, v in flatten(metrics_of(stage)).items()})
+    _log_metric_values(client, parent_id, values)
+    if restored:
+        client.set_tag(parent_id, RESTORED_TAG, ",".join(restored)[:MAX_TAG_LEN])
+    if not parents:
+        client.set_terminated(parent_id, status="FINISHED")
+    return restored
+
+
+def close_orphaned_runs(client, experiment_id: str, stage: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose owner process is gone (a SIGKILLed stage); return their ids.
+
+    A parent is closed only when its session process is gone and none of its children is still
+    owned by a live process. The status is read again after the owner is found gone: a run its owner
+    closed meanwhile is not touched."""
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                 max_results=1000)
+    alive = {tag: owner_alive(tag) for tag in {r.data.tags.get(OWNER_TAG) for r in running} if tag}
+    live_parents = {r.data.tags[PARENT_TAG] for r in running
+                    if PARENT_TAG in r.data.tags and alive.get(r.data.tags.get(OWNER_TAG), True)}
+    closed = []
+    for run in running:
+        owner = run.data.tags.get(OWNER_TAG)
+        if not owner or alive[owner] or run.info.run_id in live_parents:
+            continue
+        if client.get_run(run.info.run_id).info.status != "RUNNING":
+            continue
+        client.set_tag(run.info.run_id, "sui.error",
+                       f"killed: its process {owner} ended without closing the run (closed when "
+                       f"stage {stage} started)")
+        client.set_terminated(run.info.run_id, status="KILLED", end_time=_now_ms())
+        closed.append(run.info.run_id)
+    return closed
+
+
 # --------------------------------------------------------------------------------------------------
 # the run object handed to a stage
 
@@ -284,13 +553,12 @@ class StageRun:
         self.stage = stage
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Log numbers; nested dicts are flattened to `a.b`. Non-finite values are logged as they are."""
-        from mlflow.entities import Metric
-
-        ts = _now_ms()
-        items = [Metric(k, _metric_value(k, v), ts, step or 0) for k, v in flatten(metrics).items()]
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
+        """Log numbers to the child and, prefixed `<stage>.`, to the parent (comparing parents in the
+        MLflow UI then compares results). Nested dicts are flattened to `a.b`; non-finite values are
+        logged as they are."""
+        values = {k: _metric_value(k, v) for k, v in flatten(metrics).items()}
+        _log_metric_values(self.client, self.run_id, values, step)
+        _log_metric_values(self.client, self.parent_run_id, stage_prefixed(self.stage, values), step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -364,15 +632,20 @@ def stage_run(stage: str, params: Mapping[str, Any], all_params: Mapping[str, An
         yield NullStageRun(stage)
         return
 
+    probe_server(tracking_uri())
     client = _client()
     experiment_id = _experiment_id(client)
+    close_orphaned_runs(client, experiment_id, stage)
     key = session or session_key()
-    parent_id = _find_or_create_parent(client, experiment_id, key, stage, all_params)
+    session_process = session_owner() if session is None else None
+    parent_id = _find_or_create_parent(client, experiment_id, key, stage, all_params,
+                                       owner_tag(session_process) if session_process else None)
     code = _code()
     tags = {
         STAGE_TAG: stage,
         PARENT_TAG: parent_id,
         SESSION_TAG: key,
+        OWNER_TAG: owner_tag(_this_process()),
         "sui.version": code.get("sui_version"),
     }
     if code.get("git_commit"):

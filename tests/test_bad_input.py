@@ -123,7 +123,7 @@ def test_unknown_param_key(project):
 
 
 def test_missing_upstream_artifact(project):
-    assert_fails(run_stage("model"), "data/prepared/train.parquet")
+    assert_fails(run_stage("model"), "data/prepared/meta.json: file not found")
     assert_nothing_left("data/model")
 
 
@@ -182,7 +182,7 @@ def test_class_without_samples_in_npz(project):
     write_params(with_data(source="npz", npz_path=npz("empty.npz"), classes=[0, 1, 2]))
     assert_fails(run_stage("prepare"), "empty.npz", "no training samples of class [2]")
     assert_nothing_left("data/prepared")
-    assert_downstream_refuses("model", "data/prepared/train.parquet")
+    assert_downstream_refuses("model", "data/prepared/meta.json")
 
 
 def test_class_absent_from_builtin_source(project):
@@ -196,7 +196,7 @@ def test_one_class_only_in_npz(project):
                            npz_path=npz("one.npz", y_train=np.zeros(6, int), y_val=np.zeros(2, int))))
     assert_fails(run_stage("prepare"), "one.npz", "at least 2 classes")
     assert_nothing_left("data/prepared")
-    assert_downstream_refuses("model", "data/prepared/train.parquet")
+    assert_downstream_refuses("model", "data/prepared/meta.json")
 
 
 def test_one_class_only_in_params(project):
@@ -224,7 +224,7 @@ def test_images_of_mixed_sizes(project):
                            npz_path=npz("mixed.npz", X_train=ragged, X_val=np.ones((2, 8, 8)))))
     assert_fails(run_stage("prepare"), "mixed.npz")
     assert_nothing_left("data/prepared")
-    assert_downstream_refuses("model", "data/prepared/train.parquet")
+    assert_downstream_refuses("model", "data/prepared/meta.json")
 
 
 # ---- corrupted or mismatched artifacts -----------------------------------------------------------
@@ -234,7 +234,7 @@ def test_corrupted_parquet_footer_of_prepared_split(project):
     split = Path("data/prepared/train.parquet")
     raw = split.read_bytes()
     split.write_bytes(raw[:-8] + b"\0" * 8)  # footer length and magic "PAR1" gone
-    assert_fails(run_stage("model"), "data/prepared/train.parquet", "Parquet")
+    assert_fails(run_stage("model"), "data/prepared/train.parquet", "sha256 does not match")
     assert_nothing_left("data/model")
     assert_downstream_refuses("jacobians", "data/model")
 
@@ -281,7 +281,7 @@ def test_disk_full_while_preparing(project, monkeypatch):
     _enospc_on_call(monkeypatch, 2)  # train.parquet written, val.parquet half written
     assert_fails(run_stage("prepare"), "data/prepared", "no space left")
     assert_nothing_left("data/prepared")
-    assert_downstream_refuses("model", "data/prepared/train.parquet")
+    assert_downstream_refuses("model", "data/prepared/meta.json")
 
 
 def test_disk_full_while_writing_jacobian_shards(project, monkeypatch):
@@ -290,7 +290,7 @@ def test_disk_full_while_writing_jacobian_shards(project, monkeypatch):
     _enospc_on_call(monkeypatch, 1, errno_set=False)
     assert_fails(run_stage("jacobians"), "data/jacobians", "no space left")
     assert_nothing_left("data/jacobians")
-    assert_downstream_refuses("ntk", "data/jacobians/manifest.json")
+    assert_downstream_refuses("ntk", "data/jacobians/meta.json")
 
 
 KILLED_WRITER = """
@@ -351,3 +351,17 @@ def test_stage_killed_mid_write_then_rerun(project):
     result = run_stage("prepare")
     assert result.exit_code == 0, result.output
     assert json.loads(Path("data/prepared/meta.json").read_text())["params"]["data"]["seed"] == 1
+
+
+def test_mistyped_section_names_the_closest_one(project):
+    from sui_core.config import load_params
+
+    write_params({**SMALL, "trainig": {"lr": 5}})  # training.lr meant: the defaults would be used silently
+    assert_fails(run_stage("loo"), "params.yaml: trainig: unknown section", "did you mean `training`?")
+    assert_nothing_left("data/loo")
+    # while the project's own params.yaml and every one under examples/ use known sections only
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "params.yaml", *sorted((root / "examples").rglob("*.yaml"))]
+    assert len(files) >= 2
+    for path in files:
+        load_params(path)

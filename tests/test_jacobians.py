@@ -153,7 +153,7 @@ def extracted(tmp_path):
     shapes = {n: p.shape for n, p in model.named_parameters()}
     proj = make_projector(JacobianConfig(projection="coordinates", dims_per_tensor=8, seed=5), shapes)
     entries = extract(model, x, ids, proj, tmp_path, "train", batch_size=3, shard_rows=4, progress=False)
-    write_manifest(tmp_path, proj, 3, {"train": entries}, "m" * 64, "d" * 64, {"note": "test"})
+    write_manifest(tmp_path, proj, 3, {"train": entries}, "m" * 64, "d" * 64)
     return tmp_path, model, x, ids, proj
 
 
@@ -163,7 +163,6 @@ def test_round_trip(extracted):
     assert [e["rows"] for e in manifest["shards"]["train"]] == [4, 4, 2]
     assert manifest["D"] == proj.total_dim and manifest["k"] == 3
     assert manifest["projection"]["kind"] == "coordinates" and manifest["projection"]["seed"] == 5
-    assert manifest["extra"] == {"note": "test"}
     shards = list(iter_shards(out, "train"))
     assert [len(s[0]) for s in shards] == [4, 4, 2]
     sample_id, f0, phi = load_split(out, "train")

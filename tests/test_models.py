@@ -86,6 +86,13 @@ def test_save_load_round_trip(tmp_path, cfg, shape):
     assert json.loads((tmp_path / "model.json").read_text()) == info
 
 
+def test_saved_model_bytes_depend_only_on_the_weights(tmp_path):
+    """Same weights, same model.pt bytes, wherever and whenever saved (the DVC output hash across runs)."""
+    for name in ("one", "two"):
+        save_model(tmp_path / name, build_model(MLP, (12,), 2), {})
+    assert (tmp_path / "one/model.pt").read_bytes() == (tmp_path / "two/model.pt").read_bytes()
+
+
 def test_load_model_errors(tmp_path):
     with pytest.raises(ArtifactError, match="model.json: file not found"):
         load_model(tmp_path)

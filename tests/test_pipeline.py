@@ -1,9 +1,9 @@
 """The DVC pipeline end to end on a small real data set: what reruns when a param changes, what MLflow
 records, and that two runs with the same params give the same scores."""
 
-import os
+import hashlib
+import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,45 +11,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from pipeline_project import env_for, make_project, run, stages_ran
 
-ROOT = Path(__file__).resolve().parent.parent
 ALL_STAGES = ["prepare", "pretrain", "model", "jacobians", "ntk", "loo", "score", "evaluate", "validate"]
-SMALL = {
-    "data": {"source": "sklearn_digits", "classes": [3, 8], "max_train": 120, "label_noise": 0.1},
-    "model": {"hidden": [64]},
-    "jacobian": {"dims_per_tensor": 150, "batch_size": 32},
-    "training": {"lr": 0.05, "t": 300},
-}
 
 pytestmark = pytest.mark.slow
-
-
-def tracked_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return [f for f in out.splitlines() if f.split("/")[0] in
-            {"dvc.yaml", "params.yaml", "stages", "sui_core", ".dvc", ".dvcignore", "data", ".gitignore"}]
-
-
-def env_for(project: Path) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
-    env["PYTHONPATH"] = str(project)
-    for key in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
-        env[key] = "sui-test"
-    for key in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
-        env[key] = "sui-test@localhost"
-    return env
-
-
-def run(cmd: list[str], project: Path) -> str:
-    proc = subprocess.run(cmd, cwd=project, env=env_for(project), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
-def stages_ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '([a-z_]+)'", output)
 
 
 def set_params(project: Path, **changes) -> None:
@@ -63,24 +29,13 @@ def set_params(project: Path, **changes) -> None:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A fresh git + DVC copy of the project with small params, after one full `dvc repro`."""
-    project = tmp_path_factory.mktemp("sui-project")
-    for rel in tracked_files():
-        dest = project / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dest)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for section, values in SMALL.items():
-        params[section].update(values)
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    run(["git", "init", "-q"], project)
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "test project"], project)
+    project = make_project(tmp_path_factory.mktemp("sui-project"))
     project.joinpath("first_repro.log").write_text(run(["dvc", "repro"], project))
     return project
 
 
 def test_first_repro_runs_every_stage_and_writes_scores(project):
-    assert stages_ran((project / "first_repro.log").read_text()) == ALL_STAGES
+    assert stages_ran((project / "first_repro.log").read_text()) == [*ALL_STAGES, "track"]
     scores = pq.read_table(project / "data/scores/scores.parquet").to_pydict()
     assert len(scores["fsi"]) == 120
     assert all(v >= 0 for v in scores["fsi"])
@@ -93,34 +48,80 @@ def test_first_repro_runs_every_stage_and_writes_scores(project):
 
 
 def test_every_artifact_records_what_produced_it(project):
+    """Each output's meta.json: the params it depends on, however far upstream, and a sha256 per file; the
+    code version lies outside the outputs (.sui/provenance), so it cannot change their hashes."""
     commit = run(["git", "rev-parse", "HEAD"], project).strip()
-    for meta_file, section in [("prepared/meta.json", "data"), ("ntk/meta.json", None),
-                               ("loo/meta.json", "training"), ("scores/meta.json", "score"),
-                               ("model/model.json", "model")]:
-        meta = yaml.safe_load((project / "data" / meta_file).read_text())
-        assert meta["code"]["git_commit"] == commit, meta_file
-        if section:
-            assert section in meta["params"], meta_file
-    prepared = yaml.safe_load((project / "data/prepared/meta.json").read_text())
-    assert prepared["params"]["data"]["seed"] == 0 and prepared["params"]["data"]["max_train"] == 120
-    manifest = yaml.safe_load((project / "data/jacobians/manifest.json").read_text())
+    for stage, folder, upstream in [("prepare", "prepared", {"data.seed": 0, "data.max_train": 120}),
+                                    ("model", "model", {"data.seed": 0, "model.hidden": [64]}),
+                                    ("jacobians", "jacobians", {"model.hidden": [64], "jacobian.dims_per_tensor": 150}),
+                                    ("ntk", "ntk", {"jacobian.dims_per_tensor": 150, "data.max_train": 120}),
+                                    ("loo", "loo", {"training.t": 300, "jacobian.seed": 0, "data.seed": 0}),
+                                    ("score", "scores", {"score.sigma": 1.0, "training.lr": 0.05, "training.t": 300}),
+                                    ("evaluate", "evaluate", {"detection.folds": 5, "model.init_seed": 0})]:
+        meta = json.loads((project / "data" / folder / "meta.json").read_text())
+        assert meta["stage"] == stage and "code" not in meta
+        assert {key: meta["lineage"].get(key) for key in upstream} == upstream, folder
+        for name, sha in meta["files"].items():
+            assert hashlib.sha256((project / "data" / folder / name).read_bytes()).hexdigest() == sha
+        provenance = json.loads((project / ".sui" / "provenance" / f"{stage}.json").read_text())
+        assert provenance["code"]["git_commit"] == commit
+        meta_sha = hashlib.sha256((project / "data" / folder / "meta.json").read_bytes()).hexdigest()
+        assert provenance["outputs"][f"data/{folder}"] == meta_sha
+    assert "code" not in (project / "data/model/model.json").read_text()
+    manifest = json.loads((project / "data/jacobians/manifest.json").read_text())
     assert manifest["projection"]["kind"] == "coordinates" and manifest["projection"]["seed"] == 0
-    assert manifest["extra"]["code"]["git_commit"] == commit
-    assert manifest["extra"]["params"]["jacobian"]["dims_per_tensor"] == 150
+
+
+def _stage_by_hand(project: Path, stage: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env_for(project),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_stage_run_by_hand_refuses_inputs_of_other_params(project):
+    """The score stage after training.lr changed, without rerunning loo: one line naming both values."""
+    scores = (project / "data/scores/scores.parquet").read_bytes()
+    params = (project / "params.yaml").read_text()
+    set_params(project, training__lr=0.1)
+    try:
+        proc = _stage_by_hand(project, "score")
+    finally:
+        (project / "params.yaml").write_text(params)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: data/loo: computed with training.lr = 0.05, but this stage runs with training.lr = 0.1; rerun the "
+        "stages before it (dvc repro), do not mix outputs of different params")
+    assert (project / "data/scores/scores.parquet").read_bytes() == scores
+
+
+@pytest.mark.parametrize("offset", [4, 1000, -100])
+def test_a_corrupted_input_is_refused(project, offset):
+    forms = project / "data/loo/forms.parquet"
+    original = forms.read_bytes()
+    flipped = bytearray(original)
+    flipped[offset] ^= 0x10
+    forms.write_bytes(bytes(flipped))
+    try:
+        proc = _stage_by_hand(project, "score")
+    finally:
+        forms.write_bytes(original)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: data/loo/forms.parquet: sha256 does not match data/loo/meta.json")
 
 
 def test_noop_repro_reruns_nothing(project):
-    assert stages_ran(run(["dvc", "repro"], project)) == []
+    assert stages_ran(run(["dvc", "repro"], project)) == ["track"]  # always_changed (stages/track.py)
 
 
 def test_changing_training_t_reruns_only_loo_score_evaluate(project):
     set_params(project, training__t=150)  # validate (off: a constant record) reads the training section too
-    assert stages_ran(run(["dvc", "repro"], project)) == ["loo", "score", "evaluate", "validate"]
+    assert stages_ran(run(["dvc", "repro"], project)) == ["loo", "score", "evaluate", "validate", "track"]
 
 
 def test_changing_jacobian_params_reruns_from_jacobians(project):
     set_params(project, jacobian__dims_per_tensor=120)
-    assert stages_ran(run(["dvc", "repro"], project)) == ["jacobians", "ntk", "loo", "score", "evaluate", "validate"]
+    assert stages_ran(run(["dvc", "repro"], project)) == ["jacobians", "ntk", "loo", "score", "evaluate", "validate",
+                                                          "track"]
 
 
 def test_mlflow_has_one_parent_per_repro_with_a_child_per_stage_that_ran(project):
@@ -129,7 +130,7 @@ def test_mlflow_has_one_parent_per_repro_with_a_child_per_stage_that_ran(project
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sui")
     runs = client.search_runs([experiment.experiment_id], max_results=1000, order_by=["attributes.start_time ASC"])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.data.tags["sui.kind"] == "dvc-repro"]
     children = {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
                 for p in parents}
     stage_lists = [sorted(r.data.tags["sui.stage"] for r in children[p.info.run_id]) for p in parents]
@@ -152,7 +153,7 @@ def test_dvc_exp_run_is_a_named_parent_run(project):
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "after repros"], project)
     out = run(["dvc", "exp", "run", "-S", "training.t=200", "-n", "short-training"], project)
-    assert stages_ran(out) == ["loo", "score", "evaluate", "validate"]
+    assert stages_ran(out) == ["loo", "score", "evaluate", "validate", "track"]
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
@@ -163,13 +164,16 @@ def test_dvc_exp_run_is_a_named_parent_run(project):
     assert sorted(r.data.tags["sui.stage"] for r in named if r not in parents) == ["evaluate", "loo", "score", "validate"]
 
 
-def test_same_params_give_identical_scores(project, tmp_path):
-    before = (project / "data/scores/scores.parquet").read_bytes()
-    run(["dvc", "repro", "--force", "prepare"], project)  # rebuild everything from the raw data
-    run(["dvc", "repro"], project)
-    table_before = pq.read_table(__import__("io").BytesIO(before))
-    table_after = pq.read_table(project / "data/scores/scores.parquet")
-    assert table_before.equals(table_after)
+def test_same_params_give_identical_outputs_across_commits(project, tmp_path):
+    """Rebuilt from the raw data at another commit: every output hash in dvc.lock is the same."""
+    def outs() -> dict:
+        lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+        return {stage: [(o["path"], o["md5"]) for o in entry.get("outs", [])] for stage, entry in lock.items()}
+
+    before = outs()
+    run(["git", "commit", "-q", "--allow-empty", "-m", "another commit"], project)
+    run(["dvc", "repro", "--force"], project)  # every stage again, from the raw data
+    assert outs() == before
 
 
 def test_sui_top_lists_the_extremes_of_the_scores(project):

@@ -1,6 +1,7 @@
 """`sui plan`: its numbers against the real sizes of a tiny pipeline run, and its refusal path."""
 
 import importlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,17 @@ def run_pipeline(*stages: str) -> None:
         assert result.exit_code == 0, result.output
 
 
+DISK_TOLERANCE = 0.25  # relative error allowed between the plan's disk and the bytes really written
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def assert_close(planned: int, actual: int, what: str) -> None:
+    assert abs(planned - actual) <= DISK_TOLERANCE * actual, f"{what}: planned {planned} B, wrote {actual} B"
+
+
 def test_plan_matches_a_tiny_run(project):
     import pyarrow.parquet as pq
 
@@ -68,36 +80,19 @@ def test_plan_matches_a_tiny_run(project):
     basis = Basis.load("data/ntk/basis.npz")
     assert basis.rank == sh.rank
     assert basis.z.nbytes == planning.z_bytes(sh.n["train"], sh.k, sh.rank)
-    ntk_disk = sum(p.stat().st_size for p in Path("data/ntk").glob("*.npz"))
-    # npz stores the arrays raw (np.savez, no compression) plus a header of ~128 B per array and zip entries
-    assert sizes["ntk"].disk_bytes <= ntk_disk <= sizes["ntk"].disk_bytes + 8 * 1024
 
-    # Jacobian shards: the plan counts the raw values (k·D float32 + k float64 + id per row): an upper
-    # bound, as Parquet (snappy, dictionary) never stores a value in more than its raw bytes, plus a
-    # footer per shard (schema, row-group stats: under 4 KiB here). What it compresses is the zeros:
-    # pixels that are always 0 and ReLUs that are off give exact-zero Jacobian entries (for the 8×8
-    # digits most of them); the other float32 values are noise-like mantissas that snappy cannot
-    # shrink by more than about 2×. So the real size lies between half the non-zero bytes and the plan.
-    from sui_core.jacobians import load_split
-
-    shards = list(Path("data/jacobians").glob("*.parquet"))
-    actual = sum(p.stat().st_size for p in shards)
+    # disk: what each stage's folder really holds, within DISK_TOLERANCE, planned before the run (from
+    # the source) and after it (from data/prepared). Parquet's compression is measured on a sample;
+    # plots and meta files are an allowance.
+    for made in (before, plan):
+        planned = {s.stage: s.disk_bytes for s in made.stages}
+        for stage in ("prepare", "model", "jacobians", "ntk", "loo"):
+            folder = {"prepare": "prepared"}.get(stage, stage)
+            assert_close(planned[stage], folder_bytes(f"data/{folder}"), f"{stage} (from {made.shapes.source})")
+    # the shards do compress (exact zeros: blank pixels, ReLUs that are off): raw values would overstate
     raw = planning.jacobian_shard_bytes(sh.n["train"] + sh.n["val"], sh.k, sh.dim)
-    nonzero = sum(int(np.count_nonzero(load_split("data/jacobians", split)[2])) for split in ("train", "val"))
-    assert sizes["jacobians"].disk_bytes == raw
-    assert 4 * nonzero / 2 <= actual <= raw + 4096 * len(shards), (nonzero, raw, actual)
-
-    # model.pt: the float32 state_dict plus torch.save's zip/pickle overhead (under 2 KiB per tensor)
-    model_pt = Path("data/model/model.pt").stat().st_size
-    assert sizes["model"].disk_bytes <= model_pt <= sizes["model"].disk_bytes + 2048 * 4
-
-    # prepared: float32 inputs uncompressed are an upper bound (Parquet compresses the digits' zeros)
-    prepared = sum(p.stat().st_size for p in Path("data/prepared").glob("*.parquet"))
-    assert prepared <= sizes["prepare"].disk_bytes + 3 * 4096
-
-    # forms.parquet: 8 float64/int64 columns
-    forms = Path("data/loo/forms.parquet").stat().st_size
-    assert sizes["loo"].disk_bytes / 2 <= forms <= sizes["loo"].disk_bytes + 8192
+    assert folder_bytes("data/jacobians") < 0.75 * raw
+    assert not plan.cache.copies and plan.disk_bytes == plan.outputs_bytes  # no DVC here: nothing cached
 
     # the peaks of ntk and loo are those the stages themselves plan (and print)
     from sui_core import ntk, scores
@@ -143,6 +138,102 @@ def test_plan_refuses_what_the_disk_cannot_hold(project, monkeypatch):
     assert result.exit_code == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "on disk" in lines[0] and "10 B free" in lines[0] and "lower " in lines[0]
+    assert "shard_rows" not in lines[0] and "batch_size" not in lines[0]  # they change memory, not disk
+
+
+# a smaller value of each param the disk advice may name: each must shrink the stage that names it
+SMALLER = {"data.max_train": 20, "data.classes": [0, 1], "data.val_fraction": 0.1,
+           "jacobian.dims_per_tensor": 50, "model.hidden": [8], "validate.samples": 10}
+MEMORY_ONLY = {"jacobian.shard_rows": 32, "jacobian.batch_size": 8, "loo.block_size": 16}
+
+
+def with_param(params: dict, dotted: str, value) -> dict:
+    section, key = dotted.split(".")
+    return {**params, section: {**params.get(section, {}), key: value}}
+
+
+def test_disk_advice_names_only_params_that_change_disk_use(project):
+    params = {**SMALL, "validate": {"enabled": True, "samples": 20}}
+    base = planning.make_plan(params)
+    named = set()
+    for stage in base.stages:
+        if stage.disk_bytes <= planning.SMALL_FILES[stage.stage]:
+            continue  # writes nothing but its meta.json here (pretrain with model.pretrain off)
+        for dotted in re.findall(r"\b[a-z]+\.[a-z_]+\b", stage.lower_disk):
+            named.add(dotted)
+            assert dotted in SMALLER, f"{stage.stage}: advice names {dotted}"
+            smaller = planning.make_plan(with_param(params, dotted, SMALLER[dotted]))
+            after = {s.stage: s.disk_bytes for s in smaller.stages}[stage.stage]
+            assert after < stage.disk_bytes, f"{stage.stage}: {dotted} = {SMALLER[dotted]} does not shrink it"
+    assert {"data.max_train", "jacobian.dims_per_tensor"} <= named
+    for dotted, value in MEMORY_ONLY.items():  # memory, not disk: never advised, (almost) no effect
+        assert dotted not in " ".join(s.lower_disk for s in base.stages)
+        other = planning.make_plan(with_param(params, dotted, value)).outputs_bytes
+        assert abs(other - base.outputs_bytes) < 0.05 * base.outputs_bytes, dotted
+
+
+def reflinks_here() -> bool:
+    """What `cp --reflink=always` says about this file system (independent of the plan's own probe)."""
+    import subprocess
+
+    Path("probe").write_bytes(b"x" * 4096)
+    try:
+        return subprocess.run(["cp", "--reflink=always", "probe", "probe2"], capture_output=True).returncode == 0
+    finally:
+        for name in ("probe", "probe2"):
+            Path(name).unlink(missing_ok=True)
+
+
+def test_disk_refusal_counts_dvcs_cache_copy(project, monkeypatch):
+    """DVC's default cache type (reflink,copy) copies every output into .dvc/cache where reflinks are
+    not supported; the plan counts that copy and says how to avoid it."""
+    Path(".dvc").mkdir()
+    Path(".dvc/config").write_text("")
+    plan = planning.make_plan(load_params())
+    assert plan.cache.copies == (not reflinks_here())
+    if not plan.cache.copies:
+        pytest.skip("this file system has reflinks: DVC's default cache type makes no second copy here")
+    assert plan.disk_bytes == 2 * plan.outputs_bytes
+    monkeypatch.setattr(planning, "free_disk", lambda path=".": plan.outputs_bytes + 1)  # outputs alone fit
+    result = sui("plan")
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "DVC's cache copy" in line and "dvc config cache.type hardlink,symlink" in line, line
+    Path(".dvc/config").write_text("[cache]\n    type = hardlink,symlink\n")
+    assert planning.make_plan(load_params()).disk_bytes == plan.outputs_bytes
+
+
+@pytest.mark.slow
+def test_plan_disk_matches_a_dvc_repro(tmp_path, monkeypatch):
+    """The real use: `sui plan` before `dvc repro` in a fresh project, against what the run left on disk:
+    each stage's output folder, and the growth of .dvc/cache (DVC's default cache type, a copy here)."""
+    from pipeline_project import make_project, run
+
+    project = make_project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("SUI_TRACKING", "off")
+    plan = planning.make_plan(load_params())
+    assert plan.shapes.source == "source"
+    cache_before = folder_bytes(".dvc/cache")
+    run(["dvc", "repro"], project)
+    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    with_outputs = {name: stage["outs"] for name, stage in stages.items() if stage.get("outs")}
+    assert set(with_outputs) == {s.stage for s in plan.stages}  # the plan knows every stage that writes
+    written = {name: sum(folder_bytes(out) for out in outs) for name, outs in with_outputs.items()}
+    for stage in plan.stages:  # outputs of a few KiB are mostly meta.json: 4 KiB of slack
+        assert abs(stage.disk_bytes - written[stage.stage]) <= max(DISK_TOLERANCE * written[stage.stage], 4096), \
+            f"{stage.stage}: planned {stage.disk_bytes} B, wrote {written[stage.stage]} B"
+    assert_close(plan.outputs_bytes, sum(written.values()), "all outputs")
+    # the cache type in effect: is the cached copy of an output another file (a copy) or the same one?
+    import hashlib
+
+    basis = Path("data/ntk/basis.npz")
+    md5 = hashlib.md5(basis.read_bytes()).hexdigest()
+    cached = Path(".dvc/cache/files/md5") / md5[:2] / md5[2:]
+    copied = not cached.is_symlink() and not basis.is_symlink() and not basis.samefile(cached)
+    assert plan.cache.copies == (copied and not reflinks_here())
+    assert_close(plan.cache_bytes, folder_bytes(".dvc/cache") - cache_before, "DVC cache growth")
+    assert_close(plan.disk_bytes, sum(written.values()) + folder_bytes(".dvc/cache") - cache_before, "total")
 
 
 def test_plan_bad_params(project):
