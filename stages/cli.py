@@ -182,7 +182,7 @@ def ui(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1: this machine only)."),
 ) -> None:
     """Serve the MLflow UI on this pipeline's runs (Ctrl-C to stop)."""
-    from sui_core.tracking import _sqlite_path, runs_page, tracking_uri
+    from stages.tracking import _sqlite_path, runs_page, tracking_uri
 
     uri = tracking_uri()
     if uri.split(":", 1)[0] in ("http", "https", "databricks"):
@@ -229,13 +229,14 @@ def top(
     score: str = typer.Option("fsi", "--score", help="fsi, si_isotropic, si_hessian or si_sgd."),
 ) -> None:
     """Print the most and least informative training samples of the latest scores (data/scores)."""
+    from stages.common import error_line
     from stages.report import top_table
     from sui_core.errors import SuiError
 
     try:
         typer.echo(top_table(n, score))
     except SuiError as exc:
-        _fail(str(exc))
+        _fail(error_line(exc).removeprefix("error: "))
 
 
 # ---- sui plan ------------------------------------------------------------------------------------
@@ -245,7 +246,8 @@ def plan(
 ) -> None:
     """Print each stage's expected disk use and peak memory for these params, without running anything;
     exit 1 when the largest peak does not fit in the available memory or the outputs on the free disk."""
-    from sui_core import plan as planning
+    from stages import plan as planning
+    from stages.common import error_line
     from sui_core.config import load_params
     from sui_core.errors import SuiError
 
@@ -254,7 +256,7 @@ def plan(
         memory, disk = planning.available_memory(), planning.free_disk("data")
         planning.check(made, memory, disk)
     except SuiError as exc:
-        _fail(" ".join(str(exc).split()))
+        _fail(error_line(exc, params).removeprefix("error: "))
     typer.echo(planning.table(made, memory, disk))
 
 

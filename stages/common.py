@@ -5,7 +5,7 @@ A stage module is a body function plus one line that makes it a command:
     '''DVC stage `score`: per-sample F-SI and SI from the leave-one-out deltas.'''
 
     from stages.common import Configs, StageRun, stage_app
-    from sui_core import scores
+    from sui_core.linearized import scores
 
     def body(cfg: Configs, run: StageRun) -> dict:
         result = scores.compute("data/loo", "data/scores", cfg.score)   # cfg.score: ScoreConfig
@@ -18,7 +18,7 @@ A stage module is a body function plus one line that makes it a command:
         app()
 
 `python -m stages.score [--params params.yaml]` then loads params.yaml, validates the listed sections
-(`sui_core.config.load_section`), opens the stage's MLflow child run (`sui_core.tracking.stage_run`:
+(`sui_core.config.load_section`), opens the stage's MLflow child run (`stages.tracking.stage_run`:
 the sections' params logged flattened as `section.key`, the whole params.yaml on the parent run),
 calls `body`, logs the dict it returns as metrics, and exits:
 
@@ -57,11 +57,11 @@ import yaml
 
 from stages import paths
 from sui_core import artifacts
-from sui_core import distributed as dist
+from stages import distributed as dist
 from sui_core.config import as_dict, load_params, load_section
 from sui_core.errors import ParamError, SuiError
 from sui_core.io import checked_publish, code_version, file_sha256, is_disk_full, write_json
-from sui_core.tracking import NullStageRun, StageRun, stage_run
+from stages.tracking import NullStageRun, StageRun, stage_run
 
 __all__ = ["Configs", "StageRun", "NullStageRun", "StageBody", "run_stage", "stage_app", "params_option",
            "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
@@ -127,6 +127,14 @@ class StageTerminated(KeyboardInterrupt):
 
 def _one_line(message: str) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def error_line(exc: SuiError, params_path: str | Path = DEFAULT_PARAMS) -> str:
+    """The one line a user sees: `error: <message>`, a param's error prefixed by the params file's name."""
+    message = _one_line(str(exc))
+    if isinstance(exc, ParamError) and exc.key != str(params_path):
+        message = f"{Path(params_path).name}: {message}"
+    return f"error: {message}"
 
 
 def _on_sigterm(signum, frame):  # pragma: no cover - exercised through subprocesses
@@ -272,7 +280,7 @@ def run_stage(name: str, sections: list[str], body: StageBody,
     Exit codes: 1 for a SuiError (one line `error: <message>` on stderr), 130 for KeyboardInterrupt,
     143 for SIGTERM. Other exceptions propagate.
 
-    `distributed=True` (jacobians, loo): the stage can run as several processes (sui_core.distributed).
+    `distributed=True` (jacobians, loo): the stage can run as several processes (stages.distributed).
     With `compute.nproc` > 1 and not yet under torchrun, this process only launches `python -m
     <the body's module> --params ...` as nproc workers with torchrun's launcher and exits with their code.
     Under torchrun (started so, or by hand: `torchrun ... -m stages.<name>`) the process group is
@@ -309,7 +317,7 @@ def run_stage(name: str, sections: list[str], body: StageBody,
                 write_provenance(name, world_size)
     except SuiError as exc:
         if main or not getattr(exc, "agreed", False):
-            print(f"error: {_one_line(str(exc))}", file=sys.stderr, flush=True)
+            print(error_line(exc, params_path), file=sys.stderr, flush=True)
         dist.finish_after_error(exc)
         raise SystemExit(EXIT_ERROR) from None
     except OSError as exc:

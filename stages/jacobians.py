@@ -11,11 +11,11 @@ import torch
 
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
-from sui_core import distributed as dist
-from sui_core.data import read_split
+from stages import distributed as dist
+from sui_core.data.splits import read_split
 from sui_core.io import file_sha256
-from sui_core.jacobians import extract, jacobian_shapes, make_projector, write_manifest
-from sui_core.models import load_model
+from sui_core.linearized.jacobians import extract, jacobian_shapes, make_projector, write_manifest
+from sui_core.network.models import load_model
 
 SPLITS = ("train", "val")
 

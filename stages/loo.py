@@ -17,13 +17,14 @@ import pyarrow as pa
 
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
-from sui_core import distributed as dist
-from sui_core.data import Split, read_split
+from stages import distributed as dist
+from sui_core.data.splits import read_split
 from sui_core.errors import ArtifactError
 from sui_core.io import atomic_dir, read_npz, write_parquet
-from sui_core.ntk import Basis
-from sui_core.scores import group_quadratic_forms, loo_quadratic_forms, planned_peak_bytes
-from sui_core.solver import Recipe
+from sui_core.linearized.jacobians import contiguous_range
+from sui_core.linearized.ntk import Basis
+from sui_core.linearized.scores import group_table, loo_quadratic_forms, planned_peak_bytes
+from sui_core.linearized.solver import Recipe
 
 
 def body(cfg: Configs, run: StageRun) -> dict:
@@ -34,6 +35,8 @@ def body(cfg: Configs, run: StageRun) -> dict:
                 read_split(cfg.input(paths.PREPARED).file("train.parquet")))
 
     basis, targets, train = dist.run_checked(load)
+    if not np.array_equal(train.sample_id, targets["sample_id"]):
+        raise ArtifactError(f"{paths.RESIDUAL_FILE}: samples do not match {paths.PREPARED / 'train.parquet'}")
     recipe = Recipe.from_config(cfg.training)
     n, r = basis.z.shape[0], basis.rank
     peak = planned_peak_bytes(n, basis.z.shape[1], r, cfg.loo.block_size)
@@ -42,7 +45,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
         print(f"loo: n = {n}, rank r = {r}, {cfg.loo.dtype}, planned peak memory {peak / 2**30:.2f} GiB"
               + (f" per process, {world} processes" if world > 1 else ""))
     started = time.perf_counter()
-    mine = dist.contiguous_range(n, rank, world)
+    mine = contiguous_range(n, rank, world)
     parts = dist.all_gather_checked(lambda: loo_quadratic_forms(
         basis, targets["residual"], recipe, cfg.training.batch_size, cfg.loo.tol, cfg.loo.block_size,
         cfg.loo.dtype, progress=rank == 0, samples=mine, all_reduce=dist.all_reduce_sum if world > 1 else None))
@@ -53,7 +56,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
     forms = {name: np.concatenate([part.forms[name] for part in parts]) for name in result.forms}
     fit = {name: np.concatenate([part.fit[name] for part in parts]) for name in result.fit}
     table = pa.table({"sample_id": targets["sample_id"], **forms, **fit})
-    groups = group_table(basis, targets, train, recipe, cfg.loo.groups, forms["fsi_sum"])
+    groups = group_table(basis, targets["residual"], train, recipe, cfg.loo.groups, forms["fsi_sum"])
     with atomic_dir(paths.LOO) as out:
         write_parquet(out / paths.FORMS_FILE.name, table)
         write_parquet(out / paths.GROUPS_FILE.name, groups)
@@ -61,29 +64,6 @@ def body(cfg: Configs, run: StageRun) -> dict:
                     n_val=basis.n_val, train_mse=result.train_mse, units="squared weights/outputs, σ-free")
     return {"seconds": seconds, "matvecs_per_sample": result.plan.matvecs, "train_mse": result.train_mse,
             "dv_sq_mean": float(np.mean(forms["dv_sq"]))}
-
-
-def group_table(basis: Basis, targets: dict, train: Split, recipe: Recipe, columns: list[str],
-                fsi_sum: np.ndarray) -> pa.Table:
-    """Leave each class / source / group out at once (the `loo.groups` columns of the training split),
-    beside the sum of its members' own F-SI forms: unique information is not additive."""
-    if not np.array_equal(train.sample_id, targets["sample_id"]):
-        raise ArtifactError(f"{paths.RESIDUAL_FILE}: samples do not match {paths.PREPARED / 'train.parquet'}")
-    values = {"label": np.asarray(train.class_names, dtype=object)[train.label], "source": train.source,
-              "group": train.group}
-    groups = {}
-    for column in columns:
-        column_values = np.array([None if v is None else str(v) for v in values[column]], dtype=object)
-        for value in sorted({v for v in column_values if v is not None}):
-            members = np.flatnonzero(column_values == value)
-            if len(members) < len(column_values):  # leaving everything out is no model at all
-                groups[(column, value)] = members
-    forms = group_quadratic_forms(basis, targets["residual"], recipe, dict(enumerate(groups.values())))
-    rows = [{"column": column, "group": value, **forms[i], "members_fsi_sum": float(fsi_sum[members].sum())}
-            for i, ((column, value), members) in enumerate(groups.items())]
-    schema = pa.schema([("column", pa.string()), ("group", pa.string()), ("size", pa.int64()),
-                        ("fsi_sum", pa.float64()), ("dv_sq", pa.float64()), ("members_fsi_sum", pa.float64())])
-    return pa.Table.from_pylist(rows, schema=schema)
 
 
 app = stage_app("loo", __doc__, body, sections=["training", "loo"], distributed=True)

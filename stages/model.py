@@ -5,10 +5,10 @@ import dataclasses
 
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
-from sui_core.data import read_split
+from sui_core.data.splits import read_split
 from sui_core.errors import ArtifactError, ParamError
 from sui_core.io import atomic_dir
-from sui_core.models import build_model, num_outputs, save_model
+from sui_core.network.models import build_model, num_outputs, save_model
 
 
 def body(cfg: Configs, run: StageRun) -> dict:

@@ -5,12 +5,12 @@ import numpy as np
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
 from stages.jacobians import data_sha256
-from sui_core.data import read_split
+from sui_core.data.splits import read_split
 from sui_core.errors import ArtifactError
 from sui_core.io import atomic_dir, write_npz
-from sui_core.jacobians import iter_shards, read_manifest
-from sui_core.models import targets
-from sui_core.ntk import build_basis, choose_space, planned_peak_bytes
+from sui_core.linearized.jacobians import iter_shards, read_manifest
+from sui_core.network.models import targets
+from sui_core.linearized.ntk import build_basis, choose_space, planned_peak_bytes
 
 
 def body(cfg: Configs, run: StageRun) -> dict:

@@ -2,7 +2,7 @@
 
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
-from sui_core.data import prepare
+from sui_core.data.splits import prepare
 from sui_core.io import atomic_dir
 
 

@@ -7,7 +7,7 @@ from stages import paths
 from stages.common import Configs, StageRun, stage_app
 from sui_core import artifacts
 from sui_core.io import atomic_dir
-from sui_core.pretrain import pretrain
+from sui_core.network.pretrain import pretrain
 
 BODY_FILE = paths.PRETRAIN / "body.pt"
 

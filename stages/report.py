@@ -8,7 +8,7 @@ from stages import paths
 from sui_core.errors import SuiError
 from sui_core.artifacts import open_output
 from sui_core.io import read_parquet
-from sui_core.scores import SCORES
+from sui_core.linearized.scores import SCORES
 
 TEXT_WIDTH = 70  # characters of a text source's texts shown per row (whitespace collapsed)
 

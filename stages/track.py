@@ -11,8 +11,8 @@ import typer
 import yaml
 
 from stages import paths
-from stages.common import params_option
-from sui_core import tracking
+from stages.common import error_line, params_option
+from stages import tracking
 from sui_core.config import load_params
 from sui_core.errors import ArtifactError, SuiError
 from sui_core.io import read_json
@@ -61,7 +61,7 @@ def track(params: Path = params_option()) -> None:
     try:
         restored = tracking.log_restored(pipeline_stages(), stage_metrics, load_params(params))
     except SuiError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        print(error_line(exc, params), file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     if restored:
         print(f"{NAME}: not run in this session, metrics read from their outputs: {', '.join(restored)}",

@@ -6,10 +6,11 @@ class SuiError(Exception):
 
 
 class ParamError(SuiError):
-    """A value in params.yaml is missing, of the wrong type, or out of range."""
+    """A param is missing, of the wrong type, or out of range. `key` is `section.name` (the pipeline
+    prefixes the params file it read: `params.yaml: training.lr: ...`), or the params file itself."""
 
     def __init__(self, key: str, message: str):
-        super().__init__(f"params.yaml: {key}: {message}")
+        super().__init__(f"{key}: {message}")
         self.key = key
 
 

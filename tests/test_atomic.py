@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from sui_core.errors import ArtifactError
 from sui_core.io import UNLOCKED_GRACE_S, atomic_dir
-from sui_core.ntk import Basis
+from sui_core.linearized.ntk import Basis
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -319,7 +319,7 @@ def test_stage_killed_mid_write_then_rerun(project):
     import sys
     import time
 
-    from sui_core.data import read_split
+    from sui_core.data.splits import read_split
 
     assert run_stage("prepare").exit_code == 0  # an old complete output
     old_meta = json.loads(Path("data/prepared/meta.json").read_text())

@@ -1,13 +1,13 @@
-"""Real-network baseline scores (sui_core.baselines) against explicit torch loops, one sample and seed at a time."""
+"""Real-network baseline scores (sui_core.studies.baselines) against explicit torch loops, one sample and seed at a time."""
 
 
 import numpy as np
 import pytest
 import torch
 
-from sui_core.baselines import el2n, grand, seeded_builder, training_loss
+from sui_core.studies.baselines import el2n, grand, seeded_builder, training_loss
 from sui_core.config import ModelConfig
-from sui_core.reference import sgd_trained
+from sui_core.linearized.reference import sgd_trained
 
 SHAPE = [1, 20, 20]
 

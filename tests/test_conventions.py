@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sui_core.ntk import build_basis
-from sui_core.scores import loo_quadratic_forms
-from sui_core.solver import Recipe
+from sui_core.linearized.ntk import build_basis
+from sui_core.linearized.scores import loo_quadratic_forms
+from sui_core.linearized.solver import Recipe
 
 
 def sgd_train(phi, residual, lr, weight_decay, steps):

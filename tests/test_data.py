@@ -11,7 +11,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from sui_core.config import DataConfig
-from sui_core.data import load_source, prepare, read_split, write_splits
+from sui_core.data.splits import load_source, prepare, read_split, write_splits
 from sui_core.errors import ArtifactError, DataError, ParamError
 
 DIGITS = DataConfig(source="sklearn_digits", classes=[3, 5, 8], val_fraction=0.2, test_fraction=0.1,
@@ -443,8 +443,8 @@ def test_subclass_bad_params(subclass, message):
 def test_fgsm_against_the_hand_derived_gradient_of_a_linear_model():
     import torch
 
-    from sui_core.adversarial import fgsm
-    from sui_core.training import trainable
+    from sui_core.data.adversarial import fgsm
+    from sui_core.network.training import trainable
 
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 2).double()
@@ -460,10 +460,10 @@ def test_fgsm_against_the_hand_derived_gradient_of_a_linear_model():
 def test_fgsm_on_an_mlp_against_finite_differences():
     import torch
 
-    from sui_core.adversarial import fgsm
+    from sui_core.data.adversarial import fgsm
     from sui_core.config import ModelConfig
-    from sui_core.models import build_model
-    from sui_core.training import trainable
+    from sui_core.network.models import build_model
+    from sui_core.network.training import trainable
 
     model = build_model(ModelConfig(hidden=[16], init_seed=2), [1, 3, 3], 1).double()
     x = torch.rand(4, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

@@ -1,4 +1,4 @@
-"""Mislabel detection (sui_core.detection) against explicit computations: leave-one-out retraining of
+"""Mislabel detection (sui_core.studies.detection) against explicit computations: leave-one-out retraining of
 the linear model by plain gradient-descent loops, separate SGD trainings per fold, cleanlab's definition
 of label quality; and the evaluate stage end to end on small real data."""
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from sui_core import detection
-from sui_core.evaluation import detection_metrics, rare_subgroup_report
-from sui_core.ntk import build_basis
-from sui_core.reference import sgd_trained
-from sui_core.solver import Recipe
+from sui_core.studies import detection
+from sui_core.studies.evaluation import detection_metrics, rare_subgroup_report
+from sui_core.linearized.ntk import build_basis
+from sui_core.linearized.reference import sgd_trained
+from sui_core.linearized.solver import Recipe
 
 
 def gd_linear(phi, r, keep, lr, t):
@@ -124,7 +124,7 @@ def test_output_probabilities_and_stratified_folds():
 
 def test_out_of_fold_outputs_equal_separate_sgd_trainings():
     from sui_core.config import ModelConfig
-    from sui_core.models import build_model
+    from sui_core.network.models import build_model
 
     model = build_model(ModelConfig(hidden=[8], init_seed=3), [5], 1).double()
     x = torch.rand(15, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

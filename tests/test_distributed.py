@@ -19,13 +19,14 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from sui_core import distributed as dist
+from stages import distributed as dist
 from sui_core.config import JacobianConfig, load_section
 from sui_core.errors import DataError, ParamError
-from sui_core.jacobians import extract, load_split, make_projector, shard_plan, write_manifest
-from sui_core.ntk import Basis
-from sui_core.scores import loo_quadratic_forms, sgd_precision
-from sui_core.solver import Recipe, trained_coefficients
+from sui_core.linearized.jacobians import (contiguous_range, extract, load_split, make_projector, shard_plan,
+                                           write_manifest)
+from sui_core.linearized.ntk import Basis
+from sui_core.linearized.scores import loo_quadratic_forms, sgd_precision
+from sui_core.linearized.solver import Recipe, trained_coefficients
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {
@@ -44,11 +45,11 @@ SCORES = ["fsi", "si_isotropic", "si_hessian", "si_sgd"]
 def test_contiguous_ranges_cover_the_samples_in_order():
     for n in range(0, 23):
         for world in range(1, 6):
-            parts = [dist.contiguous_range(n, rank, world) for rank in range(world)]
+            parts = [contiguous_range(n, rank, world) for rank in range(world)]
             assert [i for part in parts for i in part] == list(range(n))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
     with pytest.raises(ValueError):
-        dist.contiguous_range(5, 2, 2)
+        contiguous_range(5, 2, 2)
 
 
 @pytest.mark.parametrize("n,shard_rows,batch_size", [(120, 50, 32), (10, 4, 3), (7, 100, 2), (2, 4, 3), (0, 4, 3)])
@@ -239,7 +240,7 @@ FAKE_STAGE = '''\
 """A distributed stage whose last rank fails."""
 import os
 from stages.common import stage_app
-from sui_core import distributed as dist
+from stages import distributed as dist
 from sui_core.errors import DataError
 
 

@@ -18,21 +18,21 @@ PACKAGES = ("sui_core", "stages")
 # Infrastructure that does not change results: paths, params loading and validation, atomic writes,
 # hash checks, tracking, process groups, errors and the CLI. Deliberately not a dep (editing it must not
 # rerun the pipeline) and not followed either: what it imports serves that infrastructure (config.py
-# imports sui_core.models only to validate an architecture name). Keep in step with dvc.yaml's header.
+# imports sui_core.network.models only to validate an architecture name). Keep in step with dvc.yaml's header.
 NOT_DEPS = frozenset({
-    "sui_core/__init__.py", "sui_core/io.py", "sui_core/config.py", "sui_core/tracking.py",
-    "sui_core/distributed.py", "sui_core/errors.py", "sui_core/artifacts.py", "sui_core/plan.py",
+    "sui_core/__init__.py", "sui_core/io.py", "sui_core/config.py", "stages/tracking.py",
+    "stages/distributed.py", "sui_core/errors.py", "sui_core/artifacts.py", "stages/plan.py",
     "stages/__init__.py", "stages/common.py", "stages/paths.py", "stages/cli.py",
 })
 
 # Lazy imports (inside one function) that only some stages' code takes, followed for those alone:
-# sui_core.data.load_source loads the raw data with sources.py (which loads text.py) and adversarial.py
+# sui_core.data.splits.load_source loads the raw data with sources.py (which loads text.py) and adversarial.py
 # for prepare. pretrain calls it too, but only for a built-in source (pretrain.source is validated so)
 # and without data.adversarial: neither module runs. Every other stage reads the prepared splits with
 # data.read_split, which needs neither. test_the_import_graph_is_followed checks each edge is lazy.
 ONLY_FOR = {
-    ("sui_core/data.py", "sui_core/sources.py"): {"prepare"},
-    ("sui_core/data.py", "sui_core/adversarial.py"): {"prepare"},
+    ("sui_core/data/splits.py", "sui_core/data/sources.py"): {"prepare"},
+    ("sui_core/data/splits.py", "sui_core/data/adversarial.py"): {"prepare"},
 }
 
 
@@ -49,7 +49,7 @@ def imported_modules(source: Path, lazy_only: bool = False) -> set[str]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            # `from sui_core import plots` names a module; `from sui_core.ntk import Basis` a name in one
+            # `from sui_core import plots` names a module; `from sui_core.linearized.ntk import Basis` a name in one
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         else:
             continue
@@ -94,11 +94,11 @@ def test_every_module_that_changes_results_is_a_dep():
 def test_the_import_graph_is_followed():
     """The walk itself: through stage modules, lazy imports and ONLY_FOR's edges for their stages."""
     code = stage_code("evaluate", "stages/evaluate.py")
-    assert {"stages/applications.py", "sui_core/plots.py", "sui_core/solver.py", "sui_core/data.py"} <= code
+    assert {"sui_core/studies/evaluate.py", "sui_core/plots.py", "sui_core/linearized/solver.py", "sui_core/data/splits.py"} <= code
     assert not code & NOT_DEPS
-    assert {"stages/jacobians.py", "sui_core/jacobians.py"} <= stage_code("ntk", "stages/ntk.py")
-    assert {"sui_core/sources.py", "sui_core/text.py"} <= stage_code("prepare", "stages/prepare.py")
-    assert "sui_core/sources.py" not in code
+    assert {"stages/jacobians.py", "sui_core/linearized/jacobians.py"} <= stage_code("ntk", "stages/ntk.py")
+    assert {"sui_core/data/sources.py", "sui_core/data/text.py"} <= stage_code("prepare", "stages/prepare.py")
+    assert "sui_core/data/sources.py" not in code
     for (importer, imported), stages in ONLY_FOR.items():
         assert imported in imported_modules(ROOT / importer, lazy_only=True), (importer, imported)
         assert stages <= set(pipeline()), stages

@@ -1,13 +1,13 @@
-"""The in-memory estimate (sui_core.estimate) against retraining the linearized network from scratch."""
+"""The in-memory estimate (sui_core.linearized.estimate) against retraining the linearized network from scratch."""
 
 import numpy as np
 import torch
 
 from sui_core.config import JacobianConfig, ModelConfig
-from sui_core.estimate import projected_jacobians, unique_information
-from sui_core.models import build_model
-from sui_core.reference import brute_force_deltas
-from sui_core.solver import Recipe
+from sui_core.linearized.estimate import projected_jacobians, unique_information
+from sui_core.network.models import build_model
+from sui_core.linearized.reference import brute_force_deltas
+from sui_core.linearized.solver import Recipe
 
 
 def test_unique_information_equals_brute_force_linear_retraining():

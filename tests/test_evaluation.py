@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sui_core.evaluation import detection_metrics
+from sui_core.studies.evaluation import detection_metrics
 
 
 def test_detection_metrics_match_their_definitions():

@@ -14,7 +14,7 @@ from torch import nn
 from sui_core.config import JacobianConfig
 from sui_core.errors import ArtifactError
 from sui_core.io import file_sha256
-from sui_core.jacobians import (
+from sui_core.linearized.jacobians import (
     extract, iter_shards, load_split, make_projector, per_sample_jacobians, read_manifest, write_manifest,
 )
 
@@ -133,7 +133,7 @@ def test_projection_is_deterministic_per_seed_and_batch_independent(projection):
 
 def test_dense_projection_spans_chunks(monkeypatch):
     """A tensor wider than one chunk is projected by the same matrix as with one big chunk: no column lost."""
-    from sui_core.jacobians import DenseProjector
+    from sui_core.linearized.jacobians import DenseProjector
 
     shapes = {"w": torch.Size([10, 3])}
     jac = {"w": torch.randn(3, 1, 10, 3, dtype=torch.float64)}

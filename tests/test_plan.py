@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sui_core import plan as planning
+from stages import plan as planning
 from sui_core.config import load_params
 
 SMALL = {
@@ -54,8 +54,8 @@ def assert_close(planned: int, actual: int, what: str) -> None:
 def test_plan_matches_a_tiny_run(project):
     import pyarrow.parquet as pq
 
-    from sui_core.jacobians import read_manifest
-    from sui_core.ntk import Basis
+    from sui_core.linearized.jacobians import read_manifest
+    from sui_core.linearized.ntk import Basis
 
     before = planning.make_plan(load_params())
     assert before.shapes.source == "source"
@@ -95,7 +95,7 @@ def test_plan_matches_a_tiny_run(project):
     assert not plan.cache.copies and plan.disk_bytes == plan.outputs_bytes  # no DVC here: nothing cached
 
     # the peaks of ntk and loo are those the stages themselves plan (and print)
-    from sui_core import ntk, scores
+    from sui_core.linearized import ntk, scores
 
     assert sizes["ntk"].peak_bytes == ntk.planned_peak_bytes(sh.n["train"], 3, sh.dim, 16)
     assert sizes["loo"].peak_bytes >= scores.planned_peak_bytes(sh.n["train"], 3, basis.rank, 256)

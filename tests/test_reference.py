@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sui_core.reference import brute_force_deltas, paper_kernel_deltas
-from sui_core.solver import Recipe
+from sui_core.linearized.reference import brute_force_deltas, paper_kernel_deltas
+from sui_core.linearized.solver import Recipe
 
 REL = 1e-8
 

@@ -1,4 +1,4 @@
-"""Robustness of F-SI (sui_core.robustness): the variants change one factor each, and the rank
+"""Robustness of F-SI (sui_core.studies.robustness): the variants change one factor each, and the rank
 correlations match a hand computation."""
 
 import numpy as np
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from sui_core.config import JacobianConfig, ModelConfig
-from sui_core.estimate import unique_information
-from sui_core.models import build_model
-from sui_core.robustness import fsi_variants, headline, spearman_matrix, variants
-from sui_core.solver import Recipe
+from sui_core.linearized.estimate import unique_information
+from sui_core.network.models import build_model
+from sui_core.studies.robustness import fsi_variants, headline, spearman_matrix, variants
+from sui_core.linearized.solver import Recipe
 
 
 def ranks(v):

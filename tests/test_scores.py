@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from scipy.linalg import solve_continuous_lyapunov
 
-from sui_core.ntk import build_basis
-from sui_core.reference import brute_force_deltas, trained_weights
-from sui_core.scores import loo_quadratic_forms, scores_from_forms
-from sui_core.solver import Recipe
+from sui_core.linearized.ntk import build_basis
+from sui_core.linearized.reference import brute_force_deltas, trained_weights
+from sui_core.linearized.scores import loo_quadratic_forms, scores_from_forms
+from sui_core.linearized.solver import Recipe
 
 
 @pytest.mark.parametrize("k,weight_decay,batch_size", [(1, 0.0, None), (2, 0.03, 16)])

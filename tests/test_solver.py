@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from sui_core.ntk import build_basis
-from sui_core.reference import brute_force_deltas, gradient_descent_steps, trained_weights
-from sui_core.solver import GradientDescent, Recipe, group_delta, loo_deltas
+from sui_core.linearized.ntk import build_basis
+from sui_core.linearized.reference import brute_force_deltas, gradient_descent_steps, trained_weights
+from sui_core.linearized.solver import GradientDescent, Recipe, group_delta, loo_deltas
 
 REL = 1e-8
 

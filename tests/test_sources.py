@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sui_core.config import DataConfig, from_dict
-from sui_core.data import load_source, prepare, read_split
+from sui_core.data.splits import load_source, prepare, read_split
 from sui_core.errors import DataError, ParamError
 
 

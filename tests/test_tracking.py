@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sui_core import tracking
+from stages import tracking
 from sui_core.errors import ParamError
 from stages import cli, common
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from sui_core import tracking
+from stages import tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 WALL_LIMIT_S = 10.0

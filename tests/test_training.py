@@ -1,13 +1,13 @@
-"""Batched full-batch training (sui_core.training) against plain torch.optim.SGD loops, one run at a time."""
+"""Batched full-batch training (sui_core.network.training) against plain torch.optim.SGD loops, one run at a time."""
 
 import numpy as np
 import pytest
 import torch
 
 from sui_core.config import ModelConfig
-from sui_core.models import build_model
-from sui_core.reference import sgd_trained
-from sui_core.training import flat, predict, train_full_batch, unstack
+from sui_core.network.models import build_model
+from sui_core.linearized.reference import sgd_trained
+from sui_core.network.training import flat, predict, train_full_batch, unstack
 
 
 

@@ -1,4 +1,4 @@
-"""The validate stage's library (sui_core.validation) and the pretrained setting, each against an
+"""The validate stage's library (sui_core.studies.validation) and the pretrained setting, each against an
 independent computation: torch.optim.SGD loops, closed-form ridge regression, an explicit solve."""
 
 import copy
@@ -10,11 +10,11 @@ from scipy.stats import pearsonr
 
 from sui_core.config import DataConfig, ModelConfig, PretrainConfig, ValidateConfig, from_dict
 from sui_core.errors import ParamError
-from sui_core.models import build_model, head_names, targets
-from sui_core.ntk import build_basis
-from sui_core.reference import sgd_trained
-from sui_core.solver import Recipe
-from sui_core.validation import FlatNetwork, influence_exact, influence_lissa, retrain, sample_left_out, validate
+from sui_core.network.models import build_model, head_names, targets
+from sui_core.linearized.ntk import build_basis
+from sui_core.linearized.reference import sgd_trained
+from sui_core.linearized.solver import Recipe
+from sui_core.studies.validation import FlatNetwork, influence_exact, influence_lissa, retrain, sample_left_out, validate
 
 
 def digits(n_train, n_val, seed=0):
@@ -143,7 +143,7 @@ def test_validate_params_are_checked():
 
 def test_pretrained_body_with_a_fresh_head(tmp_path):
     """model.pretrain: the body is the pretrained network's, the head the seeded init of a fresh model."""
-    from sui_core.pretrain import pretrain
+    from sui_core.network.pretrain import pretrain
 
     cfg = ModelConfig(hidden=[16], init_seed=7)
     data = DataConfig(source="sklearn_digits", classes=[4, 9])

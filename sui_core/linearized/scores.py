@@ -25,16 +25,18 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
-from sui_core.ntk import Basis
-from sui_core.solver import Recipe, SolverPlan, group_delta, loo_deltas, trained_coefficients
+from sui_core.data.splits import Split
+from sui_core.linearized.ntk import Basis
+from sui_core.linearized.solver import Recipe, SolverPlan, group_delta, loo_deltas, trained_coefficients
 
 FORMS = ("fsi_sum", "dv_sq", "dv_hess", "dv_sgd")
 SCORES = ("fsi", "si_isotropic", "si_hessian", "si_sgd")
 # How the linearized model fits each sample, from the same solve: ½‖y_i − f₋ᵢ(x_i)‖² (leave-one-out),
 # ½‖y_i − f_t(x_i)‖² (trained on all) and the leverage tr Φ_i g(H) Φ_iᵀ (∂f_t(x_i)/∂y_i, the diagonal
-# of the hat matrix); the mislabel detectors of sui_core.detection are built from them.
+# of the hat matrix); the mislabel detectors of sui_core.studies.detection are built from them.
 FIT = ("loo_loss", "train_loss", "leverage")
 
 
@@ -56,10 +58,10 @@ def sgd_precision(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size
                   block_size: int = 4096, samples: range | None = None,
                   all_reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Σ⁺ of the SGD steady state in the eigenbasis (r×r), at the trained coefficients `c`
-    (`sui_core.solver.trained_coefficients`).
+    (`sui_core.linearized.solver.trained_coefficients`).
 
     Distributed: each worker sums the gradient moments over its own `samples` and `all_reduce` (a sum
-    over workers, e.g. `sui_core.distributed.all_reduce_sum`) adds them up; without it `samples` must
+    over workers, e.g. `stages.distributed.all_reduce_sum`) adds them up; without it `samples` must
     be all of them.
     """
     n = basis.z.shape[0]
@@ -149,3 +151,53 @@ def scores_from_forms(forms: dict[str, np.ndarray], n_val: int, sigma: float, lr
         "si_hessian": forms["dv_hess"] * batch_size / (lr * s2),
         "si_sgd": forms["dv_sgd"] / 2,
     }
+
+
+def group_table(basis: Basis, residual: np.ndarray, train: Split, recipe: Recipe, columns: list[str],
+                fsi_sum: np.ndarray) -> pa.Table:
+    """Leave each class / source / group out at once (the `loo.groups` columns of the training split),
+    beside the sum of its members' own F-SI forms: unique information is not additive."""
+    values = {"label": np.asarray(train.class_names, dtype=object)[train.label], "source": train.source,
+              "group": train.group}
+    groups = {}
+    for column in columns:
+        column_values = np.array([None if v is None else str(v) for v in values[column]], dtype=object)
+        for value in sorted({v for v in column_values if v is not None}):
+            members = np.flatnonzero(column_values == value)
+            if len(members) < len(column_values):  # leaving everything out is no model at all
+                groups[(column, value)] = members
+    forms = group_quadratic_forms(basis, residual, recipe, dict(enumerate(groups.values())))
+    rows = [{"column": column, "group": value, **forms[i], "members_fsi_sum": float(fsi_sum[members].sum())}
+            for i, ((column, value), members) in enumerate(groups.items())]
+    schema = pa.schema([("column", pa.string()), ("group", pa.string()), ("size", pa.int64()),
+                        ("fsi_sum", pa.float64()), ("dv_sq", pa.float64()), ("members_fsi_sum", pa.float64())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def score_table(forms: pa.Table, train: Split, n_val: int, sigma: float, lr: float,
+                batch_size: int) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """The score stage's table: each training sample's scores (nats) and F-SI rank beside its labels, flags,
+    source, group and the loo stage's fit columns (`forms`, in `train`'s order); and the scores alone."""
+    n = forms.num_rows
+    scores = scores_from_forms({name: forms.column(name).to_numpy() for name in FORMS}, n_val, sigma, lr, batch_size)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(-scores["fsi"], kind="stable")] = np.arange(1, n + 1)
+    table = pa.table({"sample_id": forms.column("sample_id"), "label": train.label, "clean_label": train.clean_label,
+                      "noisy": train.noisy, "source": train.source,
+                      "group": pa.array(train.group.tolist(), pa.string()), **scores, "rank_fsi": rank,
+                      **{name: forms.column(name) for name in FIT}})
+    if train.adversarial is not None:  # data.adversarial: which images are FGSM examples
+        table = table.append_column("adversarial", pa.array(train.adversarial, pa.bool_()))
+    if train.text is not None:  # a text source (data.text_column): the raw texts, last column
+        table = table.append_column("text", pa.array(train.text.tolist(), pa.string()))
+    return table, scores
+
+
+def group_scores(groups: pa.Table, n_val: int, sigma: float) -> pa.Table:
+    """F-SI of leaving each group out at once (the loo stage's group forms), beside the sum of its members'
+    F-SI (nats)."""
+    groups = groups.to_pydict()
+    scale = 1 / (2 * sigma**2 * n_val)
+    return pa.table({"column": groups["column"], "group": groups["group"], "size": groups["size"],
+                     "fsi_group": [v * scale for v in groups["fsi_sum"]],
+                     "fsi_members_sum": [v * scale for v in groups["members_fsi_sum"]]})

@@ -1,9 +1,9 @@
 """Slow, independent references for the leave-one-out solver and the real retraining: used by the
 tests and the benchmarks.
 
-Nothing here shares code with `sui_core.solver` beyond `GradientDescent.factor` (the scalar g):
+Nothing here shares code with `sui_core.linearized.solver` beyond `GradientDescent.factor` (the scalar g):
 each left-out problem is built and solved from scratch; `sgd_trained` is the plain PyTorch loop that
-`sui_core.training` must agree with.
+`sui_core.network.training` must agree with.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import copy
 import numpy as np
 import torch
 
-from sui_core.solver import GradientDescent
+from sui_core.linearized.solver import GradientDescent
 
 
 def sgd_trained(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int,

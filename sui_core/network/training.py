@@ -6,7 +6,7 @@ vector (0/1 to leave samples out, or any non-negative weights). Run m minimizes,
     L_m(w) = ½ Σ_j a_mj ‖f_w(x_j) − y_j‖² / Σ_j a_mj  +  ½ weight_decay ‖w − w0‖²
 
 by `steps` steps w ← w − lr ∇L_m(w): full-batch SGD on the mean loss over the kept samples, the recipe
-the linearized model assumes (weight decay towards w0, as in `sui_core.solver`). Runs are stacked
+the linearized model assumes (weight decay towards w0, as in `sui_core.linearized.solver`). Runs are stacked
 along a leading axis, `runs_per_batch` at a time, and stepped together with torch.func (vmap of grad
 over stacked parameters). On a GPU stacking all runs fills the device; on CPU it does not pay
 (bench/bench_retrain.py, 11 runs: one at a time 3.5–4.4 s vs stacked 4.0–4.2 s for the MLP, 8.0 s vs

@@ -7,11 +7,11 @@ projected parameter count), found without running the pipeline:
   `data` params (Parquet metadata; rows only for the disk sample below); for `npz` from the array headers in the
   file; else the source is loaded (the built-in sources are small: 1797 digits, 5000 MNIST images;
   Fashion-MNIST is 60k + 10k images);
-- k = 1 for two classes, else the number of classes (`sui_core.models.num_outputs`);
+- k = 1 for two classes, else the number of classes (`sui_core.network.models.num_outputs`);
 - D: the model is built on the CPU (seeded init; `init_path` is not read: it cannot change shapes that
-  the model stage accepts) and projected with `sui_core.jacobians.make_projector`.
+  the model stage accepts) and projected with `sui_core.linearized.jacobians.make_projector`.
 
-Peak memory reuses the stages' own `planned_peak_bytes` (sui_core.ntk, sui_core.scores). The other
+Peak memory reuses the stages' own `planned_peak_bytes` (sui_core.linearized.ntk, sui_core.linearized.scores). The other
 stages' peaks are estimated here from what they hold at once (documented per stage below). The rank r
 of the eigenbasis is planned as its upper bound min(n·k, D): directions that are numerically null are
 dropped by the ntk stage, so the real Z can only be smaller.
@@ -49,7 +49,7 @@ import numpy as np
 
 from sui_core.config import load_section
 from sui_core.errors import DataError, SuiError
-from sui_core.scores import FIT, FORMS
+from sui_core.linearized.scores import FIT, FORMS
 
 PREPARED = Path("data/prepared")
 SPLITS = ("train", "val", "test")
@@ -131,7 +131,7 @@ SAMPLE_JACOBIAN_BYTES = 2**28  # full per-sample Jacobians held at once while sa
 
 
 def _some_rows(split: Any, m: int) -> Any:
-    """A seeded random `m` of the rows of a `sui_core.data.Split` (all if fewer), in order."""
+    """A seeded random `m` of the rows of a `sui_core.data.splits.Split` (all if fewer), in order."""
     idx = np.sort(np.random.default_rng(0).choice(len(split), min(m, len(split)), replace=False))
     return dataclasses.replace(split, **{f.name: getattr(split, f.name)[idx] for f in dataclasses.fields(split)
                                          if isinstance(getattr(split, f.name), np.ndarray)})
@@ -143,7 +143,7 @@ def _prepared_shapes(cfg: Any, prepared: Path) -> tuple[dict[str, int], tuple, i
     since it was made do not count)."""
     import pyarrow.parquet as pq
 
-    from sui_core.data import read_split
+    from sui_core.data.splits import read_split
 
     try:
         meta = json.loads((prepared / "meta.json").read_text())
@@ -207,7 +207,7 @@ def data_shapes(params: dict[str, Any], prepared: str | Path = PREPARED
         return n, shape, classes, "prepared", sample, held
     if cfg.source == "npz":
         return (*_npz_shapes(cfg), "npz headers", None, None)
-    from sui_core.data import load_source
+    from sui_core.data.splits import load_source
 
     raw = load_source(cfg)
     sample = {s: _some_rows(split, SAMPLE_ROWS) for s, split in raw.splits.items()}
@@ -218,7 +218,7 @@ def data_shapes(params: dict[str, Any], prepared: str | Path = PREPARED
 def shapes(params: dict[str, Any], prepared: str | Path = PREPARED) -> Shapes:
     import torch
 
-    from sui_core.jacobians import jacobian_shapes, make_projector
+    from sui_core.linearized.jacobians import jacobian_shapes, make_projector
 
     n, input_shape, num_classes, where, sample, held = data_shapes(params, prepared)
     model, k = _network(params, input_shape, num_classes, device="meta")
@@ -239,7 +239,7 @@ def _network(params: dict[str, Any], input_shape: tuple, num_classes: int, devic
     tensors to be built; then, or for device "cpu", on the CPU."""
     import torch
 
-    from sui_core.models import build_model, num_outputs
+    from sui_core.network.models import build_model, num_outputs
 
     k = num_outputs(num_classes)
     model_cfg = dataclasses.replace(load_section(params, "model"), init_path=None)
@@ -309,7 +309,7 @@ def prepared_bytes(sh: Shapes) -> tuple[int, str]:
             f"{n_all} samples × {sh.features} float32 inputs, uncompressed (an upper bound)"
     import tempfile
 
-    from sui_core.data import RawData, write_splits
+    from sui_core.data.splits import RawData, write_splits
 
     def sizes(m: int) -> dict[str, int]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -326,7 +326,7 @@ def prepared_bytes(sh: Shapes) -> tuple[int, str]:
 
 
 def jacobian_bytes(sh: Shapes, params: dict[str, Any]) -> tuple[int, str]:
-    """data/jacobians: the shards as `sui_core.jacobians` writes them, measured on the Jacobians of
+    """data/jacobians: the shards as `sui_core.linearized.jacobians` writes them, measured on the Jacobians of
     sample training rows (seeded network, CPU); raw bytes when there is no sample."""
     jac = load_section(params, "jacobian")
     n = sh.n["train"] + sh.n["val"]
@@ -345,7 +345,7 @@ def _jacobian_sample(sh: Shapes, params: dict[str, Any]) -> tuple[float, float]:
     gets fewer rows) and at least 2 rows."""
     import torch
 
-    from sui_core.jacobians import _shard_table, jacobian_shapes, make_projector, per_sample_jacobians
+    from sui_core.linearized.jacobians import _shard_table, jacobian_shapes, make_projector, per_sample_jacobians
 
     jac = load_section(params, "jacobian")
     x = sh.sample["train"].x
@@ -410,7 +410,7 @@ def _reflinks(directory: Path) -> bool:
 
 
 def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str | Path = ".") -> Plan:
-    from sui_core import ntk, scores
+    from sui_core.linearized import ntk, scores
 
     sh = shapes(params, prepared)
     jac = load_section(params, "jacobian")

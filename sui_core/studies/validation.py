@@ -1,7 +1,7 @@
 """Faithfulness: sui's estimates against really retraining the network without each sample (the paper's Table 1).
 
 Ground truth (`retrain`): the network itself, not its linearization, is trained by full-batch gradient
-descent with exactly the recipe the linearized model assumes (sui_core.training: mean loss ½·mean‖f − y‖²,
+descent with exactly the recipe the linearized model assumes (sui_core.network.training: mean loss ½·mean‖f − y‖²,
 lr, steps, weight decay towards w0) on all n samples and on all but each of m sampled ones (one
 `train_full_batch` call). For each left-out sample i it records
 
@@ -38,11 +38,19 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jvp, vmap
 from tqdm import tqdm
 
-from sui_core.config import JacobianConfig
-from sui_core.errors import ParamError
-from sui_core.estimate import estimate_from_jacobians, projected_jacobians
-from sui_core.solver import Recipe
-from sui_core.training import Params, constants, flat, predict, train_full_batch
+from pathlib import Path
+
+import pyarrow as pa
+
+from sui_core import plots
+from sui_core.config import JacobianConfig, TrainingConfig, ValidateConfig
+from sui_core.data.splits import Split
+from sui_core.errors import ArtifactError, ParamError
+from sui_core.io import write_parquet
+from sui_core.linearized.estimate import estimate_from_jacobians, projected_jacobians
+from sui_core.linearized.solver import Recipe
+from sui_core.network.models import targets
+from sui_core.network.training import Params, constants, flat, predict, train_full_batch
 
 EXACT_JACOBIANS = JacobianConfig(projection="none")
 
@@ -268,3 +276,62 @@ def validate(model: nn.Module, x: torch.Tensor, y: np.ndarray, x_val: torch.Tens
         estimates["if_lissa"] = influence_lissa(net, x, y_t, x_val, left_out, lissa_depth, lissa_scale, damping,
                                                 min(lissa_batch_size, len(x)), seed, progress)
     return Validation(left_out, truth, estimates, spectrum, t0, notes)
+
+
+def validate_splits(model: nn.Module, train: Split, val: Split, training: TrainingConfig,
+                    settings: ValidateConfig) -> Validation:
+    """`validate` on prepared splits with the validate section's settings: the network in its dtype,
+    retrained for the recipe of `training` (a whole number of steps)."""
+    if training.dynamics != "discrete" or not np.isfinite(training.t):
+        raise ParamError("training.t", "validate retrains the network for a whole number of steps: needs "
+                         f"dynamics discrete and a finite t (got {training.dynamics}, t = {training.t})")
+    if settings.samples > len(train):
+        raise ParamError("validate.samples", f"must be at most the {len(train)} training samples, got {settings.samples}")
+    s = settings
+    return validate(model.to(getattr(torch, s.dtype)), torch.as_tensor(train.x), targets(train.label, train.num_classes),
+                    torch.as_tensor(val.x), Recipe.from_config(training), s.samples, s.seed, tuple(s.influence),
+                    s.exact_max_params, s.lissa_depth, s.lissa_scale, s.lissa_damping, s.lissa_batch_size,
+                    s.checkpoint_fraction, progress=True)
+
+
+QUANTITIES = ("weights", "predictions")
+
+
+def changes_from_forms(forms: dict[str, list], sample_id: np.ndarray) -> Changes:
+    """The loo stage's σ-free forms (`sample_id`, `fsi_sum`, `dv_sq` columns) of the sampled samples (its
+    Jacobians are projected: dv_sq covers the projected coordinates only); no time of its own."""
+    row_of = {sid: i for i, sid in enumerate(forms["sample_id"])}
+    missing = [int(s) for s in sample_id if s not in row_of]
+    if missing:
+        raise ArtifactError(f"the loo stage's forms hold no samples {missing[:5]} (rerun the loo stage)")
+    rows = [row_of[s] for s in sample_id]
+    return Changes(np.asarray(forms["dv_sq"])[rows], np.asarray(forms["fsi_sum"])[rows], float("nan"))
+
+
+def write_report(truth: Retrained, estimates: dict[str, Changes], sample_id: np.ndarray, noisy: np.ndarray,
+                 out: Path) -> tuple[list[dict], dict[str, float]]:
+    """Per-sample real vs estimated changes (changes.parquet), the agreement of each method (table.parquet,
+    table.md) and their scatter plot under `out`; returns the table's rows and the metrics."""
+    rows = [{"method": name, **agreement(truth.changes, est)} for name, est in estimates.items()]
+    columns = {"sample_id": sample_id, "noisy": noisy, **{f"real_{q}": getattr(truth.changes, q) for q in QUANTITIES}}
+    for name, est in estimates.items():
+        columns.update({f"{name}_{q}": getattr(est, q) for q in QUANTITIES})
+    write_parquet(out / "changes.parquet", pa.table(columns))
+    write_parquet(out / "table.parquet", pa.Table.from_pylist(rows))
+    (out / "table.md").write_text(markdown(rows))
+    plots.scatter_grid({q: getattr(truth.changes, q) for q in QUANTITIES},
+                       {name: {q: getattr(est, q) for q in QUANTITIES} for name, est in estimates.items()},
+                       out / "plots" / "scatter.png", f"leave-one-out changes of {len(sample_id)} samples")
+    metrics = {f"{row['method']}_{key}": value for row in rows for key, value in row.items()
+               if key != "method" and np.isfinite(value)}
+    metrics.update(retrain_seconds=truth.changes.seconds, loss_end=truth.loss_end, distance_sq=truth.distance_sq)
+    return rows, metrics
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| method | weights Pearson | weights Spearman | predictions Pearson | predictions Spearman | seconds |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['pearson_weights']:.3f} | {r['spearman_weights']:.3f} | "
+              f"{r['pearson_predictions']:.3f} | {r['spearman_predictions']:.3f} | "
+              f"{'–' if np.isnan(r['seconds']) else round(r['seconds'], 1)} |" for r in rows]
+    return "\n".join(lines) + "\n"

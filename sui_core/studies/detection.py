@@ -12,7 +12,7 @@ into the top of F-SI and cost precision (AP), while the order of most flips vs m
 (AUROC) barely changes. The evaluate stage measures this (`why_*` metrics).
 
 **sui's detectors** (from the linearized model's exact leave-one-out solution, no retraining; the
-loo stage writes the fit of every sample, `sui_core.scores.FIT`, and the score table carries it):
+loo stage writes the fit of every sample, `sui_core.linearized.scores.FIT`, and the score table carries it):
 
 - `fsi`: F-SI itself;
 - `loo_loss`: ½‖y_i − f₋ᵢ(x_i)‖², the exact leave-one-out loss of the linearized model (from the
@@ -36,7 +36,7 @@ the choice never sees the reported samples (nor any test label). `cross_selected
 sample is reported once and every method is compared on the same samples.
 
 **Confident learning** (Northcutt et al., cleanlab): out-of-fold predicted probabilities from K-fold
-real training of the network (`sui_core.training.train_full_batch`, the pipeline's recipe), then
+real training of the network (`sui_core.network.training.train_full_batch`, the pipeline's recipe), then
 `cleanlab.rank.get_label_quality_scores` (1 − quality ranks the samples for AUROC/AP) and
 `cleanlab.filter.find_label_issues` (its own yes/no set). The networks are trained by MSE on raw
 outputs, so probabilities are read off the outputs: one output (two classes) p = clip(f(x), 0, 1)
@@ -52,11 +52,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from sui_core.evaluation import detection_metrics
-from sui_core.ntk import Basis
-from sui_core.scores import loo_quadratic_forms
-from sui_core.solver import Recipe
-from sui_core.training import predict, train_full_batch
+from sui_core.studies.evaluation import detection_metrics
+from sui_core.linearized.ntk import Basis
+from sui_core.linearized.scores import loo_quadratic_forms
+from sui_core.linearized.solver import Recipe
+from sui_core.network.training import predict, train_full_batch
 
 SUI_DETECTORS = ("fsi", "loo_loss", "fsi_over_leverage", "fsi_over_leverage_multi_t", "fsi_over_leverage_x_loo_loss",
                  "fsi_over_leverage_x_train_loss")
@@ -73,7 +73,7 @@ def other_lengths(recipe: Recipe, t_factors: list[float]) -> list[Recipe]:
 
 
 def linearized_fit(basis: Basis, residual: np.ndarray, recipe: Recipe, tol: float = 1e-14) -> tuple[np.ndarray, dict]:
-    """F-SI (σ = 1) and the fit (`sui_core.scores.FIT`) of every sample for the linearized model
+    """F-SI (σ = 1) and the fit (`sui_core.linearized.scores.FIT`) of every sample for the linearized model
     trained by `recipe`: the loo stage's solve at another training length."""
     result = loo_quadratic_forms(basis, residual, recipe, None, tol, progress=False)
     return result.forms["fsi_sum"] / (2 * basis.n_val), result.fit

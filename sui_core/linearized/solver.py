@@ -4,7 +4,7 @@ The linearized model f(x) = f0(x) + Φ(x) v, v = w − w0, is trained by gradien
 ½‖Φ v − r‖² + (λ/2)‖v‖² (r = Y − f0(X)) with learning rate η for t steps. In closed form
 v(t) = g(H) Φᵀ r with H = ΦᵀΦ + λI and the gradient-descent factor g (see `GradientDescent.factor`).
 
-Everything here works in an orthonormal eigenbasis of ΦᵀΦ (built by `sui_core.ntk`): eigenvalues
+Everything here works in an orthonormal eigenbasis of ΦᵀΦ (built by `sui_core.linearized.ntk`): eigenvalues
 s (r,), training rows Z (n, k, r). Leaving sample i out turns H into diag(s + λ') − Z_iᵀZ_i — a
 diagonal minus a rank-k matrix — and the right-hand side into Zᵀr − Z_iᵀr_i. We apply g' to that
 operator exactly, batched over samples:
