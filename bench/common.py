@@ -27,7 +27,7 @@ def add_recipe_args(parser) -> None:
 
 def environment_lines() -> list[str]:
     """Python, numpy, CPUs, load, OPENBLAS_CORETYPE and the BLAS that threadpoolctl sees."""
-    load = ", load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    load = ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
     lines = [f"python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs, "
              f"{platform.processor() or platform.machine()}{load}",
              f"OPENBLAS_CORETYPE = {os.environ.get('OPENBLAS_CORETYPE', '(unset)')}  "

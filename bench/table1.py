@@ -11,8 +11,9 @@ are replaced in bench/table1.csv; bench/table1.md shows every cell next to the p
 The settings are the paper's (Table 2) scaled to this CPU budget, keeping lr·t: the MLP trains for
 lr·t = 2 (paper 0.001·2000), the scratch CNN for 10 (paper 0.01·1000); the pretrained CNN for 1
 (paper 0.002·1000 = 2): its mean-loss NTK at w0 has top eigenvalue 102, so lr < 2/102 for stable
-gradient descent, and 200 steps did not fit the budget. LiSSA keeps the paper's depth/scale = 1 and damping·scale = 10 (paper 1000, 1000,
-0.01) in fewer steps (MLP 100, 100, 0.1; CNN 50, 50, 0.2): the same truncation and damping.
+gradient descent, and 200 steps did not fit the budget. LiSSA keeps the paper's depth/scale = 1 and
+damping·scale = 10 (paper 1000, 1000, 0.01) in fewer steps (MLP 100, 100, 0.1; CNN 50, 50, 0.2): the
+same truncation and damping.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import torch
 
 from sui_core.config import DataConfig, ModelConfig, PretrainConfig
 from sui_core.data.splits import load_source
+from sui_core.linearized.solver import Recipe
 from sui_core.network.models import build_model, targets
 from sui_core.network.pretrain import pretrain
-from sui_core.linearized.solver import Recipe
 from sui_core.studies.validation import validate
 
 HERE = Path(__file__).resolve().parent
@@ -148,7 +149,7 @@ def render(rows: list[dict]) -> str:
         f = lambda key: f"{float(r[key]):.3f}"  # noqa: E731
         lines.append(f"| {r['cell']} | {r['method']} | {f('pearson_weights')} / {f('spearman_weights')} | "
                      f"{f('pearson_predictions')} / {f('spearman_predictions')} | "
-                     f"{'%.3f / %.3f' % paper if paper else '–'} | "
+                     f"{'{:.3f} / {:.3f}'.format(*paper) if paper else '–'} | "
                      f"{float(r['median_ratio_weights']):.3g} / {float(r['median_ratio_predictions']):.3g} | "
                      f"{float(r['seconds']):.0f} |")
     lines += ["", "| cell | arch | pretrained | n | m | lr | t | weight_decay | checkpoint step | train loss w0 → t "

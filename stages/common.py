@@ -52,16 +52,15 @@ from pathlib import Path
 from typing import Any
 
 import typer
-
 import yaml
 
-from stages import paths
-from sui_core import artifacts
 from stages import distributed as dist
+from stages import paths
+from stages.tracking import NullStageRun, StageRun, stage_run
+from sui_core import artifacts
 from sui_core.config import as_dict, load_params, load_section
 from sui_core.errors import ParamError, SuiError
 from sui_core.io import checked_publish, code_version, file_sha256, is_disk_full, write_json
-from stages.tracking import NullStageRun, StageRun, stage_run
 
 __all__ = ["Configs", "StageRun", "NullStageRun", "StageBody", "run_stage", "stage_app", "params_option",
            "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]

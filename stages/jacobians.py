@@ -9,9 +9,9 @@ import hashlib
 
 import torch
 
+from stages import distributed as dist
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
-from stages import distributed as dist
 from sui_core.data.splits import read_split
 from sui_core.io import file_sha256
 from sui_core.linearized.jacobians import extract, jacobian_shapes, make_projector, write_manifest

@@ -1,5 +1,6 @@
-"""DVC stage `loo`: the exact leave-one-out weight change of every training sample (as the σ-free quadratic forms behind F-SI and SI),
-and how the linearized model fits each sample (leave-one-out loss, training loss, leverage).
+"""DVC stage `loo`: the exact leave-one-out weight change of every training sample (as the σ-free
+quadratic forms behind F-SI and SI), and how the linearized model fits each sample (leave-one-out
+loss, training loss, leverage).
 
 It also leaves out each group of samples at once (each class, source or group: `loo.groups`), for
 the unique information of a whole group.
@@ -15,9 +16,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from stages import distributed as dist
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
-from stages import distributed as dist
 from sui_core.data.splits import read_split
 from sui_core.errors import ArtifactError
 from sui_core.io import atomic_dir, read_npz, write_parquet

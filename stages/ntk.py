@@ -9,8 +9,8 @@ from sui_core.data.splits import read_split
 from sui_core.errors import ArtifactError
 from sui_core.io import atomic_dir, write_npz
 from sui_core.linearized.jacobians import iter_shards, read_manifest
-from sui_core.network.models import targets
 from sui_core.linearized.ntk import build_basis, choose_space, planned_peak_bytes
+from sui_core.network.models import targets
 
 
 def body(cfg: Configs, run: StageRun) -> dict:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from stages import paths
-from sui_core.errors import SuiError
 from sui_core.artifacts import open_output
+from sui_core.errors import SuiError
 from sui_core.io import read_parquet
 from sui_core.linearized.scores import SCORES
 

@@ -10,9 +10,8 @@ from typing import Any
 import typer
 import yaml
 
-from stages import paths
+from stages import paths, tracking
 from stages.common import error_line, params_option
-from stages import tracking
 from sui_core.config import load_params
 from sui_core.errors import ArtifactError, SuiError
 from sui_core.io import read_json

@@ -505,7 +505,7 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
 def check_sections(params: dict[str, Any]) -> None:
     """ParamError for a top-level key that is no section: a mistyped `trainig:` would otherwise be
     ignored without a word and the stages would run on the defaults of the section meant."""
-    unknown = sorted((str(key) for key in params if key not in SECTIONS))
+    unknown = sorted(str(key) for key in params if key not in SECTIONS)
     if unknown:
         closest = difflib.get_close_matches(unknown[0], SECTIONS, n=1)
         hint = f"did you mean `{closest[0]}`? " if closest else ""

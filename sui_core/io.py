@@ -19,9 +19,9 @@ import tempfile
 import time
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

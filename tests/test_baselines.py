@@ -1,13 +1,14 @@
-"""Real-network baseline scores (sui_core.studies.baselines) against explicit torch loops, one sample and seed at a time."""
+"""Real-network baseline scores (sui_core.studies.baselines) against explicit torch loops, one sample and
+seed at a time."""
 
 
 import numpy as np
 import pytest
 import torch
 
-from sui_core.studies.baselines import el2n, grand, seeded_builder, training_loss
 from sui_core.config import ModelConfig
 from sui_core.linearized.reference import sgd_trained
+from sui_core.studies.baselines import el2n, grand, seeded_builder, training_loss
 
 SHAPE = [1, 20, 20]
 

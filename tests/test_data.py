@@ -460,8 +460,8 @@ def test_fgsm_against_the_hand_derived_gradient_of_a_linear_model():
 def test_fgsm_on_an_mlp_against_finite_differences():
     import torch
 
-    from sui_core.data.adversarial import fgsm
     from sui_core.config import ModelConfig
+    from sui_core.data.adversarial import fgsm
     from sui_core.network.models import build_model
     from sui_core.network.training import trainable
 

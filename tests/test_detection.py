@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from sui_core.studies import detection
-from sui_core.studies.evaluation import detection_metrics, rare_subgroup_report
 from sui_core.linearized.ntk import build_basis
 from sui_core.linearized.reference import sgd_trained
 from sui_core.linearized.solver import Recipe
+from sui_core.studies import detection
+from sui_core.studies.evaluation import detection_metrics, rare_subgroup_report
 
 
 def gd_linear(phi, r, keep, lr, t):

@@ -22,8 +22,14 @@ from typer.testing import CliRunner
 from stages import distributed as dist
 from sui_core.config import JacobianConfig, load_section
 from sui_core.errors import DataError, ParamError
-from sui_core.linearized.jacobians import (contiguous_range, extract, load_split, make_projector, shard_plan,
-                                           write_manifest)
+from sui_core.linearized.jacobians import (
+    contiguous_range,
+    extract,
+    load_split,
+    make_projector,
+    shard_plan,
+    write_manifest,
+)
 from sui_core.linearized.ntk import Basis
 from sui_core.linearized.scores import loo_quadratic_forms, sgd_precision
 from sui_core.linearized.solver import Recipe, trained_coefficients

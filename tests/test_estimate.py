@@ -5,9 +5,9 @@ import torch
 
 from sui_core.config import JacobianConfig, ModelConfig
 from sui_core.linearized.estimate import projected_jacobians, unique_information
-from sui_core.network.models import build_model
 from sui_core.linearized.reference import brute_force_deltas
 from sui_core.linearized.solver import Recipe
+from sui_core.network.models import build_model
 
 
 def test_unique_information_equals_brute_force_linear_retraining():

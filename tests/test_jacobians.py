@@ -15,7 +15,13 @@ from sui_core.config import JacobianConfig
 from sui_core.errors import ArtifactError
 from sui_core.io import file_sha256
 from sui_core.linearized.jacobians import (
-    extract, iter_shards, load_split, make_projector, per_sample_jacobians, read_manifest, write_manifest,
+    extract,
+    iter_shards,
+    load_split,
+    make_projector,
+    per_sample_jacobians,
+    read_manifest,
+    write_manifest,
 )
 
 

@@ -7,9 +7,9 @@ import torch
 
 from sui_core.config import JacobianConfig, ModelConfig
 from sui_core.linearized.estimate import unique_information
+from sui_core.linearized.solver import Recipe
 from sui_core.network.models import build_model
 from sui_core.studies.robustness import fsi_variants, headline, spearman_matrix, variants
-from sui_core.linearized.solver import Recipe
 
 
 def ranks(v):

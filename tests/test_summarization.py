@@ -6,13 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from sui_core.studies.baselines import el2n, seeded_builder
 from sui_core.config import JacobianConfig, ModelConfig, SummarizationConfig
 from sui_core.linearized.estimate import estimate_from_jacobians, projected_jacobians, unique_information
 from sui_core.linearized.reference import sgd_trained
 from sui_core.linearized.solver import Recipe
-from sui_core.studies.summarization import (accuracy, accuracy_drops, curves, iterative_removal,
-                                    removal_counts, retrained_accuracy, summarize)
+from sui_core.studies.baselines import el2n, seeded_builder
+from sui_core.studies.summarization import (
+    accuracy,
+    accuracy_drops,
+    curves,
+    iterative_removal,
+    removal_counts,
+    retrained_accuracy,
+    summarize,
+)
 
 SHAPE = [1, 4, 4]
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,9 +16,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from stages import tracking
+from stages import cli, common, tracking
 from sui_core.errors import ParamError
-from stages import cli, common
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from sui_core.config import ModelConfig
-from sui_core.network.models import build_model
 from sui_core.linearized.reference import sgd_trained
+from sui_core.network.models import build_model
 from sui_core.network.training import flat, predict, train_full_batch, unstack
-
 
 
 @pytest.mark.parametrize("arch,weight_decay", [("mlp", 0.0), ("cnn", 0.05)])

@@ -22,7 +22,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from pipeline_project import ROOT, env_for, make_project, run
 
 CHROMIUM = shutil.which("chromium")

@@ -10,11 +10,18 @@ from scipy.stats import pearsonr
 
 from sui_core.config import DataConfig, ModelConfig, PretrainConfig, ValidateConfig, from_dict
 from sui_core.errors import ParamError
-from sui_core.network.models import build_model, head_names, targets
 from sui_core.linearized.ntk import build_basis
 from sui_core.linearized.reference import sgd_trained
 from sui_core.linearized.solver import Recipe
-from sui_core.studies.validation import FlatNetwork, influence_exact, influence_lissa, retrain, sample_left_out, validate
+from sui_core.network.models import build_model, head_names, targets
+from sui_core.studies.validation import (
+    FlatNetwork,
+    influence_exact,
+    influence_lissa,
+    retrain,
+    sample_left_out,
+    validate,
+)
 
 
 def digits(n_train, n_val, seed=0):

@@ -159,9 +159,9 @@ def load_parquet(cfg: DataConfig) -> tuple[dict, list[int]]:
     if label not in columns:
         raise DataError(f"{path}: no label column {label!r} (data.label_column); columns: {', '.join(columns)}")
     if cfg.text_column is not None:
-        x, feature_names, text = _parquet_text(path, table, cfg.text_column)
+        x, _, text = _parquet_text(path, table, cfg.text_column)
     else:
-        (x, feature_names), text = _parquet_features(path, table, cfg), None
+        (x, _), text = _parquet_features(path, table, cfg), None
     y = _parquet_labels(path, label, table.column(label))
     n = table.num_rows
     source = _string_column(path, table, "source", "parquet")

@@ -11,8 +11,9 @@ that records the projection and a sha256 per shard, so the ntk stage can trust w
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

@@ -14,9 +14,9 @@ below rank_rtol·max(s) are numerically null and dropped.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class Basis:
                   n_val=np.array(self.n_val), dim=np.array(self.dim))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Basis":
+    def load(cls, path: str | Path) -> Basis:
         a = read_npz(path, ["space", "s", "z", "gram_val", "n_val", "dim"])
         basis = cls(str(a["space"]), a["s"], a["z"], a["gram_val"], int(a["n_val"]), int(a["dim"]))
         r = basis.rank

@@ -21,8 +21,8 @@ score stage turns them into nats with `scores_from_forms`, so changing σ does n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa

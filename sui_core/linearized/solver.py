@@ -21,8 +21,8 @@ operator exactly, batched over samples:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import scipy.fft
@@ -86,7 +86,7 @@ class Recipe:
     dynamics: str
 
     @classmethod
-    def from_config(cls, cfg: TrainingConfig) -> "Recipe":
+    def from_config(cls, cfg: TrainingConfig) -> Recipe:
         return cls(cfg.lr, cfg.weight_decay, cfg.t, cfg.dynamics)
 
     def on(self, n: int) -> GradientDescent:

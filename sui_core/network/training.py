@@ -20,7 +20,7 @@ in eval mode) stay at w0.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -20,7 +20,7 @@ makes one from a ModelConfig); every score is a float64 numpy array (n,).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

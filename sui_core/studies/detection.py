@@ -52,11 +52,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from sui_core.studies.evaluation import detection_metrics
 from sui_core.linearized.ntk import Basis
 from sui_core.linearized.scores import loo_quadratic_forms
 from sui_core.linearized.solver import Recipe
 from sui_core.network.training import predict, train_full_batch
+from sui_core.studies.evaluation import detection_metrics
 
 SUI_DETECTORS = ("fsi", "loo_loss", "fsi_over_leverage", "fsi_over_leverage_multi_t", "fsi_over_leverage_x_loo_loss",
                  "fsi_over_leverage_x_train_loss")

@@ -21,11 +21,18 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from sui_core import plots
-from sui_core.config import (DetectionConfig, EvaluateConfig, JacobianConfig, ModelConfig, RobustnessConfig,
-                             SummarizationConfig, TrainingConfig)
+from sui_core.config import (
+    DetectionConfig,
+    EvaluateConfig,
+    JacobianConfig,
+    ModelConfig,
+    RobustnessConfig,
+    SummarizationConfig,
+    TrainingConfig,
+)
 from sui_core.data.splits import Split
 from sui_core.errors import ArtifactError, ParamError
-from sui_core.io import atomic_path
+from sui_core.io import atomic_path, write_parquet
 from sui_core.linearized.ntk import Basis
 from sui_core.linearized.scores import FIT, SCORES
 from sui_core.linearized.solver import Recipe

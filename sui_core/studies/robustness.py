@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from sui_core.config import JacobianConfig, ModelConfig
 from sui_core.linearized.estimate import unique_information
-from sui_core.network.models import build_model
 from sui_core.linearized.solver import Recipe
+from sui_core.network.models import build_model
 
 FACTORS = ("arch", "init", "length")
 

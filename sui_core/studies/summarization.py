@@ -22,19 +22,19 @@ what is kept (measured faster than stacking 0/1 sample-weight runs over all n; s
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from sui_core.studies.baselines import Builder, el2n, grand
 from sui_core.config import SUMMARIZATION_STRATEGIES as STRATEGIES
 from sui_core.config import JacobianConfig, SummarizationConfig
-from sui_core.linearized.estimate import estimate_from_jacobians, projected_jacobians
 from sui_core.io import atomic_path
+from sui_core.linearized.estimate import estimate_from_jacobians, projected_jacobians
 from sui_core.linearized.solver import Recipe
 from sui_core.network.training import predict, train_full_batch
+from sui_core.studies.baselines import Builder, el2n, grand
 
 
 def removal_counts(n: int, fractions: Sequence[float]) -> list[int]:

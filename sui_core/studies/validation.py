@@ -30,17 +30,15 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
 from torch.func import functional_call, grad, hessian, jvp, vmap
 from tqdm import tqdm
-
-from pathlib import Path
-
-import pyarrow as pa
 
 from sui_core import plots
 from sui_core.config import JacobianConfig, TrainingConfig, ValidateConfig
