@@ -248,9 +248,10 @@ def test_runs_table_lists_both_parents_with_a_stage_metric_column(project, ui, b
     # the URL `sui ui` prints: MLflow 3 would open the experiment on its GenAI overview without it
     assert project["printed_url"] == f"{ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     browser.goto(project["printed_url"])
-    browser.wait_for(f"document.body.innerText.includes('Training runs') && "
+    browser.wait_for(f"location.hash.includes('/runs') && !location.hash.includes('overview') && "
+                     f"!!document.querySelector('.ag-row[row-index]') && "
                      f"{json.dumps(list(parents))}.every(n => document.body.innerText.includes(n))",
-                     "both parent runs in the runs table")
+                     "both parent runs in the runs table (not the GenAI overview)")
     _close_assistant(browser)
     _click_button(browser, "Columns")
     browser.wait_for("!!document.querySelector('input[placeholder=\"Search columns\"]')", "the column selector")
