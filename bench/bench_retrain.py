@@ -40,7 +40,7 @@ def main() -> None:
     pick = np.flatnonzero(np.isin(labels, (4, 9)))[: args.n + 100]
     x = torch.tensor(images[pick] / 255.0, dtype=torch.float32).reshape(-1, 1, 28, 28)
     y = torch.tensor((labels[pick] == 9).astype(np.float32))[:, None]
-    x_train, y_train, x_val = x[: args.n], y[: args.n], x[args.n:]
+    x_train, y_train, x_val = x[: args.n], y[: args.n], x[args.n :]
     model = build_model(ModelConfig(arch=args.arch, hidden=[1024]), [1, 28, 28], 1)
     keeps = [np.ones(args.n, bool)] + [np.arange(args.n) != i for i in range(args.m)]
 
@@ -52,8 +52,9 @@ def main() -> None:
         best = np.inf
         for _ in range(args.repeat):
             started = time.perf_counter()
-            params = train_full_batch(model, x_train, y_train, weights, args.lr, args.steps,
-                                      runs_per_batch=runs_per_batch)
+            params = train_full_batch(
+                model, x_train, y_train, weights, args.lr, args.steps, runs_per_batch=runs_per_batch
+            )
             best = min(best, time.perf_counter() - started)
         timed[name] = (best, predict(model, params, x_val))
 
@@ -65,12 +66,16 @@ def main() -> None:
     with torch.no_grad():
         loop_val = torch.stack([net.eval()(x_val) for net in nets])
 
-    print(f"{args.arch}, n = {args.n}, {len(keeps)} runs × {args.steps} full-batch steps; baseline: "
-          f"torch.optim.SGD loops one run after another {loop_s:.2f} s")
+    print(
+        f"{args.arch}, n = {args.n}, {len(keeps)} runs × {args.steps} full-batch steps; baseline: "
+        f"torch.optim.SGD loops one run after another {loop_s:.2f} s"
+    )
     for name, (seconds, val) in timed.items():
         diff = float((val - loop_val).abs().max())
-        print(f"  {name}: {seconds:.2f} s, {loop_s / seconds:.2f}× the baseline's speed; "
-              f"max |Δ validation output| vs baseline {diff:.2e}")
+        print(
+            f"  {name}: {seconds:.2f} s, {loop_s / seconds:.2f}× the baseline's speed; "
+            f"max |Δ validation output| vs baseline {diff:.2e}"
+        )
 
 
 if __name__ == "__main__":

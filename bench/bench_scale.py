@@ -57,7 +57,7 @@ from sui_core.linearized.solver import Recipe
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CHUNK = 2048  # rows of Φ per block streamed from the memmap into build_basis
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,8 +67,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-paper", action="store_true", help="skip the paper's algorithm (brute force still runs)")
     p.add_argument("--dim", type=int, default=4096, help="D, projected Jacobian coordinates")
     p.add_argument("--n-val", type=int, default=1000, help="validation images (t10k file)")
-    p.add_argument("--classes", type=int, nargs=2, default=None, metavar=("A", "B"),
-                   help="two Fashion-MNIST classes (n ≤ 12000) instead of all 10 mapped to class < 5")
+    p.add_argument(
+        "--classes",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("A", "B"),
+        help="two Fashion-MNIST classes (n ≤ 12000) instead of all 10 mapped to class < 5",
+    )
     add_recipe_args(p)
     p.add_argument("--brute-samples", type=int, default=10, help="brute force samples at n = 1000")
     p.add_argument("--paper-samples", type=int, default=10, help="paper-algorithm samples at n = 1000")
@@ -78,8 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="where Φ is cached (default: a temp dir, removed at the end)")
     p.add_argument("--csv", default="bench/scale.csv")
-    p.add_argument("--report-from", default=None, metavar="DIR",
-                   help="only print the report (and CSV) from the results kept in a --workdir DIR of an earlier run")
+    p.add_argument(
+        "--report-from",
+        default=None,
+        metavar="DIR",
+        help="only print the report (and CSV) from the results kept in a --workdir DIR of an earlier run",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -99,6 +109,7 @@ def log(msg: str) -> None:
 
 # --------------------------------------------------------------------------------------------- data
 
+
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """A uint8 IDX file; the project's reader when it has one, else numpy + gzip."""
     try:
@@ -116,6 +127,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
 
 def fashion(part: str) -> tuple[np.ndarray, np.ndarray]:
     """Images (n, 1, 28, 28) float32 in [0, 1] and class labels of the `train` or `t10k` file."""
+
     def find(name):
         for candidate in (FASHION_ROOT / f"{name}.gz", FASHION_ROOT / name):
             if candidate.is_file():
@@ -131,8 +143,10 @@ def select(y: np.ndarray, classes, count: int, rng: np.random.Generator) -> tupl
     """`count` indices of a seeded permutation of the pool, and their binary labels."""
     pool = np.arange(len(y)) if classes is None else np.flatnonzero(np.isin(y, classes))
     if count > len(pool):
-        raise SystemExit(f"n = {count} but the pool has {len(pool)} images"
-                         f"{'' if classes is None else f' of classes {classes}: drop --classes'}")
+        raise SystemExit(
+            f"n = {count} but the pool has {len(pool)} images"
+            f"{'' if classes is None else f' of classes {classes}: drop --classes'}"
+        )
     idx = rng.permutation(pool)[:count]
     label = (y[idx] < 5) if classes is None else (y[idx] == classes[1])
     return idx, label.astype(np.int64)
@@ -145,6 +159,7 @@ def data_info(args) -> str:
 
 
 # ------------------------------------------------------------------------------------------ workers
+
 
 def worker_jacobians(args, wd: Path) -> dict:
     from sui_core.network.models import targets
@@ -171,8 +186,15 @@ def worker_jacobians(args, wd: Path) -> dict:
     _, phi_val = jacobians(model, projector, x_test[val])
     np.save(wd / "phi_val.npy", phi_val)
     np.save(wd / "residual.npy", targets(label, 2) - f0)
-    return {"n": n, "D": dim, "p": per_tensor, "seconds": seconds, "samples_per_s": n / seconds,
-            "positives": int(label.sum()), "peak_rss_gib": peak_rss_gib()}
+    return {
+        "n": n,
+        "D": dim,
+        "p": per_tensor,
+        "seconds": seconds,
+        "samples_per_s": n / seconds,
+        "positives": int(label.sum()),
+        "peak_rss_gib": peak_rss_gib(),
+    }
 
 
 def load_problem(wd: Path, n: int):
@@ -206,8 +228,8 @@ def worker_solve(args, wd: Path) -> dict:
     phi, residual, phi_val = load_problem(wd, n)
     _, k, dim = phi.shape
     rss_loaded = peak_rss_gib()
-    train = lambda: (phi[lo:lo + CHUNK] for lo in range(0, n, CHUNK))  # noqa: E731
-    val = lambda: (phi_val[lo:lo + CHUNK] for lo in range(0, len(phi_val), CHUNK))  # noqa: E731
+    train = lambda: (phi[lo : lo + CHUNK] for lo in range(0, n, CHUNK))  # noqa: E731
+    val = lambda: (phi_val[lo : lo + CHUNK] for lo in range(0, len(phi_val), CHUNK))  # noqa: E731
 
     prof_basis, prof_loo = cProfile.Profile(), cProfile.Profile()
     profile = not args.no_profile
@@ -223,8 +245,16 @@ def worker_solve(args, wd: Path) -> dict:
     started = time.perf_counter()
     if profile:
         prof_loo.enable()
-    result = loo_quadratic_forms(basis, residual, recipe, batch_size=None, tol=args.tol,
-                                 block_size=args.block_size, dtype="float64", progress=False)
+    result = loo_quadratic_forms(
+        basis,
+        residual,
+        recipe,
+        batch_size=None,
+        tol=args.tol,
+        block_size=args.block_size,
+        dtype="float64",
+        progress=False,
+    )
     t_loo = time.perf_counter() - started
     scores = scores_from_forms(result.forms, basis.n_val, sigma=1.0, lr=recipe.lr, batch_size=n)
     if profile:
@@ -232,16 +262,37 @@ def worker_solve(args, wd: Path) -> dict:
     t_score = time.perf_counter() - t_loo - started
     np.savez(wd / f"forms_{n}.npz", fsi=scores["fsi"], dv_sq=result.forms["dv_sq"])
     plan = result.plan
-    out = {"n": n, "k": k, "D": dim, "space": basis.space, "rank": basis.rank, "n_val": basis.n_val,
-           "s_max": s_max, "lr": recipe.lr, "lr_note": note, "eta_t_hmax": recipe.lr / n * recipe.t * s_max,
-           "method": getattr(plan, "method", "?"), "matvecs": getattr(plan, "matvecs", -1),
-           "basis_s": t_basis, "loo_s": t_loo, "score_s": t_score, "loo_score_s": t_loo + t_score,
-           "total_s": t_basis + t_loo + t_score, "peak_rss_gib": peak_rss_gib(), "rss_loaded_gib": rss_loaded,
-           "fsi_median": float(np.median(scores["fsi"])), "profiled": profile,
-           "load_1min": os.getloadavg()[0]}
+    out = {
+        "n": n,
+        "k": k,
+        "D": dim,
+        "space": basis.space,
+        "rank": basis.rank,
+        "n_val": basis.n_val,
+        "s_max": s_max,
+        "lr": recipe.lr,
+        "lr_note": note,
+        "eta_t_hmax": recipe.lr / n * recipe.t * s_max,
+        "method": getattr(plan, "method", "?"),
+        "matvecs": getattr(plan, "matvecs", -1),
+        "basis_s": t_basis,
+        "loo_s": t_loo,
+        "score_s": t_score,
+        "loo_score_s": t_loo + t_score,
+        "total_s": t_basis + t_loo + t_score,
+        "peak_rss_gib": peak_rss_gib(),
+        "rss_loaded_gib": rss_loaded,
+        "fsi_median": float(np.median(scores["fsi"])),
+        "profiled": profile,
+        "load_1min": os.getloadavg()[0],
+    }
     if profile:
-        out.update(eigh_basis_s=eigh_seconds(prof_basis), eigh_loo_s=eigh_seconds(prof_loo),
-                   profile_basis=profile_top(prof_basis), profile_loo=profile_top(prof_loo))
+        out.update(
+            eigh_basis_s=eigh_seconds(prof_basis),
+            eigh_loo_s=eigh_seconds(prof_loo),
+            profile_basis=profile_top(prof_basis),
+            profile_loo=profile_top(prof_loo),
+        )
     return out
 
 
@@ -262,9 +313,13 @@ def worker_paper(args, wd: Path) -> dict:
 
     brute_idx = np.unique(np.linspace(0, n - 1, min(args.brute_samples, n)).round().astype(int))
     brute_s, brute_checked, fsi_bf, dvsq_bf = run_brute(phi, residual, phi_val, recipe, brute_idx)
-    out.update(brute_s=brute_s, brute_checked_s=brute_checked, brute_samples=len(brute_idx),
-               brute_fsi_maxrel=max_rel(scores["fsi"][brute_idx], fsi_bf),
-               brute_dvsq_maxrel=max_rel(result.forms["dv_sq"][brute_idx], dvsq_bf))
+    out.update(
+        brute_s=brute_s,
+        brute_checked_s=brute_checked,
+        brute_samples=len(brute_idx),
+        brute_fsi_maxrel=max_rel(scores["fsi"][brute_idx], fsi_bf),
+        brute_dvsq_maxrel=max_rel(result.forms["dv_sq"][brute_idx], dvsq_bf),
+    )
     log(f"[paper n={n}] sui {sui_s:.2f} s; brute force {brute_checked:.1f} s on {len(brute_idx)} samples")
 
     if not args.skip_paper:
@@ -278,11 +333,16 @@ def worker_paper(args, wd: Path) -> dict:
         checked = time.perf_counter() - started
         per_sample = max(checked - setup, 0.0) / len(idx)
         n_val = len(phi_val)
-        fsi_paper = np.sum(dval ** 2, axis=1) / (2 * n_val)
-        out.update(paper_s=setup + n * per_sample, paper_setup_s=setup, paper_per_sample_s=per_sample,
-                   paper_checked_s=checked, paper_samples=len(idx),
-                   paper_fsi_maxrel=max_rel(scores["fsi"][idx], fsi_paper),
-                   paper_dvsq_maxrel=max_rel(result.forms["dv_sq"][idx], np.sum(dw ** 2, axis=1)))
+        fsi_paper = np.sum(dval**2, axis=1) / (2 * n_val)
+        out.update(
+            paper_s=setup + n * per_sample,
+            paper_setup_s=setup,
+            paper_per_sample_s=per_sample,
+            paper_checked_s=checked,
+            paper_samples=len(idx),
+            paper_fsi_maxrel=max_rel(scores["fsi"][idx], fsi_paper),
+            paper_dvsq_maxrel=max_rel(result.forms["dv_sq"][idx], np.sum(dw**2, axis=1)),
+        )
         # the paper's algorithm against brute force on the samples both checked: whose is a difference?
         both, at_paper, at_brute = np.intersect1d(idx, brute_idx, return_indices=True)
         if len(both):
@@ -308,9 +368,9 @@ def worker_check(args, wd: Path) -> dict:
     gram = np.zeros((dim, dim))
     rhs = np.zeros(dim)
     for lo in range(0, n, CHUNK):
-        rows = np.asarray(phi[lo:lo + CHUNK], np.float64).reshape(-1, dim)
+        rows = np.asarray(phi[lo : lo + CHUNK], np.float64).reshape(-1, dim)
         gram += rows.T @ rows
-        rhs += rows.T @ residual[lo:lo + CHUNK].reshape(-1)
+        rhs += rows.T @ residual[lo : lo + CHUNK].reshape(-1)
     rows_val = np.asarray(phi_val, np.float64).reshape(-1, dim)
     gram_val = rows_val.T @ rows_val
     idx = np.unique(np.linspace(0, n - 1, min(args.check_samples, n)).round().astype(int))
@@ -340,9 +400,15 @@ def worker_check(args, wd: Path) -> dict:
     fsi = np.einsum("dm,dm->m", gram_val @ dv, dv) / (2 * len(phi_val))
     dv_sq = np.einsum("dm,dm->m", dv, dv)
     forms = np.load(wd / f"forms_{n}.npz")
-    return {"n": n, "samples": m, "gram_s": t_gram, "steps_s": t_steps,
-            "fsi_maxrel": max_rel(forms["fsi"][idx], fsi), "dvsq_maxrel": max_rel(forms["dv_sq"][idx], dv_sq),
-            "peak_rss_gib": peak_rss_gib()}
+    return {
+        "n": n,
+        "samples": m,
+        "gram_s": t_gram,
+        "steps_s": t_steps,
+        "fsi_maxrel": max_rel(forms["fsi"][idx], fsi),
+        "dvsq_maxrel": max_rel(forms["dv_sq"][idx], dv_sq),
+        "peak_rss_gib": peak_rss_gib(),
+    }
 
 
 def worker_gemm(args, wd: Path) -> dict:
@@ -354,7 +420,7 @@ def worker_gemm(args, wd: Path) -> dict:
         b = rng.standard_normal((size, size)).astype(dtype)
         a @ b  # warm-up
         best = min(_timed(lambda: a @ b) for _ in range(3))
-        out[f"gemm_{dtype}_gflops"] = 2 * size ** 3 / best / 1e9
+        out[f"gemm_{dtype}_gflops"] = 2 * size**3 / best / 1e9
     return out
 
 
@@ -368,7 +434,7 @@ def worker_throughput(args, wd: Path) -> dict:
     import torch
 
     x, _ = fashion("train")
-    x = x[:args.throughput_samples]
+    x = x[: args.throughput_samples]
     out = {"torch_threads": torch.get_num_threads()}
     for arch in ("mlp", "cnn"):
         model, projector, per_tensor = jacobian_model(arch, args.dim, args.seed)
@@ -376,16 +442,27 @@ def worker_throughput(args, wd: Path) -> dict:
         started = time.perf_counter()
         jacobians(model, projector, x)
         seconds = time.perf_counter() - started
-        out[arch] = {"D": projector.total_dim, "p": per_tensor, "samples_per_s": len(x) / seconds,
-                     "params": sum(p.numel() for p in model.parameters())}
+        out[arch] = {
+            "D": projector.total_dim,
+            "p": per_tensor,
+            "samples_per_s": len(x) / seconds,
+            "params": sum(p.numel() for p in model.parameters()),
+        }
     return out
 
 
-WORKERS = {"jacobians": worker_jacobians, "solve": worker_solve, "paper": worker_paper,
-           "check": worker_check, "gemm": worker_gemm, "throughput": worker_throughput}
+WORKERS = {
+    "jacobians": worker_jacobians,
+    "solve": worker_solve,
+    "paper": worker_paper,
+    "check": worker_check,
+    "gemm": worker_gemm,
+    "throughput": worker_throughput,
+}
 
 
 # --------------------------------------------------------------------------------------------- main
+
 
 def spawn(argv: list[str], name: str, wd: Path, n: int | None = None) -> dict:
     """Run one worker in a fresh Python process; its result comes back as JSON in the workdir."""
@@ -415,12 +492,11 @@ def dense_flops(solve: dict) -> dict[str, float]:
     nk = n * k
     # AᵀA runs as SYRK in numpy (one triangle: half a GEMM's flops), so the Grams count m·n².
     if solve["space"] == "primal":
-        basis = {"PhiT_Phi (syrk)": nk * dim ** 2, "Z=PhiQ": 2 * nk * dim * r}
+        basis = {"PhiT_Phi (syrk)": nk * dim**2, "Z=PhiQ": 2 * nk * dim * r}
     else:
-        basis = {"Phi_PhiT (syrk)": nk ** 2 * dim, "V=PhiT_U": 2 * nk * dim * r}
+        basis = {"Phi_PhiT (syrk)": nk**2 * dim, "V=PhiT_U": 2 * nk * dim * r}
     basis["val (minor)"] = 2 * n_val * k * dim * r
-    loo = {"forms dc@G_val": 2 * n * r ** 2, "forms dc@Sigma+": 2 * n * r ** 2,
-           "SGD Lambda=grads^T grads (syrk)": n * r ** 2}
+    loo = {"forms dc@G_val": 2 * n * r**2, "forms dc@Sigma+": 2 * n * r**2, "SGD Lambda=grads^T grads (syrk)": n * r**2}
     matrix_free = max(solve.get("matvecs", 0), 0) * 4 * nk * r
     return {"basis": basis, "loo": loo, "matrix_free": matrix_free}
 
@@ -439,16 +515,25 @@ def main(argv=None) -> int:
         load = lambda name: json.loads((wd / f"{name}.json").read_text())  # noqa: E731
         n_cmp = 1000 if 1000 in args.sizes else args.sizes[0]
         check = wd / f"check_{args.sizes[-1]}.json"
-        report(args, load("gemm"), load("throughput"), load("jacobians"),
-               [load(f"solve_{n}") for n in args.sizes], load(f"paper_{n_cmp}"),
-               json.loads(check.read_text()) if check.is_file() else None)
+        report(
+            args,
+            load("gemm"),
+            load("throughput"),
+            load("jacobians"),
+            [load(f"solve_{n}") for n in args.sizes],
+            load(f"paper_{n_cmp}"),
+            json.loads(check.read_text()) if check.is_file() else None,
+        )
         return 0
 
     print("sui scale benchmark")
     for line in environment_lines():
         print("  " + line)
-    print(f"  data: {data_info(args)}; validation {args.n_val} (t10k); k = 1; MLP 784-1024-1 at seeded init, "
-          f"coordinates projection, D = {args.dim} asked", flush=True)
+    print(
+        f"  data: {data_info(args)}; validation {args.n_val} (t10k); k = 1; MLP 784-1024-1 at seeded init, "
+        f"coordinates projection, D = {args.dim} asked",
+        flush=True,
+    )
     own_dir = args.workdir is None
     wd = Path(args.workdir or tempfile.mkdtemp(prefix="sui-bench-scale-"))
     wd.mkdir(parents=True, exist_ok=True)
@@ -462,8 +547,10 @@ def main(argv=None) -> int:
 
 def run_all(args, argv, wd: Path) -> int:
     jac = spawn(argv, "jacobians", wd)
-    log(f"Φ of {jac['n']} samples (D = {jac['D']}, p = {jac['p']}) in {jac['seconds']:.0f} s; "
-        f"{jac['positives']} positives")
+    log(
+        f"Φ of {jac['n']} samples (D = {jac['D']}, p = {jac['p']}) in {jac['seconds']:.0f} s; "
+        f"{jac['positives']} positives"
+    )
     gemm = spawn(argv, "gemm", wd)
     log(f"GEMM 4096: {gemm['gemm_float64_gflops']:.1f} GFLOP/s float64, {gemm['gemm_float32_gflops']:.1f} float32")
     thr = spawn(argv, "throughput", wd)
@@ -471,8 +558,10 @@ def run_all(args, argv, wd: Path) -> int:
     for n in args.sizes:
         s = spawn(argv, "solve", wd, n)
         solves.append(s)
-        log(f"n = {n}: basis {s['basis_s']:.1f} s, loo+score {s['loo_score_s']:.1f} s, peak RSS "
-            f"{s['peak_rss_gib']:.2f} GiB{'; ' + s['lr_note'] if s['lr_note'] else ''}")
+        log(
+            f"n = {n}: basis {s['basis_s']:.1f} s, loo+score {s['loo_score_s']:.1f} s, peak RSS "
+            f"{s['peak_rss_gib']:.2f} GiB{'; ' + s['lr_note'] if s['lr_note'] else ''}"
+        )
     n_cmp = 1000 if 1000 in args.sizes else args.sizes[0]
     paper = spawn(argv, "paper", wd, n_cmp)
     check = spawn(argv, "check", wd, args.sizes[-1]) if args.check_samples > 0 else None
@@ -484,61 +573,97 @@ def report(args, gemm, thr, jac, solves, paper, check) -> None:
     rows = []  # long-format CSV: section, n, metric, value, unit
 
     def put(section, n, metric, value, unit=""):
-        rows.append({"section": section, "n": "" if n is None else n, "metric": metric,
-                     "value": f"{value:.6g}" if isinstance(value, float) else value, "unit": unit})
+        rows.append(
+            {
+                "section": section,
+                "n": "" if n is None else n,
+                "metric": metric,
+                "value": f"{value:.6g}" if isinstance(value, float) else value,
+                "unit": unit,
+            }
+        )
 
     print()
-    print(f"recipe: lr={args.lr:g} weight_decay={args.weight_decay:g} t={args.t:g} {args.dynamics}; "
-          f"loo.tol={args.tol:g} block_size={args.block_size}; float64; wall-clock seconds; one run per size, "
-          "each in a fresh process")
+    print(
+        f"recipe: lr={args.lr:g} weight_decay={args.weight_decay:g} t={args.t:g} {args.dynamics}; "
+        f"loo.tol={args.tol:g} block_size={args.block_size}; float64; wall-clock seconds; one run per size, "
+        "each in a fresh process"
+    )
     print(f"data: {data_info(args)}; n_val = {solves[0]['n_val']}; D = {jac['D']} (p = {jac['p']} per tensor)")
-    print("basis = build_basis (ΦᵀΦ or ΦΦᵀ streamed from a float32 memmap, eigh, Z, G_val); "
-          "loo+score = loo_quadratic_forms + scores_from_forms; jac* = n / measured MLP Jacobian throughput")
-    header = (f"{'n':>6} {'space':>6} {'rank':>5} {'lr':>7} {'η·t·hmax':>9} {'method':>9} {'mv':>5} "
-              f"{'jac s*':>7} {'basis s':>8} {'loo+sc s':>9} {'total s':>8} {'peak GiB':>9} {'load':>5}")
+    print(
+        "basis = build_basis (ΦᵀΦ or ΦΦᵀ streamed from a float32 memmap, eigh, Z, G_val); "
+        "loo+score = loo_quadratic_forms + scores_from_forms; jac* = n / measured MLP Jacobian throughput"
+    )
+    header = (
+        f"{'n':>6} {'space':>6} {'rank':>5} {'lr':>7} {'η·t·hmax':>9} {'method':>9} {'mv':>5} "
+        f"{'jac s*':>7} {'basis s':>8} {'loo+sc s':>9} {'total s':>8} {'peak GiB':>9} {'load':>5}"
+    )
     print(header)
     print("-" * len(header))
     for s in solves:
         jac_s = s["n"] / jac["samples_per_s"]
-        print(f"{s['n']:>6} {s['space']:>6} {s['rank']:>5} {s['lr']:>7.3g} {s['eta_t_hmax']:>9.3g} "
-              f"{s['method']:>9} {s['matvecs']:>5} {jac_s:>7.0f} {s['basis_s']:>8.2f} {s['loo_score_s']:>9.2f} "
-              f"{s['total_s']:>8.2f} {s['peak_rss_gib']:>9.2f} {s['load_1min']:>5.1f}")
-        for key, unit in (("space", ""), ("rank", ""), ("lr", ""), ("eta_t_hmax", ""), ("method", ""),
-                          ("matvecs", ""), ("basis_s", "s"), ("loo_score_s", "s"), ("total_s", "s"),
-                          ("peak_rss_gib", "GiB"), ("rss_loaded_gib", "GiB"), ("load_1min", "")):
+        print(
+            f"{s['n']:>6} {s['space']:>6} {s['rank']:>5} {s['lr']:>7.3g} {s['eta_t_hmax']:>9.3g} "
+            f"{s['method']:>9} {s['matvecs']:>5} {jac_s:>7.0f} {s['basis_s']:>8.2f} {s['loo_score_s']:>9.2f} "
+            f"{s['total_s']:>8.2f} {s['peak_rss_gib']:>9.2f} {s['load_1min']:>5.1f}"
+        )
+        for key, unit in (
+            ("space", ""),
+            ("rank", ""),
+            ("lr", ""),
+            ("eta_t_hmax", ""),
+            ("method", ""),
+            ("matvecs", ""),
+            ("basis_s", "s"),
+            ("loo_score_s", "s"),
+            ("total_s", "s"),
+            ("peak_rss_gib", "GiB"),
+            ("rss_loaded_gib", "GiB"),
+            ("load_1min", ""),
+        ):
             put("size", s["n"], key, s[key], unit)
         put("size", s["n"], "jacobians_s_extrapolated", jac_s, "s")
         if s["lr_note"]:
             print(f"       n = {s['n']}: {s['lr_note']}")
-    print("peak GiB = ru_maxrss of the solve process (includes the Φ pages mapped from the memmap: "
-          f"n·D·4 bytes = {solves[-1]['n'] * jac['D'] * 4 / GIB:.2f} GiB at n = {solves[-1]['n']}); "
-          f"load = 1-minute load average at the end of the solve ({os.cpu_count()} CPUs: other work slows it)")
+    print(
+        "peak GiB = ru_maxrss of the solve process (includes the Φ pages mapped from the memmap: "
+        f"n·D·4 bytes = {solves[-1]['n'] * jac['D'] * 4 / GIB:.2f} GiB at n = {solves[-1]['n']}); "
+        f"load = 1-minute load average at the end of the solve ({os.cpu_count()} CPUs: other work slows it)"
+    )
 
     ns = [s["n"] for s in solves]
     print()
     if len(ns) >= 2:
         slopes = {key: loglog_slope(ns, [s[key] for s in solves]) for key in ("basis_s", "loo_score_s", "total_s")}
-        print(f"time ∝ n^a, log-log least squares over n = {ns}: basis a = {slopes['basis_s']:.2f}, "
-              f"loo+score a = {slopes['loo_score_s']:.2f}, total a = {slopes['total_s']:.2f}")
+        print(
+            f"time ∝ n^a, log-log least squares over n = {ns}: basis a = {slopes['basis_s']:.2f}, "
+            f"loo+score a = {slopes['loo_score_s']:.2f}, total a = {slopes['total_s']:.2f}"
+        )
         for key, a in slopes.items():
             put("fit", None, f"exponent_{key}", a)
     by_n = {s["n"]: s for s in solves}
     ratio = None
     if 60000 in by_n and 6000 in by_n:
         ratio = by_n[60000]["total_s"] / by_n[6000]["total_s"]
-        print(f"time(60000)/time(6000) = {ratio:.2f} total, "
-              f"{by_n[60000]['loo_score_s'] / by_n[6000]['loo_score_s']:.2f} loo+score (linear would be 10)")
+        print(
+            f"time(60000)/time(6000) = {ratio:.2f} total, "
+            f"{by_n[60000]['loo_score_s'] / by_n[6000]['loo_score_s']:.2f} loo+score (linear would be 10)"
+        )
         put("fit", None, "time_60000_over_6000", ratio)
 
     # ---- n = 1000: sui vs brute force vs the paper
     p = paper
     print()
-    print(f"n = {p['n']}: sui vs brute force vs the paper's algorithm (F-SI and ‖Δv‖² max relative difference "
-          "on the checked samples; * = EXTRAPOLATED linearly from the checked samples)")
+    print(
+        f"n = {p['n']}: sui vs brute force vs the paper's algorithm (F-SI and ‖Δv‖² max relative difference "
+        "on the checked samples; * = EXTRAPOLATED linearly from the checked samples)"
+    )
     print(f"  sui (basis+loo+score, all {p['n']} samples, best of 3)       {p['sui_s']:>9.2f} s")
-    print(f"  brute force* (reference.brute_force_deltas, {p['brute_samples']} samples measured in "
-          f"{p['brute_checked_s']:.1f} s)  {p['brute_s']:>9.1f} s   sui {p['brute_s'] / p['sui_s']:>6.0f}x faster"
-          f"   F-SI {p['brute_fsi_maxrel']:.1e}  ‖Δv‖² {p['brute_dvsq_maxrel']:.1e}")
+    print(
+        f"  brute force* (reference.brute_force_deltas, {p['brute_samples']} samples measured in "
+        f"{p['brute_checked_s']:.1f} s)  {p['brute_s']:>9.1f} s   sui {p['brute_s'] / p['sui_s']:>6.0f}x faster"
+        f"   F-SI {p['brute_fsi_maxrel']:.1e}  ‖Δv‖² {p['brute_dvsq_maxrel']:.1e}"
+    )
     put("n1000", p["n"], "sui_s", p["sui_s"], "s")
 
     def put_reference(method: str) -> None:  # the same CSV rows for brute force and the paper
@@ -550,13 +675,17 @@ def report(args, gemm, thr, jac, solves, paper, check) -> None:
 
     put_reference("brute")
     if "paper_s" in p:
-        print(f"  paper* (Appendix E: inverse downdate + eigh of Θ₋ᵢ per sample; {p['paper_samples']} samples, "
-              f"{p['paper_per_sample_s']:.2f} s each + setup {p['paper_setup_s']:.2f} s)  {p['paper_s']:>9.1f} s   "
-              f"sui {p['paper_s'] / p['sui_s']:>6.0f}x faster   F-SI {p['paper_fsi_maxrel']:.1e}  "
-              f"‖Δv‖² {p['paper_dvsq_maxrel']:.1e}")
+        print(
+            f"  paper* (Appendix E: inverse downdate + eigh of Θ₋ᵢ per sample; {p['paper_samples']} samples, "
+            f"{p['paper_per_sample_s']:.2f} s each + setup {p['paper_setup_s']:.2f} s)  {p['paper_s']:>9.1f} s   "
+            f"sui {p['paper_s'] / p['sui_s']:>6.0f}x faster   F-SI {p['paper_fsi_maxrel']:.1e}  "
+            f"‖Δv‖² {p['paper_dvsq_maxrel']:.1e}"
+        )
         if "paper_vs_brute_fsi_maxrel" in p:
-            print(f"  (the paper's algorithm vs brute force on the {p['paper_vs_brute_samples']} samples both checked: "
-                  f"F-SI {p['paper_vs_brute_fsi_maxrel']:.1e})")
+            print(
+                f"  (the paper's algorithm vs brute force on the {p['paper_vs_brute_samples']} samples both checked: "
+                f"F-SI {p['paper_vs_brute_fsi_maxrel']:.1e})"
+            )
             put("n1000", p["n"], "paper_vs_brute_fsi_maxrel", p["paper_vs_brute_fsi_maxrel"])
         put_reference("paper")
         put("n1000", p["n"], "paper_per_sample_s", p["paper_per_sample_s"], "s")
@@ -566,52 +695,71 @@ def report(args, gemm, thr, jac, solves, paper, check) -> None:
     flops = dense_flops(big)
     print()
     g64 = gemm["gemm_float64_gflops"]
-    print(f"GEMM rate, numpy 4096×4096 @ 4096×4096: float64 {g64:.1f} GFLOP/s, float32 "
-          f"{gemm['gemm_float32_gflops']:.1f} GFLOP/s")
+    print(
+        f"GEMM rate, numpy 4096×4096 @ 4096×4096: float64 {g64:.1f} GFLOP/s, float32 "
+        f"{gemm['gemm_float32_gflops']:.1f} GFLOP/s"
+    )
     put("gemm", None, "gemm_float64_gflops", g64, "GFLOP/s")
     put("gemm", None, "gemm_float32_gflops", gemm["gemm_float32_gflops"], "GFLOP/s")
     basis_flops = sum(flops["basis"].values())
     loo_flops = sum(flops["loo"].values())
-    print(f"dense products inside sui at n = {big['n']} (flops estimated from shapes: 2mnk per product, "
-          "m·n² for a Gram AᵀA):")
+    print(
+        f"dense products inside sui at n = {big['n']} (flops estimated from shapes: 2mnk per product, "
+        "m·n² for a Gram AᵀA):"
+    )
     print("  basis: " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in flops["basis"].items()) + " TFLOP")
-    print("  loo+score: " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in flops["loo"].items())
-          + f" TFLOP; + matrix-free operator products {flops['matrix_free'] / 1e12:.2f} TFLOP "
-          f"({big['matvecs']} per sample, elementwise)")
+    print(
+        "  loo+score: "
+        + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in flops["loo"].items())
+        + f" TFLOP; + matrix-free operator products {flops['matrix_free'] / 1e12:.2f} TFLOP "
+        f"({big['matvecs']} per sample, elementwise)"
+    )
     if big.get("profiled"):
         gemm_time = big["basis_s"] - big["eigh_basis_s"]
         rate = basis_flops / gemm_time / 1e9
-        print(f"  basis: {basis_flops / 1e12:.2f} TFLOP in {gemm_time:.1f} s (basis {big['basis_s']:.1f} s minus "
-              f"eigh {big['eigh_basis_s']:.1f} s) = {rate:.1f} GFLOP/s = {rate / g64:.2f} × the GEMM rate")
+        print(
+            f"  basis: {basis_flops / 1e12:.2f} TFLOP in {gemm_time:.1f} s (basis {big['basis_s']:.1f} s minus "
+            f"eigh {big['eigh_basis_s']:.1f} s) = {rate:.1f} GFLOP/s = {rate / g64:.2f} × the GEMM rate"
+        )
         put("gemm", big["n"], "basis_dense_gflops", rate, "GFLOP/s")
         put("gemm", big["n"], "basis_dense_over_gemm", rate / g64)
         put("gemm", big["n"], "eigh_basis_s", big["eigh_basis_s"], "s")
         loo_time = big["loo_score_s"] - big["eigh_loo_s"]
         rate = (loo_flops + flops["matrix_free"]) / loo_time / 1e9
-        print(f"  loo+score: {(loo_flops + flops['matrix_free']) / 1e12:.2f} TFLOP (dense + matrix-free) in "
-              f"{loo_time:.1f} s (minus eigh {big['eigh_loo_s']:.1f} s) = {rate:.1f} GFLOP/s = {rate / g64:.2f} × "
-              "the GEMM rate")
+        print(
+            f"  loo+score: {(loo_flops + flops['matrix_free']) / 1e12:.2f} TFLOP (dense + matrix-free) in "
+            f"{loo_time:.1f} s (minus eigh {big['eigh_loo_s']:.1f} s) = {rate:.1f} GFLOP/s = {rate / g64:.2f} × "
+            "the GEMM rate"
+        )
         put("gemm", big["n"], "loo_score_effective_gflops", rate, "GFLOP/s")
         put("gemm", big["n"], "loo_score_effective_over_gemm", rate / g64)
         put("gemm", big["n"], "eigh_loo_s", big["eigh_loo_s"], "s")
     total_rate = (basis_flops + loo_flops + flops["matrix_free"]) / big["total_s"] / 1e9
-    print(f"  all of it over the total {big['total_s']:.1f} s: {total_rate:.1f} GFLOP/s = {total_rate / g64:.2f} × "
-          "the GEMM rate")
+    print(
+        f"  all of it over the total {big['total_s']:.1f} s: {total_rate:.1f} GFLOP/s = {total_rate / g64:.2f} × "
+        "the GEMM rate"
+    )
     put("gemm", big["n"], "total_effective_gflops", total_rate, "GFLOP/s")
 
     # ---- Jacobian throughput
     print()
-    print(f"Jacobian throughput (per_sample_jacobians + coordinates projection, batch 64, "
-          f"{args.throughput_samples} samples, torch threads = {thr['torch_threads']}):")
+    print(
+        f"Jacobian throughput (per_sample_jacobians + coordinates projection, batch 64, "
+        f"{args.throughput_samples} samples, torch threads = {thr['torch_threads']}):"
+    )
     for arch, label in (("mlp", "MLP 784-1024-1"), ("cnn", "4-layer CNN (paper)")):
         t = thr[arch]
-        print(f"  {label:<22} {t['params']:>8} params, p = {t['p']:>4} per tensor, D = {t['D']}: "
-              f"{t['samples_per_s']:.0f} samples/s")
+        print(
+            f"  {label:<22} {t['params']:>8} params, p = {t['p']:>4} per tensor, D = {t['D']}: "
+            f"{t['samples_per_s']:.0f} samples/s"
+        )
         put("jacobians", None, f"{arch}_samples_per_s", t["samples_per_s"], "samples/s")
         put("jacobians", None, f"{arch}_D", t["D"])
         put("jacobians", None, f"{arch}_p", t["p"])
-    print(f"  MLP over the whole extraction: {jac['n']} samples in {jac['seconds']:.0f} s = "
-          f"{jac['samples_per_s']:.0f} samples/s (written to the memmap)")
+    print(
+        f"  MLP over the whole extraction: {jac['n']} samples in {jac['seconds']:.0f} s = "
+        f"{jac['samples_per_s']:.0f} samples/s (written to the memmap)"
+    )
     put("jacobians", jac["n"], "mlp_extraction_s", jac["seconds"], "s")
 
     # ---- exact check at the largest n
@@ -620,10 +768,12 @@ def report(args, gemm, thr, jac, solves, paper, check) -> None:
         if "skipped" in check:
             print(f"check at n = {check['n']}: skipped ({check['skipped']})")
         else:
-            print(f"check at n = {check['n']}: {check['samples']} samples against {args.t:g} explicit gradient steps "
-                  f"of all their left-out problems at once (D-space, ΦᵀΦ accumulated independently; "
-                  f"{check['gram_s']:.0f} s + {check['steps_s']:.0f} s): max relative error F-SI "
-                  f"{check['fsi_maxrel']:.1e}, ‖Δv‖² {check['dvsq_maxrel']:.1e}")
+            print(
+                f"check at n = {check['n']}: {check['samples']} samples against {args.t:g} explicit gradient steps "
+                f"of all their left-out problems at once (D-space, ΦᵀΦ accumulated independently; "
+                f"{check['gram_s']:.0f} s + {check['steps_s']:.0f} s): max relative error F-SI "
+                f"{check['fsi_maxrel']:.1e}, ‖Δv‖² {check['dvsq_maxrel']:.1e}"
+            )
             for key in ("samples", "fsi_maxrel", "dvsq_maxrel", "steps_s"):
                 put("check", check["n"], key, check[key])
 
@@ -634,7 +784,9 @@ def report(args, gemm, thr, jac, solves, paper, check) -> None:
         for phase in ("basis", "loo"):
             print(f"  {'build_basis' if phase == 'basis' else 'loo_quadratic_forms + scores_from_forms'}:")
             for r in big[f"profile_{phase}"][:8]:
-                print(f"    {r['tottime']:>8.2f} s own {r['cumtime']:>8.2f} s cum {r['calls']:>8} calls  {r['function']}")
+                print(
+                    f"    {r['tottime']:>8.2f} s own {r['cumtime']:>8.2f} s cum {r['calls']:>8} calls  {r['function']}"
+                )
 
     # ---- targets
     print()
@@ -642,19 +794,30 @@ def report(args, gemm, thr, jac, solves, paper, check) -> None:
     marks = []
     if 60000 in by_n:
         s = by_n[60000]
-        marks.append((f"n = 60000 basis+loo+score ≤ 300 s: {s['total_s']:.0f} s (loo+score phase alone "
-                      f"{s['loo_score_s']:.0f} s)", s["total_s"] <= 300))
+        marks.append(
+            (
+                f"n = 60000 basis+loo+score ≤ 300 s: {s['total_s']:.0f} s (loo+score phase alone "
+                f"{s['loo_score_s']:.0f} s)",
+                s["total_s"] <= 300,
+            )
+        )
         marks.append((f"n = 60000 peak memory ≤ 8 GiB: {s['peak_rss_gib']:.2f} GiB", s["peak_rss_gib"] <= 8))
     if ratio is not None:
         marks.append((f"time(60000)/time(6000) ≤ 12: {ratio:.2f}", ratio <= 12))
     if "paper_s" in p:
         sp = p["paper_s"] / p["sui_s"]
         marks.append((f"≥ 100× faster than the paper's algorithm at n = {p['n']}: {sp:.0f}× (extrapolated)", sp >= 100))
-        marks.append((f"F-SI equal to the paper's ≤ 1e-6 relative: {p['paper_fsi_maxrel']:.1e}",
-                      p["paper_fsi_maxrel"] <= 1e-6))
+        marks.append(
+            (f"F-SI equal to the paper's ≤ 1e-6 relative: {p['paper_fsi_maxrel']:.1e}", p["paper_fsi_maxrel"] <= 1e-6)
+        )
     if check is not None and "skipped" not in check:
-        marks.append((f"{check['samples']}-sample check at n = {check['n']} ≤ 1e-6: F-SI {check['fsi_maxrel']:.1e}, "
-                      f"‖Δv‖² {check['dvsq_maxrel']:.1e}", max(check["fsi_maxrel"], check["dvsq_maxrel"]) <= 1e-6))
+        marks.append(
+            (
+                f"{check['samples']}-sample check at n = {check['n']} ≤ 1e-6: F-SI {check['fsi_maxrel']:.1e}, "
+                f"‖Δv‖² {check['dvsq_maxrel']:.1e}",
+                max(check["fsi_maxrel"], check["dvsq_maxrel"]) <= 1e-6,
+            )
+        )
     for text, ok in marks:
         print(f"  [{'met' if ok else 'NOT MET'}] {text}")
         put("targets", None, text, "met" if ok else "not met")

@@ -28,17 +28,21 @@ def add_recipe_args(parser) -> None:
 def environment_lines() -> list[str]:
     """Python, numpy, CPUs, load, OPENBLAS_CORETYPE and the BLAS that threadpoolctl sees."""
     load = ", load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    lines = [f"python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs, "
-             f"{platform.processor() or platform.machine()}{load}",
-             f"OPENBLAS_CORETYPE = {os.environ.get('OPENBLAS_CORETYPE', '(unset)')}  "
-             "(may be set in this environment; it pins OpenBLAS kernels and changes speed)"]
+    lines = [
+        f"python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}{load}",
+        f"OPENBLAS_CORETYPE = {os.environ.get('OPENBLAS_CORETYPE', '(unset)')}  "
+        "(may be set in this environment; it pins OpenBLAS kernels and changes speed)",
+    ]
     try:
         from threadpoolctl import threadpool_info
 
         for pool in threadpool_info():
             if pool.get("user_api") == "blas":
-                lines.append(f"BLAS: {pool.get('internal_api')} {pool.get('version')} arch={pool.get('architecture')} "
-                             f"threads={pool.get('num_threads')} ({Path(pool.get('filepath', '')).name})")
+                lines.append(
+                    f"BLAS: {pool.get('internal_api')} {pool.get('version')} arch={pool.get('architecture')} "
+                    f"threads={pool.get('num_threads')} ({Path(pool.get('filepath', '')).name})"
+                )
     except ImportError:
         lines.append("BLAS: threadpoolctl not installed")
     return lines
@@ -84,18 +88,21 @@ def jacobian_model(arch: str, dim: int, seed: int, input_shape=(1, 28, 28), hidd
     from sui_core.linearized.jacobians import make_projector
     from sui_core.network.models import build_model
 
-    cfg = ModelConfig(arch=arch, hidden=[hidden], init_seed=seed) if arch == "mlp" else \
-        ModelConfig(arch=arch, init_seed=seed)
+    cfg = (
+        ModelConfig(arch=arch, hidden=[hidden], init_seed=seed)
+        if arch == "mlp"
+        else ModelConfig(arch=arch, init_seed=seed)
+    )
     model = build_model(cfg, list(input_shape), 1)
     shapes = {name: p.shape for name, p in model.named_parameters()}
     per_tensor = dims_per_tensor_for(dim, [s.numel() for s in shapes.values()])
-    projector = make_projector(JacobianConfig(projection="coordinates", dims_per_tensor=per_tensor, seed=seed),
-                               shapes)
+    projector = make_projector(JacobianConfig(projection="coordinates", dims_per_tensor=per_tensor, seed=seed), shapes)
     return model, projector, per_tensor
 
 
-def jacobians(model, projector, x: np.ndarray, out: np.ndarray | None = None,
-              batch: int = JACOBIAN_BATCH) -> tuple[np.ndarray, np.ndarray]:
+def jacobians(
+    model, projector, x: np.ndarray, out: np.ndarray | None = None, batch: int = JACOBIAN_BATCH
+) -> tuple[np.ndarray, np.ndarray]:
     """f0 (n, k) float64 and projected Jacobians Φ (n, k, D) float32 of images x (n, C, H, W).
 
     With `out` (e.g. an np.memmap of shape (n, k, D)) Φ is written into it batch by batch, so that it
@@ -107,13 +114,13 @@ def jacobians(model, projector, x: np.ndarray, out: np.ndarray | None = None,
     f0s = []
     phis = [] if out is None else None
     for lo in range(0, len(x), batch):
-        xb = torch.as_tensor(np.ascontiguousarray(x[lo:lo + batch], dtype=np.float32))
+        xb = torch.as_tensor(np.ascontiguousarray(x[lo : lo + batch], dtype=np.float32))
         with torch.no_grad():
             f0, jac = per_sample_jacobians(model, xb)
         phi = projector.project(jac).to(torch.float32).numpy()
         if out is None:
             phis.append(phi)
         else:
-            out[lo:lo + len(phi)] = phi
+            out[lo : lo + len(phi)] = phi
         f0s.append(f0.to(torch.float64).numpy())
     return np.concatenate(f0s), (np.concatenate(phis) if out is None else out)

@@ -42,16 +42,32 @@ def one_seed(params: dict, seed: int) -> tuple[dict[str, float], dict[str, str]]
     recipe = Recipe.from_config(training)
     est = unique_information(model, x, y, torch.as_tensor(val.x), recipe, jacobian)
     residual = np.asarray(y, dtype=np.float64).reshape(est.f0.shape) - est.f0
-    others = [detection.linearized_fit(est.basis, residual, r) for r in detection.other_lengths(recipe, settings.t_factors)]
+    others = [
+        detection.linearized_fit(est.basis, residual, r) for r in detection.other_lengths(recipe, settings.t_factors)
+    ]
     y_t = torch.as_tensor(y)
     steps = round(training.t)
     loss = baselines.training_loss(model, x, y_t, training.lr, steps, training.weight_decay)
-    cleanlab, _ = detection.out_of_fold_confident_learning(model, x, y_t, train.label, train.num_classes, settings.folds,
-                                                           settings.selection_seed, training.lr, steps,
-                                                           training.weight_decay)
+    cleanlab, _ = detection.out_of_fold_confident_learning(
+        model,
+        x,
+        y_t,
+        train.label,
+        train.num_classes,
+        settings.folds,
+        settings.selection_seed,
+        training.lr,
+        steps,
+        training.weight_decay,
+    )
     half_a = detection.selection_split(len(x), settings.selection_fraction, settings.selection_seed)
-    rows, _, chosen = detection.cross_selected(detection.sui_detectors(est.scores["fsi"], est.fit, others, loss),
-                                               {"loss": loss, "cleanlab": cleanlab}, train.noisy, half_a, [])
+    rows, _, chosen = detection.cross_selected(
+        detection.sui_detectors(est.scores["fsi"], est.fit, others, loss),
+        {"loss": loss, "cleanlab": cleanlab},
+        train.noisy,
+        half_a,
+        [],
+    )
     return {name: rows[name]["ap"] for name in METHODS}, chosen
 
 
@@ -66,12 +82,17 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         ap, chosen = one_seed(params, seed)
         results.append([ap[m] for m in METHODS])
-        print(f"{seed:4d}  " + "  ".join(f"{ap[m]:12.4f}" for m in METHODS) + f"  {chosen['a']} / {chosen['b']}", flush=True)
+        print(
+            f"{seed:4d}  " + "  ".join(f"{ap[m]:12.4f}" for m in METHODS) + f"  {chosen['a']} / {chosen['b']}",
+            flush=True,
+        )
     table = np.array(results)
     print("mean  " + "  ".join(f"{v:12.4f}" for v in table.mean(0)))
     best, loss, cleanlab = table[:, 1], table[:, 2], table[:, 3]
-    print(f"sui_best ahead of the loss on {(best > loss).sum()} of {len(best)} seeds, of cleanlab on "
-          f"{(best > cleanlab).sum()} of {len(best)}")
+    print(
+        f"sui_best ahead of the loss on {(best > loss).sum()} of {len(best)} seeds, of cleanlab on "
+        f"{(best > cleanlab).sum()} of {len(best)}"
+    )
     return 0
 
 

@@ -73,16 +73,45 @@ CELLS = {
 
 # The paper's Table 1 (Pearson, weights / predictions), by (cell, method)
 PAPER = {
-    ("mlp_scratch_wd0", "sui"): (0.987, 0.993), ("mlp_scratch_wd0", "if_lissa"): (0.935, 0.920),
-    ("mlp_scratch_wd", "sui"): (0.977, 0.993), ("mlp_scratch_wd", "if_lissa"): (0.978, 0.990),
-    ("cnn_scratch_wd0", "sui"): (0.193, 0.033), ("cnn_scratch_wd0", "if_lissa"): (0.319, 0.647),
-    ("cnn_scratch_wd", "sui"): (-0.012, 0.070), ("cnn_scratch_wd", "if_lissa"): (0.069, 0.407),
-    ("cnn_pretrained_wd0", "sui"): (0.870, 0.875), ("cnn_pretrained_wd0", "if_lissa"): (0.736, 0.770),
-    ("cnn_pretrained_wd", "sui"): (0.964, 0.974), ("cnn_pretrained_wd", "if_lissa"): (0.979, 0.954),
+    ("mlp_scratch_wd0", "sui"): (0.987, 0.993),
+    ("mlp_scratch_wd0", "if_lissa"): (0.935, 0.920),
+    ("mlp_scratch_wd", "sui"): (0.977, 0.993),
+    ("mlp_scratch_wd", "if_lissa"): (0.978, 0.990),
+    ("cnn_scratch_wd0", "sui"): (0.193, 0.033),
+    ("cnn_scratch_wd0", "if_lissa"): (0.319, 0.647),
+    ("cnn_scratch_wd", "sui"): (-0.012, 0.070),
+    ("cnn_scratch_wd", "if_lissa"): (0.069, 0.407),
+    ("cnn_pretrained_wd0", "sui"): (0.870, 0.875),
+    ("cnn_pretrained_wd0", "if_lissa"): (0.736, 0.770),
+    ("cnn_pretrained_wd", "sui"): (0.964, 0.974),
+    ("cnn_pretrained_wd", "if_lissa"): (0.979, 0.954),
 }
-FIELDS = ["cell", "method", "pearson_weights", "spearman_weights", "pearson_predictions", "spearman_predictions",
-          "median_ratio_weights", "median_ratio_predictions", "seconds", "arch", "pretrained", "n", "m", "lr", "t",
-          "weight_decay", "dtype", "lissa", "checkpoint_step", "loss_start", "loss_end", "distance_sq", "ntk_top", "notes"]
+FIELDS = [
+    "cell",
+    "method",
+    "pearson_weights",
+    "spearman_weights",
+    "pearson_predictions",
+    "spearman_predictions",
+    "median_ratio_weights",
+    "median_ratio_predictions",
+    "seconds",
+    "arch",
+    "pretrained",
+    "n",
+    "m",
+    "lr",
+    "t",
+    "weight_decay",
+    "dtype",
+    "lissa",
+    "checkpoint_step",
+    "loss_start",
+    "loss_end",
+    "distance_sq",
+    "ntk_top",
+    "notes",
+]
 
 
 def run_cell(name: str) -> list[dict]:
@@ -100,23 +129,47 @@ def run_cell(name: str) -> list[dict]:
             torch.save(net.state_dict(), body)
             body.with_suffix(".json").write_text(json.dumps(info))
         model = build_model(replace(model_cfg, init_path=str(body), pretrained_body=True), raw.train.input_shape, 1)
-        notes.append(f"pretrained on MNIST digits 0-3,5-8 (pretrain section defaults): "
-                     f"{body.with_suffix('.json').read_text()}")
+        notes.append(
+            f"pretrained on MNIST digits 0-3,5-8 (pretrain section defaults): {body.with_suffix('.json').read_text()}"
+        )
     model = model.to(getattr(torch, cell.dtype))
     recipe = Recipe(cell.lr, cell.weight_decay, cell.t, "discrete")
     started = time.perf_counter()
-    result = validate(model, torch.as_tensor(raw.train.x), targets(raw.train.label, 2), torch.as_tensor(raw.val.x),
-                      recipe, cell.m, influence=("exact", "lissa"), checkpoint_fraction=0.5, progress=True, **cell.lissa)
+    result = validate(
+        model,
+        torch.as_tensor(raw.train.x),
+        targets(raw.train.label, 2),
+        torch.as_tensor(raw.val.x),
+        recipe,
+        cell.m,
+        influence=("exact", "lissa"),
+        checkpoint_fraction=0.5,
+        progress=True,
+        **cell.lissa,
+    )
     truth = result.truth
-    print(f"{name}: {time.perf_counter() - started:.0f} s; retraining {truth.changes.seconds:.0f} s; loss "
-          f"{truth.loss_start:.4g} -> {truth.loss_end:.4g}; ||w - w0||^2 {truth.distance_sq:.4g}; "
-          f"mean-loss NTK top eigenvalues {np.round(result.spectrum['w0'][:3], 4).tolist()}", flush=True)
+    print(
+        f"{name}: {time.perf_counter() - started:.0f} s; retraining {truth.changes.seconds:.0f} s; loss "
+        f"{truth.loss_start:.4g} -> {truth.loss_end:.4g}; ||w - w0||^2 {truth.distance_sq:.4g}; "
+        f"mean-loss NTK top eigenvalues {np.round(result.spectrum['w0'][:3], 4).tolist()}",
+        flush=True,
+    )
     rows = []
     for row in result.table():
-        rows.append({"cell": name, **row, **asdict(cell), "lissa": json.dumps(cell.lissa),
-                     "checkpoint_step": result.checkpoint_step, "loss_start": truth.loss_start,
-                     "loss_end": truth.loss_end, "distance_sq": truth.distance_sq,
-                     "ntk_top": float(result.spectrum["w0"][0]), "notes": "; ".join(notes + result.notes)})
+        rows.append(
+            {
+                "cell": name,
+                **row,
+                **asdict(cell),
+                "lissa": json.dumps(cell.lissa),
+                "checkpoint_step": result.checkpoint_step,
+                "loss_start": truth.loss_start,
+                "loss_end": truth.loss_end,
+                "distance_sq": truth.distance_sq,
+                "ntk_top": float(result.spectrum["w0"][0]),
+                "notes": "; ".join(notes + result.notes),
+            }
+        )
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return rows
 
@@ -138,30 +191,42 @@ def write_rows(rows: list[dict]) -> None:
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["# Table 1 on this machine: estimates vs real retraining (MNIST 4 vs 9)", "",
-             "Pearson / Spearman of each estimate against the real change, for weights ‖w − w₋ᵢ‖² and for "
-             "validation predictions Σ_j‖Δf(x_j)‖²; `paper` = the paper's Pearson (weights / predictions). "
-             "ratio = median estimate/real. Written by `python bench/table1.py`; settings per cell below.", "",
-             "| cell | method | weights P / S | predictions P / S | paper P (w / f) | ratio w / f | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Table 1 on this machine: estimates vs real retraining (MNIST 4 vs 9)",
+        "",
+        "Pearson / Spearman of each estimate against the real change, for weights ‖w − w₋ᵢ‖² and for "
+        "validation predictions Σ_j‖Δf(x_j)‖²; `paper` = the paper's Pearson (weights / predictions). "
+        "ratio = median estimate/real. Written by `python bench/table1.py`; settings per cell below.",
+        "",
+        "| cell | method | weights P / S | predictions P / S | paper P (w / f) | ratio w / f | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         paper = PAPER.get((r["cell"], r["method"]))
         f = lambda key: f"{float(r[key]):.3f}"  # noqa: E731
-        lines.append(f"| {r['cell']} | {r['method']} | {f('pearson_weights')} / {f('spearman_weights')} | "
-                     f"{f('pearson_predictions')} / {f('spearman_predictions')} | "
-                     f"{'{:.3f} / {:.3f}'.format(*paper) if paper else '–'} | "
-                     f"{float(r['median_ratio_weights']):.3g} / {float(r['median_ratio_predictions']):.3g} | "
-                     f"{float(r['seconds']):.0f} |")
-    lines += ["", "| cell | arch | pretrained | n | m | lr | t | weight_decay | checkpoint step | train loss w0 → t "
-              "| ‖w − w0‖² | top mean-loss NTK eigenvalue at w0 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['cell']} | {r['method']} | {f('pearson_weights')} / {f('spearman_weights')} | "
+            f"{f('pearson_predictions')} / {f('spearman_predictions')} | "
+            f"{'{:.3f} / {:.3f}'.format(*paper) if paper else '–'} | "
+            f"{float(r['median_ratio_weights']):.3g} / {float(r['median_ratio_predictions']):.3g} | "
+            f"{float(r['seconds']):.0f} |"
+        )
+    lines += [
+        "",
+        "| cell | arch | pretrained | n | m | lr | t | weight_decay | checkpoint step | train loss w0 → t "
+        "| ‖w − w0‖² | top mean-loss NTK eigenvalue at w0 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     seen = set()
     for r in rows:
         if r["cell"] in seen:
             continue
         seen.add(r["cell"])
-        lines.append(f"| {r['cell']} | {r['arch']} | {r['pretrained']} | {r['n'] or 600} | {r['m']} | {r['lr']} | "
-                     f"{r['t']} | {r['weight_decay']} | {r['checkpoint_step']} | {float(r['loss_start']):.4g} → "
-                     f"{float(r['loss_end']):.4g} | {float(r['distance_sq']):.4g} | {float(r['ntk_top']):.4g} |")
+        lines.append(
+            f"| {r['cell']} | {r['arch']} | {r['pretrained']} | {r['n'] or 600} | {r['m']} | {r['lr']} | "
+            f"{r['t']} | {r['weight_decay']} | {r['checkpoint_step']} | {float(r['loss_start']):.4g} → "
+            f"{float(r['loss_end']):.4g} | {float(r['distance_sq']):.4g} | {float(r['ntk_top']):.4g} |"
+        )
     notes = sorted({r["notes"] for r in rows if r["notes"]})
     lissa = sorted({(r["arch"], r["lissa"]) for r in rows})
     lines += ["", *[f"LiSSA for {arch}: {settings}." for arch, settings in lissa], *[f"- {n}" for n in notes]]

@@ -28,8 +28,7 @@ from typer.core import TyperGroup
 # ---- stage commands ------------------------------------------------------------------------------
 # To add a stage: write stages/<name>.py with a module-level typer `app` holding one command (see
 # stages/common.py: `app = stage_app(...)`) and list <name> here, in pipeline order.
-STAGE_MODULES = ["prepare", "pretrain", "model", "jacobians", "ntk", "loo", "score", "evaluate", "validate",
-                 "track"]
+STAGE_MODULES = ["prepare", "pretrain", "model", "jacobians", "ntk", "loo", "score", "evaluate", "validate", "track"]
 
 
 def _module_name(name: str) -> str:
@@ -106,7 +105,11 @@ class SuiGroup(TyperGroup):
 
 
 app = typer.Typer(
-    name="sui", cls=SuiGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="sui",
+    cls=SuiGroup,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
 )
 
 
@@ -192,11 +195,24 @@ def ui(
     db = _sqlite_path(uri)
     cwd = db.parent if db else Path.cwd()
     cwd.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-           "--host", host, "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.setdefault(  # printed by every start of this mlflow version; nothing a user can act on
-        "PYTHONWARNINGS", "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated:UserWarning")
+        "PYTHONWARNINGS", "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated:UserWarning"
+    )
 
     page = runs_page()  # before the server starts: it also creates the experiment on a new store
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}

@@ -62,8 +62,18 @@ from sui_core.config import as_dict, load_params, load_section
 from sui_core.errors import ParamError, SuiError
 from sui_core.io import checked_publish, code_version, file_sha256, is_disk_full, write_json
 
-__all__ = ["Configs", "StageRun", "NullStageRun", "StageBody", "run_stage", "stage_app", "params_option",
-           "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
+__all__ = [
+    "Configs",
+    "StageRun",
+    "NullStageRun",
+    "StageBody",
+    "run_stage",
+    "stage_app",
+    "params_option",
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_TERMINATED",
+]
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -83,8 +93,14 @@ class Configs(dict):
     which records this stage's tracked params and the lineage of every input it opened.
     """
 
-    def __init__(self, sections: Mapping[str, Any], params: dict[str, Any], params_path: Path,
-                 tracked: dict[str, dict[str, Any]], stage: str = ""):
+    def __init__(
+        self,
+        sections: Mapping[str, Any],
+        params: dict[str, Any],
+        params_path: Path,
+        tracked: dict[str, dict[str, Any]],
+        stage: str = "",
+    ):
         super().__init__(sections)
         self.params = params
         self.params_path = params_path
@@ -177,8 +193,14 @@ def dvc_writer(folder: str | Path, dvc_yaml: Path = paths.DVC_YAML) -> str | Non
     if not dvc_yaml.is_file():
         return None
     stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
-    return next((name for name, entry in stages.items() if isinstance(entry, dict)
-                 and Path(folder) in map(Path, _names(entry.get("outs")))), None)
+    return next(
+        (
+            name
+            for name, entry in stages.items()
+            if isinstance(entry, dict) and Path(folder) in map(Path, _names(entry.get("outs")))
+        ),
+        None,
+    )
 
 
 def dvc_stage_params(stage: str) -> list[str] | None:
@@ -203,8 +225,9 @@ def tracked_params(params: dict[str, Any], keys: list[str]) -> dict[str, dict[st
         elif field in values:
             tracked.setdefault(section, {})[field] = values[field]
         else:
-            raise SuiError(f"{paths.DVC_YAML}: a stage tracks param {key}, which params.yaml's section {section} "
-                           f"does not have")
+            raise SuiError(
+                f"{paths.DVC_YAML}: a stage tracks param {key}, which params.yaml's section {section} does not have"
+            )
     return tracked
 
 
@@ -217,8 +240,13 @@ def load_configs(sections: list[str], params_path: str | Path = DEFAULT_PARAMS, 
     if _read_bytes(params_path) != raw:
         raise ParamError(str(params_path), "changed while it was being read; run the stage again")
     keys = dvc_stage_params(stage)
-    cfg = Configs({s: load_section(params, s) for s in sections}, params, params_path,
-                  tracked_params(params, sections if keys is None else keys), stage)
+    cfg = Configs(
+        {s: load_section(params, s) for s in sections},
+        params,
+        params_path,
+        tracked_params(params, sections if keys is None else keys),
+        stage,
+    )
     cfg.tracked_keys, cfg.raw = (sections if keys is None else keys), raw
     return cfg
 
@@ -247,13 +275,19 @@ def params_unchanged(cfg: Configs) -> Callable[[], None]:
         try:
             now = artifacts.flatten(tracked_params(load_params(cfg.params_path), cfg.tracked_keys))
         except SuiError as exc:
-            raise ParamError(str(cfg.params_path), f"changed while the {cfg.stage} stage ran and no longer loads "
-                             f"({_one_line(str(exc))}); nothing was recorded: run the stage again") from None
+            raise ParamError(
+                str(cfg.params_path),
+                f"changed while the {cfg.stage} stage ran and no longer loads "
+                f"({_one_line(str(exc))}); nothing was recorded: run the stage again",
+            ) from None
         before = artifacts.flatten(cfg.tracked)
         for key in sorted(before.keys() | now.keys()):
             if artifacts.canonical(before.get(key)) != artifacts.canonical(now.get(key)):
-                raise ParamError(key, f"changed while the {cfg.stage} stage ran ({before.get(key)!r} when it "
-                                 f"started, {now.get(key)!r} now): nothing was recorded; run the stage again")
+                raise ParamError(
+                    key,
+                    f"changed while the {cfg.stage} stage ran ({before.get(key)!r} when it "
+                    f"started, {now.get(key)!r} now): nothing was recorded; run the stage again",
+                )
 
     return check
 
@@ -267,13 +301,26 @@ def write_provenance(stage: str, processes: int) -> None:
         record = out / artifacts.META_NAME if out.is_dir() else out
         if record.is_file():
             records[str(out)] = file_sha256(record)
-    write_json(paths.PROVENANCE / f"{stage}.json",
-               {"stage": stage, "outputs": records, "code": code_version(), "processes": processes,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_json(
+        paths.PROVENANCE / f"{stage}.json",
+        {
+            "stage": stage,
+            "outputs": records,
+            "code": code_version(),
+            "processes": processes,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
 
 
-def run_stage(name: str, sections: list[str], body: StageBody,
-              params_path: str | Path = DEFAULT_PARAMS, *, distributed: bool = False) -> dict[str, Any]:
+def run_stage(
+    name: str,
+    sections: list[str],
+    body: StageBody,
+    params_path: str | Path = DEFAULT_PARAMS,
+    *,
+    distributed: bool = False,
+) -> dict[str, Any]:
     """Run one stage as described in the module docstring; return its metrics, or exit (SystemExit).
 
     Exit codes: 1 for a SuiError (one line `error: <message>` on stderr), 130 for KeyboardInterrupt,
@@ -303,8 +350,11 @@ def run_stage(name: str, sections: list[str], body: StageBody,
                 rank, world_size = dist.init_from_env()
                 main = rank == 0
             stage_params = {s: as_dict(c) for s, c in cfg.items()}
-            tracked = (stage_run(name, stage_params, all_params=cfg.params) if main
-                       else contextlib.nullcontext(NullStageRun(name)))
+            tracked = (
+                stage_run(name, stage_params, all_params=cfg.params)
+                if main
+                else contextlib.nullcontext(NullStageRun(name))
+            )
             with tracked as run:
                 unchanged = params_unchanged(cfg)
                 with checked_publish(unchanged):
@@ -323,8 +373,11 @@ def run_stage(name: str, sections: list[str], body: StageBody,
         if not is_disk_full(exc):
             raise
         where = exc.filename or f"the {name} stage's output"
-        print(f"error: {where}: no space left on device; free disk space, or check what the params need "
-              f"with `sui plan`", file=sys.stderr, flush=True)
+        print(
+            f"error: {where}: no space left on device; free disk space, or check what the params need with `sui plan`",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(EXIT_ERROR) from None
     except StageTerminated:
         if main:
@@ -359,8 +412,9 @@ def params_option() -> Any:
     return typer.Option(DEFAULT_PARAMS, "--params", "-p", help="params.yaml to read.", dir_okay=False)
 
 
-def stage_app(name: str, help: str | None, body: StageBody, sections: list[str],
-              distributed: bool = False) -> typer.Typer:
+def stage_app(
+    name: str, help: str | None, body: StageBody, sections: list[str], distributed: bool = False
+) -> typer.Typer:
     """A typer app with the one command `name`: `python -m stages.<name> [--params PATH]`.
 
     `distributed`: see `run_stage`."""

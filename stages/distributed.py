@@ -290,8 +290,8 @@ def launch(module: str, args: list[str], nproc: int) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     logs = tempfile.mkdtemp(prefix="sui-torchrun-")  # torchrun's per-run folder, removed afterwards
     parsed = torchrun.get_args_parser().parse_args(
-        ["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0", "--log-dir", logs,
-         "-m", module, *args])
+        ["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0", "--log-dir", logs, "-m", module, *args]
+    )
     try:
         torchrun.run(parsed)
     except ChildFailedError as exc:

@@ -54,12 +54,16 @@ def body(cfg: Configs, run: StageRun) -> dict:
             run.log_artifacts(path, name)
         elif path.exists():
             run.log_artifact(path)
-    return {key: value for key, value in metrics.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)}
+    return {
+        key: value
+        for key, value in metrics.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+    }
 
 
-app = stage_app("evaluate", __doc__, body,
-                sections=["evaluate", "detection", "training", "jacobian", "summarization", "robustness"])
+app = stage_app(
+    "evaluate", __doc__, body, sections=["evaluate", "detection", "training", "jacobian", "summarization", "robustness"]
+)
 
 if __name__ == "__main__":
     app()

@@ -46,9 +46,19 @@ def body(cfg: Configs, run: StageRun) -> dict:
             mine = {}
             for split in SPLITS:
                 data = read_split(paths.PREPARED / f"{split}.parquet")
-                mine[split] = extract(model, data.x, data.sample_id, projector, out, split,
-                                      cfg.jacobian.batch_size, cfg.jacobian.shard_rows,
-                                      progress=rank == 0, rank=rank, world=world)
+                mine[split] = extract(
+                    model,
+                    data.x,
+                    data.sample_id,
+                    projector,
+                    out,
+                    split,
+                    cfg.jacobian.batch_size,
+                    cfg.jacobian.shard_rows,
+                    progress=rank == 0,
+                    rank=rank,
+                    world=world,
+                )
             return mine
 
         parts = dist.all_gather_checked(my_shards)  # every rank has written its files
@@ -58,8 +68,11 @@ def body(cfg: Configs, run: StageRun) -> dict:
         write_manifest(out, projector, info["num_outputs"], shards, info["sha256"], data_sha256())
         cfg.publish(out)
     run.log_artifact(paths.JACOBIANS / "manifest.json")
-    return {"D": projector.total_dim, "k": info["num_outputs"],
-            **{f"n_{split}": sum(e["rows"] for e in shards[split]) for split in SPLITS}}
+    return {
+        "D": projector.total_dim,
+        "k": info["num_outputs"],
+        **{f"n_{split}": sum(e["rows"] for e in shards[split]) for split in SPLITS},
+    }
 
 
 app = stage_app("jacobians", __doc__, body, sections=["jacobian"], distributed=True)

@@ -31,9 +31,11 @@ from sui_core.linearized.solver import Recipe
 def body(cfg: Configs, run: StageRun) -> dict:
     def load():
         ntk = cfg.input(paths.NTK)
-        return (Basis.load(ntk.file(paths.BASIS_FILE.name)),
-                read_npz(ntk.file(paths.RESIDUAL_FILE.name), ["sample_id", "residual"]),
-                read_split(cfg.input(paths.PREPARED).file("train.parquet")))
+        return (
+            Basis.load(ntk.file(paths.BASIS_FILE.name)),
+            read_npz(ntk.file(paths.RESIDUAL_FILE.name), ["sample_id", "residual"]),
+            read_split(cfg.input(paths.PREPARED).file("train.parquet")),
+        )
 
     basis, targets, train = dist.run_checked(load)
     if not np.array_equal(train.sample_id, targets["sample_id"]):
@@ -43,13 +45,26 @@ def body(cfg: Configs, run: StageRun) -> dict:
     peak = planned_peak_bytes(n, basis.z.shape[1], r, cfg.loo.block_size)
     rank, world = dist.world()
     if rank == 0:
-        print(f"loo: n = {n}, rank r = {r}, {cfg.loo.dtype}, planned peak memory {peak / 2**30:.2f} GiB"
-              + (f" per process, {world} processes" if world > 1 else ""))
+        print(
+            f"loo: n = {n}, rank r = {r}, {cfg.loo.dtype}, planned peak memory {peak / 2**30:.2f} GiB"
+            + (f" per process, {world} processes" if world > 1 else "")
+        )
     started = time.perf_counter()
     mine = contiguous_range(n, rank, world)
-    parts = dist.all_gather_checked(lambda: loo_quadratic_forms(
-        basis, targets["residual"], recipe, cfg.training.batch_size, cfg.loo.tol, cfg.loo.block_size,
-        cfg.loo.dtype, progress=rank == 0, samples=mine, all_reduce=dist.all_reduce_sum if world > 1 else None))
+    parts = dist.all_gather_checked(
+        lambda: loo_quadratic_forms(
+            basis,
+            targets["residual"],
+            recipe,
+            cfg.training.batch_size,
+            cfg.loo.tol,
+            cfg.loo.block_size,
+            cfg.loo.dtype,
+            progress=rank == 0,
+            samples=mine,
+            all_reduce=dist.all_reduce_sum if world > 1 else None,
+        )
+    )
     seconds = time.perf_counter() - started
     if rank != 0:
         return {}
@@ -61,10 +76,21 @@ def body(cfg: Configs, run: StageRun) -> dict:
     with atomic_dir(paths.LOO) as out:
         write_parquet(out / paths.FORMS_FILE.name, table)
         write_parquet(out / paths.GROUPS_FILE.name, groups)
-        cfg.publish(out, plan=result.plan.as_dict(), full=vars(recipe.full(n)), left_out=vars(recipe.left_out(n)),
-                    n_val=basis.n_val, train_mse=result.train_mse, units="squared weights/outputs, σ-free")
-    return {"seconds": seconds, "matvecs_per_sample": result.plan.matvecs, "train_mse": result.train_mse,
-            "dv_sq_mean": float(np.mean(forms["dv_sq"]))}
+        cfg.publish(
+            out,
+            plan=result.plan.as_dict(),
+            full=vars(recipe.full(n)),
+            left_out=vars(recipe.left_out(n)),
+            n_val=basis.n_val,
+            train_mse=result.train_mse,
+            units="squared weights/outputs, σ-free",
+        )
+    return {
+        "seconds": seconds,
+        "matvecs_per_sample": result.plan.matvecs,
+        "train_mse": result.train_mse,
+        "dv_sq_mean": float(np.mean(forms["dv_sq"])),
+    }
 
 
 app = stage_app("loo", __doc__, body, sections=["training", "loo"], distributed=True)

@@ -17,8 +17,10 @@ def body(cfg: Configs, run: StageRun) -> dict:
     if model_cfg.pretrain:
         pretrained = cfg.input(paths.PRETRAIN)
         if not pretrained.meta.get("enabled"):
-            raise ArtifactError(f"{paths.PRETRAIN}: holds no pretrained body (model.pretrain needs the pretrain "
-                                f"stage's output: dvc repro)")
+            raise ArtifactError(
+                f"{paths.PRETRAIN}: holds no pretrained body (model.pretrain needs the pretrain "
+                f"stage's output: dvc repro)"
+            )
         body_file = pretrained.file("body.pt")
         model_cfg = dataclasses.replace(model_cfg, init_path=str(body_file), pretrained_body=True)
     try:

@@ -133,8 +133,14 @@ SAMPLE_JACOBIAN_BYTES = 2**28  # full per-sample Jacobians held at once while sa
 def _some_rows(split: Any, m: int) -> Any:
     """A seeded random `m` of the rows of a `sui_core.data.splits.Split` (all if fewer), in order."""
     idx = np.sort(np.random.default_rng(0).choice(len(split), min(m, len(split)), replace=False))
-    return dataclasses.replace(split, **{f.name: getattr(split, f.name)[idx] for f in dataclasses.fields(split)
-                                         if isinstance(getattr(split, f.name), np.ndarray)})
+    return dataclasses.replace(
+        split,
+        **{
+            f.name: getattr(split, f.name)[idx]
+            for f in dataclasses.fields(split)
+            if isinstance(getattr(split, f.name), np.ndarray)
+        },
+    )
 
 
 def _prepared_shapes(cfg: Any, prepared: Path) -> tuple[dict[str, int], tuple, int, dict, int] | None:
@@ -181,8 +187,7 @@ def _npz_shapes(cfg) -> tuple[dict[str, int], tuple, int]:
         raise DataError(f"{path}: npz file not found (data.npz_path)")
     try:
         with zipfile.ZipFile(path) as archive:
-            headers = {name: _npz_header(path, name, archive)
-                       for name in ("X_train", "X_val", "X_test")}
+            headers = {name: _npz_header(path, name, archive) for name in ("X_train", "X_val", "X_test")}
         with np.load(path, allow_pickle=False) as z:
             labels = [z[f"y_{s}"] for s in SPLITS if f"y_{s}" in z.files]
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
@@ -196,8 +201,9 @@ def _npz_shapes(cfg) -> tuple[dict[str, int], tuple, int]:
     return n, shape, classes
 
 
-def data_shapes(params: dict[str, Any], prepared: str | Path = PREPARED
-                ) -> tuple[dict[str, int], tuple, int, str, dict | None, int | None]:
+def data_shapes(
+    params: dict[str, Any], prepared: str | Path = PREPARED
+) -> tuple[dict[str, int], tuple, int, str, dict | None, int | None]:
     """(n per split, input shape, number of classes, where they came from, a sample of rows per split,
     the bytes of data/prepared) for the `data` params; see `Shapes` for the last two."""
     cfg = load_section(params, "data")
@@ -211,8 +217,14 @@ def data_shapes(params: dict[str, Any], prepared: str | Path = PREPARED
 
     raw = load_source(cfg)
     sample = {s: _some_rows(split, SAMPLE_ROWS) for s, split in raw.splits.items()}
-    return ({s: len(split) for s, split in raw.splits.items()}, tuple(raw.train.input_shape),
-            raw.train.num_classes, "source", sample, None)
+    return (
+        {s: len(split) for s, split in raw.splits.items()},
+        tuple(raw.train.input_shape),
+        raw.train.num_classes,
+        "source",
+        sample,
+        None,
+    )
 
 
 def shapes(params: dict[str, Any], prepared: str | Path = PREPARED) -> Shapes:
@@ -225,12 +237,20 @@ def shapes(params: dict[str, Any], prepared: str | Path = PREPARED) -> Shapes:
     named = jacobian_shapes(model)
     with torch.random.fork_rng(devices=[]):
         projector = make_projector(load_section(params, "jacobian"), named)
-    return Shapes(n=n, input_shape=tuple(input_shape), num_classes=num_classes, k=k,
-                  param_count=sum(p.numel() for p in model.parameters()),
-                  state_count=sum(t.numel() for t in model.state_dict().values()),
-                  tensors=len(model.state_dict()),
-                  jacobian_count=sum(math.prod(shape) for shape in named.values()),
-                  dim=projector.total_dim, source=where, sample=sample, prepared_bytes=held)
+    return Shapes(
+        n=n,
+        input_shape=tuple(input_shape),
+        num_classes=num_classes,
+        k=k,
+        param_count=sum(p.numel() for p in model.parameters()),
+        state_count=sum(t.numel() for t in model.state_dict().values()),
+        tensors=len(model.state_dict()),
+        jacobian_count=sum(math.prod(shape) for shape in named.values()),
+        dim=projector.total_dim,
+        source=where,
+        sample=sample,
+        prepared_bytes=held,
+    )
 
 
 def _network(params: dict[str, Any], input_shape: tuple, num_classes: int, device: str):
@@ -258,8 +278,17 @@ def _network(params: dict[str, Any], input_shape: tuple, num_classes: int, devic
 
 # Plots, meta.json, manifests and small tables of each stage: what the tiny and the default pipeline
 # wrote, rounded (plots do not grow with n; they are most of score's and evaluate's output there).
-SMALL_FILES = {"prepare": 4 << 10, "pretrain": 512, "model": 2 << 10, "jacobians": 3 << 10,
-               "ntk": 4 << 10, "loo": 8 << 10, "score": 64 << 10, "evaluate": 112 << 10, "validate": 512}
+SMALL_FILES = {
+    "prepare": 4 << 10,
+    "pretrain": 512,
+    "model": 2 << 10,
+    "jacobians": 3 << 10,
+    "ntk": 4 << 10,
+    "loo": 8 << 10,
+    "score": 64 << 10,
+    "evaluate": 112 << 10,
+    "validate": 512,
+}
 NOT_PLANNED = 0  # the peak memory of a stage the plan has no model of (shown as "-")
 VALIDATE_FILES = 96 << 10  # its scatter plot and tables, when validate.enabled
 VALIDATE_ROW_BYTES = 128  # and a row of its tables per left-out sample
@@ -305,8 +334,9 @@ def prepared_bytes(sh: Shapes) -> tuple[int, str]:
         return sh.prepared_bytes, "the files of data/prepared"
     n_all = sum(sh.n.values())
     if sh.sample is None:
-        return n_all * (sh.features * 4 + 40) + SMALL_FILES["prepare"], \
-            f"{n_all} samples × {sh.features} float32 inputs, uncompressed (an upper bound)"
+        return n_all * (sh.features * 4 + 40) + SMALL_FILES[
+            "prepare"
+        ], f"{n_all} samples × {sh.features} float32 inputs, uncompressed (an upper bound)"
     import tempfile
 
     from sui_core.data.splits import RawData, write_splits
@@ -332,11 +362,13 @@ def jacobian_bytes(sh: Shapes, params: dict[str, Any]) -> tuple[int, str]:
     n = sh.n["train"] + sh.n["val"]
     shards = sum(math.ceil(sh.n[s] / jac.shard_rows) for s in ("train", "val"))
     if sh.sample is None or not len(sh.sample["train"]):
-        return jacobian_shard_bytes(n, sh.k, sh.dim) + SMALL_FILES["jacobians"], \
-            f"{n} rows × (k·D = {sh.k}·{sh.dim} float32 + f0), uncompressed (an upper bound)"
+        return jacobian_shard_bytes(n, sh.k, sh.dim) + SMALL_FILES[
+            "jacobians"
+        ], f"{n} rows × (k·D = {sh.k}·{sh.dim} float32 + f0), uncompressed (an upper bound)"
     fixed, per_row = _jacobian_sample(sh, params)
-    return int(shards * (fixed + MANIFEST_SHARD_BYTES) + n * per_row) + SMALL_FILES["jacobians"], \
-        f"{n} rows × k·D = {sh.k}·{sh.dim}: {per_row:.0f} B a row as Parquet writes a sample"
+    return int(shards * (fixed + MANIFEST_SHARD_BYTES) + n * per_row) + SMALL_FILES[
+        "jacobians"
+    ], f"{n} rows × k·D = {sh.k}·{sh.dim}: {per_row:.0f} B a row as Parquet writes a sample"
 
 
 def _jacobian_sample(sh: Shapes, params: dict[str, Any]) -> tuple[float, float]:
@@ -359,13 +391,16 @@ def _jacobian_sample(sh: Shapes, params: dict[str, Any]) -> tuple[float, float]:
         dtype = next(model.parameters()).dtype
         f0s, phis = [], []
         for lo in range(0, rows, batch):
-            f0, full = per_sample_jacobians(model, torch.as_tensor(x[lo:min(lo + batch, rows)], dtype=dtype))
+            f0, full = per_sample_jacobians(model, torch.as_tensor(x[lo : min(lo + batch, rows)], dtype=dtype))
             phis.append(projector.project(full).to(torch.float32).numpy())
             f0s.append(f0.to(torch.float64).numpy())
     f0, phi = np.concatenate(f0s), np.concatenate(phis)
     ids, half = np.arange(rows), rows // 2
-    return _linear_bytes(parquet_bytes(_shard_table(ids, f0, phi)),
-                         parquet_bytes(_shard_table(ids[:half], f0[:half], phi[:half])) if half else 0, rows)
+    return _linear_bytes(
+        parquet_bytes(_shard_table(ids, f0, phi)),
+        parquet_bytes(_shard_table(ids[:half], f0[:half], phi[:half])) if half else 0,
+        rows,
+    )
 
 
 def dvc_cache(root: str | Path = ".") -> CachePlan:
@@ -427,48 +462,98 @@ def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str
     validate = load_section(params, "validate")
     stages = [
         # memory: the source as float64, as float32, and Arrow's copy
-        StagePlan("prepare", prepared_disk, 4 * inputs, "data.max_train", "data.max_train (or fewer data.classes)",
-                  prepared_detail),
+        StagePlan(
+            "prepare",
+            prepared_disk,
+            4 * inputs,
+            "data.max_train",
+            "data.max_train (or fewer data.classes)",
+            prepared_detail,
+        ),
         # the pretrained body (a state_dict) only when model.pretrain, else an empty meta.json
-        StagePlan("pretrain", (state if model_cfg.pretrain else 0) + SMALL_FILES["pretrain"], NOT_PLANNED,
-                  net_disk, net_disk,
-                  "the network's state_dict" if model_cfg.pretrain else "nothing (model.pretrain is false)"),
+        StagePlan(
+            "pretrain",
+            (state if model_cfg.pretrain else 0) + SMALL_FILES["pretrain"],
+            NOT_PLANNED,
+            net_disk,
+            net_disk,
+            "the network's state_dict" if model_cfg.pretrain else "nothing (model.pretrain is false)",
+        ),
         # the state_dict in float32, and the model beside it
-        StagePlan("model", state + SMALL_FILES["model"], 2 * 4 * sh.state_count, net_disk, net_disk,
-                  f"{p} parameters × 4 bytes"),
+        StagePlan(
+            "model",
+            state + SMALL_FILES["model"],
+            2 * 4 * sh.state_count,
+            net_disk,
+            net_disk,
+            f"{p} parameters × 4 bytes",
+        ),
         # one shard of Φ in numpy and as an Arrow table, plus one batch of full per-sample Jacobians
         # (batch_size × k × P float32) and its projection; the inputs of one split
-        StagePlan("jacobians", jacobians_disk,
-                  2 * jacobian_shard_bytes(min(jac.shard_rows, max(n, n_val)), k, dim)
-                  + 4 * min(jac.batch_size, max(n, 1)) * k * (sh.jacobian_count + dim) + (n + n_val) * sh.features * 4 + 8 * p,
-                  "jacobian.shard_rows or jacobian.batch_size",
-                  "jacobian.dims_per_tensor (or a projection other than none), data.max_train or data.val_fraction",
-                  jacobians_detail),
+        StagePlan(
+            "jacobians",
+            jacobians_disk,
+            2 * jacobian_shard_bytes(min(jac.shard_rows, max(n, n_val)), k, dim)
+            + 4 * min(jac.batch_size, max(n, 1)) * k * (sh.jacobian_count + dim)
+            + (n + n_val) * sh.features * 4
+            + 8 * p,
+            "jacobian.shard_rows or jacobian.batch_size",
+            "jacobian.dims_per_tensor (or a projection other than none), data.max_train or data.val_fraction",
+            jacobians_detail,
+        ),
         # basis.npz: Z, s, the r×r validation Gram; residual.npz: sample ids and Y − f0
-        StagePlan("ntk", z_bytes(n, k, r) + 8 * (r + r * r) + 8 * (n + n * k) + 8 * NPZ_ARRAY_BYTES
-                  + SMALL_FILES["ntk"],
-                  ntk.planned_peak_bytes(n, k, dim, min(jac.shard_rows, max(n, 1))),
-                  "jacobian.dims_per_tensor or data.max_train", "jacobian.dims_per_tensor or data.max_train",
-                  f"Z {n}·{k}·r={r} float64 + r×r ({ntk.choose_space(n, k, dim)} space)"),
+        StagePlan(
+            "ntk",
+            z_bytes(n, k, r) + 8 * (r + r * r) + 8 * (n + n * k) + 8 * NPZ_ARRAY_BYTES + SMALL_FILES["ntk"],
+            ntk.planned_peak_bytes(n, k, dim, min(jac.shard_rows, max(n, 1))),
+            "jacobian.dims_per_tensor or data.max_train",
+            "jacobian.dims_per_tensor or data.max_train",
+            f"Z {n}·{k}·r={r} float64 + r×r ({ntk.choose_space(n, k, dim)} space)",
+        ),
         # forms.parquet: sample_id + 4 float64 forms + 3 fit columns; the basis is loaded whole
-        StagePlan("loo", 8 * n * (1 + len(FORMS) + len(FIT)) + SMALL_FILES["loo"],
-                  scores.planned_peak_bytes(n, k, r, loo.block_size) + 8 * (r * r + n * k),
-                  "loo.block_size or data.max_train", n_disk, f"{n} × ({len(FORMS)} forms + {len(FIT)} fit)"),
+        StagePlan(
+            "loo",
+            8 * n * (1 + len(FORMS) + len(FIT)) + SMALL_FILES["loo"],
+            scores.planned_peak_bytes(n, k, r, loo.block_size) + 8 * (r * r + n * k),
+            "loo.block_size or data.max_train",
+            n_disk,
+            f"{n} × ({len(FORMS)} forms + {len(FIT)} fit)",
+        ),
         # disk only (their memory is not planned: NOT_PLANNED): scores.parquet and evaluate's detection
         # scores hold a row per training sample; plots
-        StagePlan("score", 8 * SCORE_COLUMNS * n + SMALL_FILES["score"], NOT_PLANNED,
-                  n_disk, n_disk, f"{n} × {SCORE_COLUMNS} values + plots"),
-        StagePlan("evaluate", 8 * EVALUATE_COLUMNS * n + SMALL_FILES["evaluate"], NOT_PLANNED,
-                  n_disk, n_disk, f"{n} × {EVALUATE_COLUMNS} values + plots"),
-        StagePlan("validate", (VALIDATE_FILES + VALIDATE_ROW_BYTES * validate.samples if validate.enabled else 0)
-                  + SMALL_FILES["validate"], NOT_PLANNED,
-                  "validate.samples", "validate.samples", f"{validate.samples} × {VALIDATE_ROW_BYTES} B + a plot"
-                  if validate.enabled else "nothing (validate.enabled is false)"),
+        StagePlan(
+            "score",
+            8 * SCORE_COLUMNS * n + SMALL_FILES["score"],
+            NOT_PLANNED,
+            n_disk,
+            n_disk,
+            f"{n} × {SCORE_COLUMNS} values + plots",
+        ),
+        StagePlan(
+            "evaluate",
+            8 * EVALUATE_COLUMNS * n + SMALL_FILES["evaluate"],
+            NOT_PLANNED,
+            n_disk,
+            n_disk,
+            f"{n} × {EVALUATE_COLUMNS} values + plots",
+        ),
+        StagePlan(
+            "validate",
+            (VALIDATE_FILES + VALIDATE_ROW_BYTES * validate.samples if validate.enabled else 0)
+            + SMALL_FILES["validate"],
+            NOT_PLANNED,
+            "validate.samples",
+            "validate.samples",
+            f"{validate.samples} × {VALIDATE_ROW_BYTES} B + a plot"
+            if validate.enabled
+            else "nothing (validate.enabled is false)",
+        ),
     ]
     return Plan(sh, stages, dvc_cache(root))
 
 
 # ---- the check and the table ---------------------------------------------------------------------
+
 
 def available_memory() -> int:
     try:
@@ -498,30 +583,38 @@ def check(plan: Plan, memory: int, disk: int) -> None:
     """SuiError (one line) when the largest peak does not fit in `memory` or the outputs in `disk`."""
     peak = plan.peak
     if peak.peak_bytes > memory:
-        raise SuiError(f"plan: stage {peak.stage} needs {human(peak.peak_bytes)} of memory at its peak, "
-                       f"{human(memory)} available; lower {peak.lower_memory}")
+        raise SuiError(
+            f"plan: stage {peak.stage} needs {human(peak.peak_bytes)} of memory at its peak, "
+            f"{human(memory)} available; lower {peak.lower_memory}"
+        )
     if plan.disk_bytes > disk:
         biggest = max(plan.stages, key=lambda s: s.disk_bytes)
-        cache = (f", the same again for DVC's cache copy ({plan.cache.why})" if plan.cache.copies else "")
-        unlink = ("; or let DVC link instead of copy: `dvc config cache.type hardlink,symlink`"
-                  if plan.cache.copies else "")
-        raise SuiError(f"plan: the outputs need {human(plan.disk_bytes)} on disk (stage {biggest.stage}: "
-                       f"{human(biggest.disk_bytes)}{cache}), {human(disk)} free; lower {biggest.lower_disk}"
-                       f"{unlink}")
+        cache = f", the same again for DVC's cache copy ({plan.cache.why})" if plan.cache.copies else ""
+        unlink = (
+            "; or let DVC link instead of copy: `dvc config cache.type hardlink,symlink`" if plan.cache.copies else ""
+        )
+        raise SuiError(
+            f"plan: the outputs need {human(plan.disk_bytes)} on disk (stage {biggest.stage}: "
+            f"{human(biggest.disk_bytes)}{cache}), {human(disk)} free; lower {biggest.lower_disk}"
+            f"{unlink}"
+        )
 
 
 def table(plan: Plan, memory: int, disk: int) -> str:
     sh = plan.shapes
-    lines = [f"n = {sh.n['train']} train / {sh.n['val']} val / {sh.n['test']} test (from {sh.source}), "
-             f"input {list(sh.input_shape)}, k = {sh.k}, P = {sh.param_count} parameters, D = {sh.dim}, "
-             f"r ≤ {sh.rank}",
-             f"{'stage':<10} {'disk':>12} {'peak memory':>12}  what",
-             ]
+    lines = [
+        f"n = {sh.n['train']} train / {sh.n['val']} val / {sh.n['test']} test (from {sh.source}), "
+        f"input {list(sh.input_shape)}, k = {sh.k}, P = {sh.param_count} parameters, D = {sh.dim}, "
+        f"r ≤ {sh.rank}",
+        f"{'stage':<10} {'disk':>12} {'peak memory':>12}  what",
+    ]
     for s in plan.stages:
         peak = human(s.peak_bytes) if s.peak_bytes != NOT_PLANNED else "-"
         lines.append(f"{s.stage:<10} {human(s.disk_bytes):>12} {peak:>12}  {s.detail}")
     lines.append(f"{'dvc cache':<10} {human(plan.cache_bytes):>12} {'':>12}  {plan.cache.why}")
-    lines.append(f"{'total':<10} {human(plan.disk_bytes):>12} {human(plan.peak.peak_bytes):>12}  "
-                 f"(largest peak: {plan.peak.stage})")
+    lines.append(
+        f"{'total':<10} {human(plan.disk_bytes):>12} {human(plan.peak.peak_bytes):>12}  "
+        f"(largest peak: {plan.peak.stage})"
+    )
     lines.append(f"available: {human(memory)} memory, {human(disk)} disk free: fits")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ TEXT_WIDTH = 70  # characters of a text source's texts shown per row (whitespace
 
 def _short(text: str | None, width: int = TEXT_WIDTH) -> str:
     flat = " ".join((text or "").split())
-    return flat if len(flat) <= width else flat[:width - 1] + "…"
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def top_table(n: int, score: str = "fsi") -> str:
@@ -33,12 +33,16 @@ def top_table(n: int, score: str = "fsi") -> str:
     header = f"{'fsi_rank':>8} {'sample_id':>9} {'label':>{w}} {'clean':>{w}} {'noisy':>5} {'source':<14} {score:>12}"
     header += "  text" if texts is not None else ""
     lines = []
-    for title, idx in ((f"{min(n, len(order))} most informative by {score} (nats)", order[:n]),
-                       (f"{min(n, len(order))} least informative by {score} (nats)", order[::-1][:n])):
+    for title, idx in (
+        (f"{min(n, len(order))} most informative by {score} (nats)", order[:n]),
+        (f"{min(n, len(order))} least informative by {score} (nats)", order[::-1][:n]),
+    ):
         lines += ["", title, header]
         for i in idx:
-            lines.append(f"{table['rank_fsi'][i]:>8} {table['sample_id'][i]:>9} "
-                         f"{class_names[table['label'][i]]!s:>{w}} {class_names[table['clean_label'][i]]!s:>{w}} "
-                         f"{'yes' if table['noisy'][i] else '':>5} {table['source'][i]:<14} {values[i]:>12.4e}"
-                         + (f"  {_short(texts[i])}" if texts is not None else ""))
+            lines.append(
+                f"{table['rank_fsi'][i]:>8} {table['sample_id'][i]:>9} "
+                f"{class_names[table['label'][i]]!s:>{w}} {class_names[table['clean_label'][i]]!s:>{w}} "
+                f"{'yes' if table['noisy'][i] else '':>5} {table['source'][i]:<14} {values[i]:>12.4e}"
+                + (f"  {_short(texts[i])}" if texts is not None else "")
+            )
     return "\n".join(lines[1:])

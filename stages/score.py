@@ -22,20 +22,34 @@ def body(cfg: Configs, run: StageRun) -> dict:
     table, scores = score_table(forms, train, loo.meta["n_val"], cfg.score.sigma, cfg.training.lr, batch_size)
     groups = group_scores(read_parquet(loo.file(paths.GROUPS_FILE.name)), loo.meta["n_val"], cfg.score.sigma)
     for row in groups.to_pylist():
-        print(f"score: group {row['column']}={row['group']} ({row['size']} samples): F-SI {row['fsi_group']:.4g} nats "
-              f"left out together, {row['fsi_members_sum']:.4g} summed over its members")
+        print(
+            f"score: group {row['column']}={row['group']} ({row['size']} samples): F-SI {row['fsi_group']:.4g} nats "
+            f"left out together, {row['fsi_members_sum']:.4g} summed over its members"
+        )
     with atomic_dir(paths.SCORES) as out:
         write_parquet(out / paths.SCORES_FILE.name, table)
-        plots.histogram(scores["fsi"], out / "plots" / "fsi_histogram.png", "F-SI (nats)",
-                        title=f"F-SI of {len(train)} training samples")
+        plots.histogram(
+            scores["fsi"],
+            out / "plots" / "fsi_histogram.png",
+            "F-SI (nats)",
+            title=f"F-SI of {len(train)} training samples",
+        )
         if plots.is_image(list(train.input_shape)):
-            plots.gallery(train.x, scores["fsi"], np.asarray(train.class_names)[train.label],
-                          out / "plots" / "fsi_gallery.png", min(cfg.score.gallery_size, len(train) // 2 or 1))
+            plots.gallery(
+                train.x,
+                scores["fsi"],
+                np.asarray(train.class_names)[train.label],
+                out / "plots" / "fsi_gallery.png",
+                min(cfg.score.gallery_size, len(train) // 2 or 1),
+            )
         write_parquet(out / paths.GROUP_SCORES_FILE.name, groups)
         cfg.publish(out, units="nats", sigma=cfg.score.sigma, batch_size=batch_size, scores=list(SCORES))
     run.log_artifacts(paths.SCORES / "plots", "plots")
-    return {f"{name}_{stat}": float(fn(values)) for name, values in scores.items()
-            for stat, fn in (("mean", np.mean), ("median", np.median), ("max", np.max))}
+    return {
+        f"{name}_{stat}": float(fn(values))
+        for name, values in scores.items()
+        for stat, fn in (("mean", np.mean), ("median", np.median), ("max", np.max))
+    }
 
 
 app = stage_app("score", __doc__, body, sections=["score", "training"])

@@ -40,8 +40,11 @@ def pipeline_stages(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
 
 def numbers(values: dict[str, Any]) -> dict[str, float]:
     """The finite numbers among the top-level values (what the stage itself logs; flags are left out)."""
-    return {key: value for key, value in values.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
+    return {
+        key: value
+        for key, value in values.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
 
 
 def stage_metrics(stage: str) -> dict[str, float]:
@@ -63,8 +66,11 @@ def track(params: Path = params_option()) -> None:
         print(error_line(exc, params), file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     if restored:
-        print(f"{NAME}: not run in this session, metrics read from their outputs: {', '.join(restored)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{NAME}: not run in this session, metrics read from their outputs: {', '.join(restored)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 app = typer.Typer(name=NAME, help=__doc__, add_completion=False, pretty_exceptions_enable=False)

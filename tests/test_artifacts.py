@@ -120,7 +120,8 @@ def test_params_changed_while_the_stage_ran_publish_nothing(tmp_path, monkeypatc
     assert result.exit_code == 1, result.output
     assert result.stderr.strip().splitlines() == [
         "error: params.yaml: training.t: changed while the loo stage ran (500.0 when it started, 1000.0 now): "
-        "nothing was recorded; run the stage again"]
+        "nothing was recorded; run the stage again"
+    ]
     assert not (tmp_path / "data" / "out").exists()
     assert [p.name for p in (tmp_path / "data").iterdir()] == []  # no temporary folder left either
 
@@ -144,13 +145,15 @@ def test_other_sections_may_change_while_a_stage_runs(tmp_path, monkeypatch):
 def test_tracked_params_follow_dvc_yaml(tmp_path, monkeypatch):
     """A stage records (and checks) exactly the params dvc.yaml tracks for it, defaults filled in."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "dvc.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "dvc.yaml").write_text(
+        textwrap.dedent("""\
         stages:
           score:
             cmd: python -m stages.score
             params: [score, training.lr]
             outs: [data/scores]
-    """))
+    """)
+    )
     (tmp_path / "params.yaml").write_text(textwrap.dedent(PARAMS))
     cfg = common.load_configs(["score", "training"], tmp_path / "params.yaml", "score")
     assert cfg.tracked == {"score": {"sigma": 1.0, "gallery_size": 10}, "training": {"lr": 0.01}}

@@ -29,7 +29,7 @@ def saved_basis(path: Path) -> Path:
 def corrupted(path: Path, how: str) -> None:
     data = bytearray(path.read_bytes())
     if how == "truncated":
-        del data[len(data) // 2:]
+        del data[len(data) // 2 :]
     elif how == "first byte":
         data[0] ^= 0xFF
     else:  # a few bytes in the middle: inside z, by far the largest array
@@ -54,9 +54,16 @@ def test_loo_stage_on_a_corrupted_basis_prints_one_line(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SUI_TRACKING", "off")
-    Path("params.yaml").write_text(yaml.safe_dump({
-        "data": {"source": "sklearn_digits", "classes": [0, 1], "max_train": 30},
-        "model": {"hidden": [8]}, "jacobian": {"dims_per_tensor": 20}, "training": {"lr": 0.05, "t": 20}}))
+    Path("params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "data": {"source": "sklearn_digits", "classes": [0, 1], "max_train": 30},
+                "model": {"hidden": [8]},
+                "jacobian": {"dims_per_tensor": 20},
+                "training": {"lr": 0.05, "t": 20},
+            }
+        )
+    )
 
     def run(stage: str):
         return CliRunner().invoke(importlib.import_module(f"stages.{stage}").app, [])

@@ -79,8 +79,13 @@ def test_npz_without_needed_arrays(project):
 
 def test_labels_out_of_range(project):
     rng = np.random.default_rng(0)
-    np.savez("labels.npz", X_train=rng.normal(size=(6, 3)), y_train=np.array([0, 1, 0, 1, 2, 1]),
-             X_val=rng.normal(size=(2, 3)), y_val=np.array([0, 1]))
+    np.savez(
+        "labels.npz",
+        X_train=rng.normal(size=(6, 3)),
+        y_train=np.array([0, 1, 0, 1, 2, 1]),
+        X_val=rng.normal(size=(2, 3)),
+        y_val=np.array([0, 1]),
+    )
     write_params(with_data(source="npz", npz_path="labels.npz", classes=[0, 1]))
     assert_fails(run_stage("prepare"), "y_train", "2")
     assert_nothing_left("data/prepared")
@@ -95,9 +100,16 @@ def test_nan_in_data(project):
     assert_nothing_left("data/prepared")
 
 
-@pytest.mark.parametrize("key,value,stage", [
-    ("t", -5, "loo"), ("lr", -0.1, "loo"), ("lr", 0, "loo"), ("weight_decay", -0.01, "loo"), ("t", "soon", "loo"),
-])
+@pytest.mark.parametrize(
+    "key,value,stage",
+    [
+        ("t", -5, "loo"),
+        ("lr", -0.1, "loo"),
+        ("lr", 0, "loo"),
+        ("weight_decay", -0.01, "loo"),
+        ("t", "soon", "loo"),
+    ],
+)
 def test_bad_training_params(project, key, value, stage):
     params = {section: dict(values) for section, values in SMALL.items()}
     params["training"][key] = value
@@ -148,6 +160,7 @@ def test_divergent_learning_rate_is_refused(project):
 
 # ---- later stages must refuse what a failed stage left -------------------------------------------
 
+
 def assert_downstream_refuses(stage: str, *needles: str) -> None:
     """The next stage finds no artifact to trust: it fails with one line naming the missing file."""
     assert_fails(run_stage(stage), *needles)
@@ -155,19 +168,27 @@ def assert_downstream_refuses(stage: str, *needles: str) -> None:
 
 def npz(name: str, **arrays) -> str:
     rng = np.random.default_rng(0)
-    defaults = {"X_train": rng.normal(size=(6, 3)), "y_train": np.array([0, 1, 0, 1, 0, 1]),
-                "X_val": rng.normal(size=(2, 3)), "y_val": np.array([0, 1])}
+    defaults = {
+        "X_train": rng.normal(size=(6, 3)),
+        "y_train": np.array([0, 1, 0, 1, 0, 1]),
+        "X_val": rng.normal(size=(2, 3)),
+        "y_val": np.array([0, 1]),
+    }
     np.savez(name, **{**defaults, **arrays})
     return name
 
 
 # ---- params of the wrong type --------------------------------------------------------------------
 
-@pytest.mark.parametrize("section,key,value,stage,folder", [
-    ("data", "max_train", "40", "prepare", "data/prepared"),        # string where int
-    ("training", "lr", [0.05], "loo", "data/loo"),                  # list where float
-    ("jacobian", "batch_size", 6.5, "jacobians", "data/jacobians"),  # float where int
-])
+
+@pytest.mark.parametrize(
+    "section,key,value,stage,folder",
+    [
+        ("data", "max_train", "40", "prepare", "data/prepared"),  # string where int
+        ("training", "lr", [0.05], "loo", "data/loo"),  # list where float
+        ("jacobian", "batch_size", 6.5, "jacobians", "data/jacobians"),  # float where int
+    ],
+)
 def test_param_of_wrong_type(project, section, key, value, stage, folder):
     params = {s: dict(v) for s, v in SMALL.items()}
     params.setdefault(section, {})[key] = value
@@ -177,6 +198,7 @@ def test_param_of_wrong_type(project, section, key, value, stage, folder):
 
 
 # ---- classes -------------------------------------------------------------------------------------
+
 
 def test_class_without_samples_in_npz(project):
     write_params(with_data(source="npz", npz_path=npz("empty.npz"), classes=[0, 1, 2]))
@@ -192,8 +214,9 @@ def test_class_absent_from_builtin_source(project):
 
 
 def test_one_class_only_in_npz(project):
-    write_params(with_data(source="npz", classes=None,
-                           npz_path=npz("one.npz", y_train=np.zeros(6, int), y_val=np.zeros(2, int))))
+    write_params(
+        with_data(source="npz", classes=None, npz_path=npz("one.npz", y_train=np.zeros(6, int), y_val=np.zeros(2, int)))
+    )
     assert_fails(run_stage("prepare"), "one.npz", "at least 2 classes")
     assert_nothing_left("data/prepared")
     assert_downstream_refuses("model", "data/prepared/meta.json")
@@ -206,6 +229,7 @@ def test_one_class_only_in_params(project):
 
 
 # ---- pixels --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("value", [np.inf, -np.inf])
 def test_inf_pixels(project, value):
@@ -220,14 +244,16 @@ def test_images_of_mixed_sizes(project):
     ragged = np.empty(6, dtype=object)
     for i in range(6):
         ragged[i] = np.ones((8, 8) if i % 2 else (7, 7))
-    write_params(with_data(source="npz", classes=None,
-                           npz_path=npz("mixed.npz", X_train=ragged, X_val=np.ones((2, 8, 8)))))
+    write_params(
+        with_data(source="npz", classes=None, npz_path=npz("mixed.npz", X_train=ragged, X_val=np.ones((2, 8, 8))))
+    )
     assert_fails(run_stage("prepare"), "mixed.npz")
     assert_nothing_left("data/prepared")
     assert_downstream_refuses("model", "data/prepared/meta.json")
 
 
 # ---- corrupted or mismatched artifacts -----------------------------------------------------------
+
 
 def test_corrupted_parquet_footer_of_prepared_split(project):
     assert run_stage("prepare").exit_code == 0
@@ -255,6 +281,7 @@ def test_init_path_with_other_output_count(project):
 
 
 # ---- the disk fills up, the process is killed ----------------------------------------------------
+
 
 def _enospc_on_call(monkeypatch, number: int, errno_set: bool = True) -> None:
     """Make the `number`-th Parquet write (1-based) fail as a full disk does, after writing half a file."""
@@ -325,8 +352,11 @@ def test_stage_killed_mid_write_then_rerun(project):
     old_meta = json.loads(Path("data/prepared/meta.json").read_text())
     write_params(with_data(seed=1))
     Path("killed.py").write_text(KILLED_WRITER)
-    env = {**os.environ, "SUI_TRACKING": "off",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "SUI_TRACKING": "off",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.Popen([sys.executable, "killed.py"], env=env, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -342,8 +372,12 @@ def test_stage_killed_mid_write_then_rerun(project):
     assert proc.returncode == -signal.SIGKILL
     # only the old complete output is visible, untouched; the killed run's temporary folder is not trusted
     assert json.loads(Path("data/prepared/meta.json").read_text()) == old_meta
-    assert sorted(p.name for p in Path("data/prepared").iterdir()) == ["meta.json", "test.parquet",
-                                                                        "train.parquet", "val.parquet"]
+    assert sorted(p.name for p in Path("data/prepared").iterdir()) == [
+        "meta.json",
+        "test.parquet",
+        "train.parquet",
+        "val.parquet",
+    ]
     for split in ("train", "val", "test"):
         read_split(f"data/prepared/{split}.parquet")
     assert run_stage("model").exit_code == 0  # a later stage consumes the old one

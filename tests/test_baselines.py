@@ -1,7 +1,6 @@
 """Real-network baseline scores (sui_core.studies.baselines) against explicit torch loops, one sample and
 seed at a time."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +10,6 @@ from sui_core.linearized.reference import sgd_trained
 from sui_core.studies.baselines import el2n, grand, seeded_builder, training_loss
 
 SHAPE = [1, 20, 20]
-
 
 
 def data(n, k, seed=0):
@@ -28,7 +26,7 @@ def test_training_loss_is_half_squared_error_of_the_sgd_trained_net(arch, k, wei
     model = seeded_builder(ModelConfig(arch=arch, hidden=[24]), SHAPE, k, double=True)(3)
     got = training_loss(model, x, y, lr=0.05, steps=12, weight_decay=weight_decay)
     net = sgd_trained(model, x, y, 0.05, 12, weight_decay)
-    want = [0.5 * float(((net(x[i:i + 1])[0] - y[i]) ** 2).sum().detach()) for i in range(len(x))]
+    want = [0.5 * float(((net(x[i : i + 1])[0] - y[i]) ** 2).sum().detach()) for i in range(len(x))]
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-14)
     assert not np.allclose(got, training_loss(model, x, y, lr=0.05, steps=0)), "training changed nothing"
 
@@ -42,7 +40,7 @@ def test_el2n_is_the_seed_mean_of_early_error_norms(k):
     per_seed = []
     for seed in seeds:
         net = sgd_trained(build(seed), x, y, 0.1, 4)
-        per_seed.append([float(torch.sqrt(((net(x[i:i + 1])[0] - y[i]) ** 2).sum()).detach()) for i in range(len(x))])
+        per_seed.append([float(torch.sqrt(((net(x[i : i + 1])[0] - y[i]) ** 2).sum()).detach()) for i in range(len(x))])
     np.testing.assert_allclose(got, np.mean(per_seed, axis=0), rtol=1e-9, atol=1e-14)
     # seeds matter (else the average would be pointless) and y may be a 1-d label vector for k = 1
     assert not np.allclose(per_seed[0], per_seed[1])
@@ -63,8 +61,8 @@ def test_grand_is_the_seed_mean_of_per_sample_gradient_norms(steps):
         norms = []
         for i in range(len(x)):
             net.zero_grad()
-            (0.5 * ((net(x[i:i + 1])[0] - y[i]) ** 2).sum()).backward()
-            norms.append(float(torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters() if p.requires_grad))))
+            (0.5 * ((net(x[i : i + 1])[0] - y[i]) ** 2).sum()).backward()
+            norms.append(float(torch.sqrt(sum((p.grad**2).sum() for p in net.parameters() if p.requires_grad))))
         per_seed.append(norms)
     np.testing.assert_allclose(got, np.mean(per_seed, axis=0), rtol=1e-9)
 

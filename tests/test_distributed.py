@@ -48,6 +48,7 @@ SCORES = ["fsi", "si_isotropic", "si_hessian", "si_sgd"]
 
 # ---- pieces, in one process ----------------------------------------------------------------------
 
+
 def test_contiguous_ranges_cover_the_samples_in_order():
     for n in range(0, 23):
         for world in range(1, 6):
@@ -86,8 +87,13 @@ def test_ranks_write_the_same_bytes_as_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     single = extract(model, x, ids, proj, one, "train", batch_size=4, shard_rows=10, progress=False)
-    entries = [e for rank in range(2) for e in extract(model, x, ids, proj, two, "train", batch_size=4,
-                                                        shard_rows=10, progress=False, rank=rank, world=2)]
+    entries = [
+        e
+        for rank in range(2)
+        for e in extract(
+            model, x, ids, proj, two, "train", batch_size=4, shard_rows=10, progress=False, rank=rank, world=2
+        )
+    ]
     assert [e["file"] for e in single] == ["train-00000.parquet", "train-00001.parquet", "train-00002.parquet"]
     assert [e["rows"] for e in entries] == [10, 4, 6, 3]  # 7 batches, 4 + 3: rank 1 starts at sample 14
     for out, shards in ((one, single), (two, entries)):
@@ -124,9 +130,14 @@ def test_sgd_covariance_summed_over_parts_matches_all_samples():
         assert np.allclose(split, whole, rtol=1e-10, atol=1e-12 * np.abs(whole).max())
     with pytest.raises(ValueError, match="all_reduce"):
         sgd_precision(basis, residual, recipe, 40, c, samples=parts[0])
-    forms = [(lambda res: res.forms | res.fit)(
-        loo_quadratic_forms(basis, residual, recipe, None, block_size=8, progress=False, samples=part,
-                            all_reduce=lambda a: total)) for part in parts]
+    forms = [
+        (lambda res: res.forms | res.fit)(
+            loo_quadratic_forms(
+                basis, residual, recipe, None, block_size=8, progress=False, samples=part, all_reduce=lambda a: total
+            )
+        )
+        for part in parts
+    ]
     whole_result = loo_quadratic_forms(basis, residual, recipe, None, progress=False)
     reference = whole_result.forms | whole_result.fit
     for name, values in reference.items():
@@ -163,6 +174,7 @@ def test_compute_nproc_is_validated(tmp_path, monkeypatch):
 
 # ---- two processes, end to end -------------------------------------------------------------------
 
+
 def env_for(project: Path, *extra_paths: Path) -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -173,10 +185,12 @@ def env_for(project: Path, *extra_paths: Path) -> dict:
 
 
 def run(cmd: list[str], project: Path, expect: int = 0, *extra_paths: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=project, env=env_for(project, *extra_paths), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == expect, \
+    proc = subprocess.run(
+        cmd, cwd=project, env=env_for(project, *extra_paths), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == expect, (
         f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
@@ -213,8 +227,19 @@ def test_two_processes_give_the_same_results_as_one(tmp_path):
     assert "jacobians: 2 processes" in out and "done in" in out
     run(stage("ntk"), two)
     set_nproc(two, 1)  # under torchrun the world size comes from torchrun, not from the param
-    out = run(["torchrun", "--standalone", "--nproc-per-node", "2", "--log-dir", str(tmp_path / "torchrun"),
-               "-m", "stages.loo"], two).stderr
+    out = run(
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--log-dir",
+            str(tmp_path / "torchrun"),
+            "-m",
+            "stages.loo",
+        ],
+        two,
+    ).stderr
     assert "loo: done in" in out and "(2 processes)" in out
     run(stage("score"), two)
 
@@ -280,12 +305,24 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path):
     (tmp_path / "fakedist" / "boom.py").write_text(textwrap.dedent(FAKE_STAGE))
     (tmp_path / "params.yaml").write_text("compute: {nproc: 2}\n")
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "fakedist.boom"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env={**env_for(tmp_path, tmp_path), "FAIL": "error"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "fakedist.boom"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env_for(tmp_path, tmp_path), "FAIL": "error"},
+    )
     assert proc.returncode == 1, proc.stderr
     assert error_lines(proc.stderr) == ["error: data/x.npz: bad rows on rank 1"], proc.stderr
     # a bug (not a SuiError) on one rank: its traceback, and the job still ends, non-zero
-    proc = subprocess.run([sys.executable, "-m", "fakedist.boom"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env={**env_for(tmp_path, tmp_path), "FAIL": "bug"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "fakedist.boom"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env_for(tmp_path, tmp_path), "FAIL": "bug"},
+    )
     assert proc.returncode == 1 and "RuntimeError: a bug" in proc.stderr, proc.stderr
     assert time.monotonic() - started < 60

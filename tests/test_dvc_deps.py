@@ -19,11 +19,22 @@ PACKAGES = ("sui_core", "stages")
 # hash checks, tracking, process groups, errors and the CLI. Deliberately not a dep (editing it must not
 # rerun the pipeline) and not followed either: what it imports serves that infrastructure (config.py
 # imports sui_core.network.models only to validate an architecture name). Keep in step with dvc.yaml's header.
-NOT_DEPS = frozenset({
-    "sui_core/__init__.py", "sui_core/io.py", "sui_core/config.py", "stages/tracking.py",
-    "stages/distributed.py", "sui_core/errors.py", "sui_core/artifacts.py", "stages/plan.py",
-    "stages/__init__.py", "stages/common.py", "stages/paths.py", "stages/cli.py",
-})
+NOT_DEPS = frozenset(
+    {
+        "sui_core/__init__.py",
+        "sui_core/io.py",
+        "sui_core/config.py",
+        "stages/tracking.py",
+        "stages/distributed.py",
+        "sui_core/errors.py",
+        "sui_core/artifacts.py",
+        "stages/plan.py",
+        "stages/__init__.py",
+        "stages/common.py",
+        "stages/paths.py",
+        "stages/cli.py",
+    }
+)
 
 # Lazy imports (inside one function) that only some stages' code takes, followed for those alone:
 # sui_core.data.splits.load_source loads the raw data with sources.py (which loads text.py) and adversarial.py
@@ -42,8 +53,12 @@ def imported_modules(source: Path, lazy_only: bool = False) -> set[str]:
     tree = ast.parse(source.read_text(), filename=str(source))
     nodes = ast.walk(tree)
     if lazy_only:
-        nodes = (node for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
-                 for node in ast.walk(fn))
+        nodes = (
+            node
+            for fn in ast.walk(tree)
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for node in ast.walk(fn)
+        )
     found = set()
     for node in nodes:
         if isinstance(node, ast.Import):
@@ -68,8 +83,11 @@ def stage_code(stage: str, module: str) -> set[str]:
         if current in seen or current in NOT_DEPS:
             continue
         seen.add(current)
-        todo.extend(imported for imported in imported_modules(ROOT / current)
-                    if stage in ONLY_FOR.get((current, imported), {stage}))
+        todo.extend(
+            imported
+            for imported in imported_modules(ROOT / current)
+            if stage in ONLY_FOR.get((current, imported), {stage})
+        )
     return seen
 
 
@@ -84,17 +102,25 @@ def stage_module(stage: dict) -> str:
 
 
 def test_every_module_that_changes_results_is_a_dep():
-    missing = [f"{name}: {module}"
-               for name, stage in pipeline().items()
-               for module in sorted(stage_code(name, stage_module(stage)) - set(stage.get("deps", [])))]
-    assert not missing, "add to the stage's deps in dvc.yaml (or to NOT_DEPS if it cannot change " \
-                        "results):\n" + "\n".join(missing)
+    missing = [
+        f"{name}: {module}"
+        for name, stage in pipeline().items()
+        for module in sorted(stage_code(name, stage_module(stage)) - set(stage.get("deps", [])))
+    ]
+    assert not missing, (
+        "add to the stage's deps in dvc.yaml (or to NOT_DEPS if it cannot change results):\n" + "\n".join(missing)
+    )
 
 
 def test_the_import_graph_is_followed():
     """The walk itself: through stage modules, lazy imports and ONLY_FOR's edges for their stages."""
     code = stage_code("evaluate", "stages/evaluate.py")
-    assert {"sui_core/studies/evaluate.py", "sui_core/plots.py", "sui_core/linearized/solver.py", "sui_core/data/splits.py"} <= code
+    assert {
+        "sui_core/studies/evaluate.py",
+        "sui_core/plots.py",
+        "sui_core/linearized/solver.py",
+        "sui_core/data/splits.py",
+    } <= code
     assert not code & NOT_DEPS
     assert {"stages/jacobians.py", "sui_core/linearized/jacobians.py"} <= stage_code("ntk", "stages/ntk.py")
     assert {"sui_core/data/sources.py", "sui_core/data/text.py"} <= stage_code("prepare", "stages/prepare.py")

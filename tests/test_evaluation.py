@@ -34,9 +34,13 @@ def test_detection_metrics_match_their_definitions():
 def test_two_real_sources_reported_per_source(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SUI_TRACKING", "off")
-    params = {"data": {"source": "mixed_digits", "classes": [3, 8], "max_train": 160},
-              "model": {"hidden": [128]}, "jacobian": {"dims_per_tensor": 300},
-              "training": {"lr": 0.05, "t": 300}, "loo": {"groups": ["label", "source"]}}
+    params = {
+        "data": {"source": "mixed_digits", "classes": [3, 8], "max_train": 160},
+        "model": {"hidden": [128]},
+        "jacobian": {"dims_per_tensor": 300},
+        "training": {"lr": 0.05, "t": 300},
+        "loo": {"groups": ["label", "source"]},
+    }
     Path("params.yaml").write_text(yaml.safe_dump(params))
     for name in ("prepare", "model", "jacobians", "ntk", "loo", "score", "evaluate"):
         result = CliRunner().invoke(importlib.import_module(f"stages.{name}").app, [])
@@ -51,4 +55,8 @@ def test_two_real_sources_reported_per_source(tmp_path, monkeypatch):
     assert Path("data/evaluate/plots/fsi_by_source.png").stat().st_size > 0
     groups = pq.read_table("data/scores/groups.parquet").to_pydict()
     assert sorted(zip(groups["column"], groups["group"])) == [
-        ("label", "3"), ("label", "8"), ("source", "mnist"), ("source", "sklearn_digits")]
+        ("label", "3"),
+        ("label", "8"),
+        ("source", "mnist"),
+        ("source", "sklearn_digits"),
+    ]

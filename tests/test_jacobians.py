@@ -30,8 +30,9 @@ def mlp(k: int) -> nn.Module:
 
 
 def cnn(k: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 2, stride=2), nn.Flatten(),
-                         nn.Linear(2 * 2 * 2, k))
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 2, stride=2), nn.Flatten(), nn.Linear(2 * 2 * 2, k)
+    )
 
 
 def autograd_jacobians(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -68,8 +69,9 @@ def two_sample_jacobians(k: int = 2) -> dict[str, torch.Tensor]:
     """Fixed Jacobians of two correlated samples, so that the exact kernel is far from zero."""
     gen = torch.Generator().manual_seed(1)
     first = {n: torch.randn(1, k, *s, generator=gen, dtype=torch.float64) for n, s in SHAPES.items()}
-    return {n: torch.cat([j, j + 0.5 * torch.randn(j.shape, generator=gen, dtype=torch.float64)])
-            for n, j in first.items()}
+    return {
+        n: torch.cat([j, j + 0.5 * torch.randn(j.shape, generator=gen, dtype=torch.float64)]) for n, j in first.items()
+    }
 
 
 def exact_kernel(jac: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -132,8 +134,7 @@ def test_projection_is_deterministic_per_seed_and_batch_independent(projection):
 
     assert torch.equal(project(0, jac), project(0, jac))
     assert not torch.allclose(project(0, jac), project(1, jac))
-    split = torch.cat([project(0, {n: j[:2] for n, j in jac.items()}),
-                       project(0, {n: j[2:] for n, j in jac.items()})])
+    split = torch.cat([project(0, {n: j[:2] for n, j in jac.items()}), project(0, {n: j[2:] for n, j in jac.items()})])
     assert torch.allclose(split, project(0, jac), rtol=1e-6, atol=1e-6)
 
 
@@ -218,10 +219,17 @@ def wrong_column(out, manifest):
     manifest["shards"]["train"][1]["sha256"] = file_sha256(path)
 
 
-@pytest.mark.parametrize("damage,expected", [
-    (corrupt_content, "sha256"), (truncate, "sha256"), (delete, "missing"), (fewer_rows, "rows"),
-    (wrong_dim, "D = "), (wrong_column, "'phi'"),
-])
+@pytest.mark.parametrize(
+    "damage,expected",
+    [
+        (corrupt_content, "sha256"),
+        (truncate, "sha256"),
+        (delete, "missing"),
+        (fewer_rows, "rows"),
+        (wrong_dim, "D = "),
+        (wrong_column, "'phi'"),
+    ],
+)
 def test_shard_not_matching_manifest_is_an_artifact_error(extracted, damage, expected):
     out = extracted[0]
     manifest = json.loads((out / "manifest.json").read_text())

@@ -35,8 +35,14 @@ def test_mlp_layers():
 def test_cnn_param_count():
     """Conv and linear sizes of the paper's CNN on 28x28: 28 -> 14 -> 7 -> 5 -> 3, flatten 256*3*3."""
     model = build_model(CNN, (1, 28, 28), 10)
-    expected = (1 * 16 * 32 + 32) + (32 * 16 * 32 + 32) + (32 * 9 * 64 + 64) + (64 * 9 * 256 + 256) \
-        + (256 * 9 * 256 + 256) + (256 * 10 + 10)
+    expected = (
+        (1 * 16 * 32 + 32)
+        + (32 * 16 * 32 + 32)
+        + (32 * 9 * 64 + 64)
+        + (64 * 9 * 256 + 256)
+        + (256 * 9 * 256 + 256)
+        + (256 * 10 + 10)
+    )
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
@@ -166,8 +172,9 @@ def test_torchvision_init_path_and_pretrained_body(tmp_path):
     assert all(torch.equal(own[k], src[k]) for k in own if not k.startswith("fc."))
     assert own["fc.weight"].shape == (1, 512)
     assert torch.equal(own["fc.weight"], fresh["fc.weight"]) and torch.equal(own["fc.bias"], fresh["fc.bias"])
-    other = build_model(ModelConfig(arch="resnet18", init_seed=8, init_path=str(file), pretrained_body=True),
-                        (1, 32, 32), 1)
+    other = build_model(
+        ModelConfig(arch="resnet18", init_seed=8, init_path=str(file), pretrained_body=True), (1, 32, 32), 1
+    )
     assert not torch.equal(other.fc.weight, model.fc.weight)  # the head is seeded by init_seed
 
     # a body file without any head loads too; mismatches name the tensor
@@ -178,16 +185,21 @@ def test_torchvision_init_path_and_pretrained_body(tmp_path):
         build_model(ModelConfig(arch="resnet18", init_path=str(tmp_path / "body.pt")), (3, 32, 32), 10)
     bad = dict(state, **{"layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)})
     torch.save(bad, tmp_path / "bad.pt")
-    with pytest.raises(ParamError, match=r"bad.pt: tensor layer1.0.conv1.weight has shape \[64, 64, 1, 1\], "
-                                         r"the model needs \[64, 64, 3, 3\]"):
-        build_model(ModelConfig(arch="resnet18", init_path=str(tmp_path / "bad.pt"), pretrained_body=True),
-                    (3, 32, 32), 1)
+    with pytest.raises(
+        ParamError,
+        match=r"bad.pt: tensor layer1.0.conv1.weight has shape \[64, 64, 1, 1\], "
+        r"the model needs \[64, 64, 3, 3\]",
+    ):
+        build_model(
+            ModelConfig(arch="resnet18", init_path=str(tmp_path / "bad.pt"), pretrained_body=True), (3, 32, 32), 1
+        )
     del state["bn1.running_var"]
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.pt")
     with pytest.raises(ParamError, match=r"missing \['bn1.running_var'\], unexpected \['extra.weight'\]"):
-        build_model(ModelConfig(arch="resnet18", init_path=str(tmp_path / "bad.pt"), pretrained_body=True),
-                    (3, 32, 32), 1)
+        build_model(
+            ModelConfig(arch="resnet18", init_path=str(tmp_path / "bad.pt"), pretrained_body=True), (3, 32, 32), 1
+        )
     with pytest.raises(ParamError, match="model.pretrained_body: needs model.init_path"):
         load_section({"model": {"arch": "resnet18", "pretrained_body": True}}, "model")
 

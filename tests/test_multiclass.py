@@ -23,7 +23,8 @@ K = 10
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(
     not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
-    reason="Debian package dataset-fashion-mnist is not installed (/usr/share/datasets/fashion-mnist missing)")
+    reason="Debian package dataset-fashion-mnist is not installed (/usr/share/datasets/fashion-mnist missing)",
+)
 
 
 def make_problem(n, dim, seed, n_val=6):
@@ -77,8 +78,14 @@ def test_k10_every_delta_matches_brute_force(n, dim, weight_decay, t, dynamics, 
 
 STAGES = ["prepare", "model", "jacobians", "ntk", "loo", "score", "evaluate"]
 FASHION_PARAMS = {
-    "data": {"source": "fashion_mnist", "classes": None, "max_train": 300, "val_fraction": 0.01,
-             "label_noise": 0.1, "seed": 0},
+    "data": {
+        "source": "fashion_mnist",
+        "classes": None,
+        "max_train": 300,
+        "val_fraction": 0.01,
+        "label_noise": 0.1,
+        "seed": 0,
+    },
     "model": {"hidden": [64]},
     "jacobian": {"dims_per_tensor": 200, "batch_size": 64},
     "training": {"lr": 0.01, "t": 2000},

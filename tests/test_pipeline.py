@@ -51,13 +51,15 @@ def test_every_artifact_records_what_produced_it(project):
     """Each output's meta.json: the params it depends on, however far upstream, and a sha256 per file; the
     code version lies outside the outputs (.sui/provenance), so it cannot change their hashes."""
     commit = run(["git", "rev-parse", "HEAD"], project).strip()
-    for stage, folder, upstream in [("prepare", "prepared", {"data.seed": 0, "data.max_train": 120}),
-                                    ("model", "model", {"data.seed": 0, "model.hidden": [64]}),
-                                    ("jacobians", "jacobians", {"model.hidden": [64], "jacobian.dims_per_tensor": 150}),
-                                    ("ntk", "ntk", {"jacobian.dims_per_tensor": 150, "data.max_train": 120}),
-                                    ("loo", "loo", {"training.t": 300, "jacobian.seed": 0, "data.seed": 0}),
-                                    ("score", "scores", {"score.sigma": 1.0, "training.lr": 0.05, "training.t": 300}),
-                                    ("evaluate", "evaluate", {"detection.folds": 5, "model.init_seed": 0})]:
+    for stage, folder, upstream in [
+        ("prepare", "prepared", {"data.seed": 0, "data.max_train": 120}),
+        ("model", "model", {"data.seed": 0, "model.hidden": [64]}),
+        ("jacobians", "jacobians", {"model.hidden": [64], "jacobian.dims_per_tensor": 150}),
+        ("ntk", "ntk", {"jacobian.dims_per_tensor": 150, "data.max_train": 120}),
+        ("loo", "loo", {"training.t": 300, "jacobian.seed": 0, "data.seed": 0}),
+        ("score", "scores", {"score.sigma": 1.0, "training.lr": 0.05, "training.t": 300}),
+        ("evaluate", "evaluate", {"detection.folds": 5, "model.init_seed": 0}),
+    ]:
         meta = json.loads((project / "data" / folder / "meta.json").read_text())
         assert meta["stage"] == stage and "code" not in meta
         assert {key: meta["lineage"].get(key) for key in upstream} == upstream, folder
@@ -73,8 +75,14 @@ def test_every_artifact_records_what_produced_it(project):
 
 
 def _stage_by_hand(project: Path, stage: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env_for(project),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}"],
+        cwd=project,
+        env=env_for(project),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_stage_run_by_hand_refuses_inputs_of_other_params(project):
@@ -89,7 +97,8 @@ def test_a_stage_run_by_hand_refuses_inputs_of_other_params(project):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: data/loo: computed with training.lr = 0.05, but this stage runs with training.lr = 0.1; rerun the "
-        "stages before it (dvc repro), do not mix outputs of different params")
+        "stages before it (dvc repro), do not mix outputs of different params"
+    )
     assert (project / "data/scores/scores.parquet").read_bytes() == scores
 
 
@@ -105,8 +114,11 @@ def test_a_corrupted_input_is_refused(project, offset):
     finally:
         forms.write_bytes(original)
     assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "error: data/loo/forms.parquet: sha256 does not match data/loo/meta.json")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: data/loo/forms.parquet: sha256 does not match data/loo/meta.json")
+    )
 
 
 def test_noop_repro_reruns_nothing(project):
@@ -120,8 +132,15 @@ def test_changing_training_t_reruns_only_loo_score_evaluate(project):
 
 def test_changing_jacobian_params_reruns_from_jacobians(project):
     set_params(project, jacobian__dims_per_tensor=120)
-    assert stages_ran(run(["dvc", "repro"], project)) == ["jacobians", "ntk", "loo", "score", "evaluate", "validate",
-                                                          "track"]
+    assert stages_ran(run(["dvc", "repro"], project)) == [
+        "jacobians",
+        "ntk",
+        "loo",
+        "score",
+        "evaluate",
+        "validate",
+        "track",
+    ]
 
 
 def test_mlflow_has_one_parent_per_repro_with_a_child_per_stage_that_ran(project):
@@ -131,12 +150,16 @@ def test_mlflow_has_one_parent_per_repro_with_a_child_per_stage_that_ran(project
     experiment = client.get_experiment_by_name("sui")
     runs = client.search_runs([experiment.experiment_id], max_results=1000, order_by=["attributes.start_time ASC"])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.data.tags["sui.kind"] == "dvc-repro"]
-    children = {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
-                for p in parents}
+    children = {
+        p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id] for p in parents
+    }
     stage_lists = [sorted(r.data.tags["sui.stage"] for r in children[p.info.run_id]) for p in parents]
     # the full run, then t changed, then the projection changed (the no-op repro adds nothing)
-    assert stage_lists[:3] == [sorted(ALL_STAGES), sorted(["loo", "score", "evaluate", "validate"]),
-                               sorted(["jacobians", "ntk", "loo", "score", "evaluate", "validate"])]
+    assert stage_lists[:3] == [
+        sorted(ALL_STAGES),
+        sorted(["loo", "score", "evaluate", "validate"]),
+        sorted(["jacobians", "ntk", "loo", "score", "evaluate", "validate"]),
+    ]
     first = parents[0]
     assert first.data.tags.get("sui.git_commit")
     assert first.data.params["training.t"] == "300"
@@ -145,8 +168,12 @@ def test_mlflow_has_one_parent_per_repro_with_a_child_per_stage_that_ran(project
     eval_child = next(r for r in children[first.info.run_id] if r.data.tags["sui.stage"] == "evaluate")
     assert "fsi_auroc" in eval_child.data.metrics
     artifacts = [a.path for a in client.list_artifacts(eval_child.info.run_id, "plots")]
-    assert artifacts == ["plots/detection.png", "plots/fsi_clean_vs_noisy.png", "plots/group_fsi.png",
-                         "plots/sui_best_clean_vs_noisy.png"]
+    assert artifacts == [
+        "plots/detection.png",
+        "plots/fsi_clean_vs_noisy.png",
+        "plots/group_fsi.png",
+        "plots/sui_best_clean_vs_noisy.png",
+    ]
 
 
 def test_dvc_exp_run_is_a_named_parent_run(project):
@@ -161,11 +188,17 @@ def test_dvc_exp_run_is_a_named_parent_run(project):
     named = client.search_runs([experiment.experiment_id], "tags.`sui.dvc_exp_name` = 'short-training'")
     parents = [r for r in named if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].data.params["training.t"] == "200"
-    assert sorted(r.data.tags["sui.stage"] for r in named if r not in parents) == ["evaluate", "loo", "score", "validate"]
+    assert sorted(r.data.tags["sui.stage"] for r in named if r not in parents) == [
+        "evaluate",
+        "loo",
+        "score",
+        "validate",
+    ]
 
 
 def test_same_params_give_identical_outputs_across_commits(project, tmp_path):
     """Rebuilt from the raw data at another commit: every output hash in dvc.lock is the same."""
+
     def outs() -> dict:
         lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
         return {stage: [(o["path"], o["md5"]) for o in entry.get("outs", [])] for stage, entry in lock.items()}

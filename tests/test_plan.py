@@ -70,8 +70,11 @@ def test_plan_matches_a_tiny_run(project):
     for split in ("train", "val", "test"):
         assert pq.read_metadata(f"data/prepared/{split}.parquet").num_rows == sh.n[split]
     manifest = read_manifest("data/jacobians")
-    assert (manifest["k"], manifest["D"]) == (sh.k, sh.dim) == (3, 200 + 16 + 48 + 3)  # 64×16 weight, bias, 16×3 weight, bias
+    assert (
+        (manifest["k"], manifest["D"]) == (sh.k, sh.dim) == (3, 200 + 16 + 48 + 3)
+    )  # 64×16 weight, bias, 16×3 weight, bias
     import json
+
     assert json.loads(Path("data/model/model.json").read_text())["param_count"] == sh.param_count
 
     # Z: exact. The rank is planned as min(n·k, D), reached here: kernel space (n·k = 120 < D = 267),
@@ -112,8 +115,13 @@ def test_plan_prints_a_table(project):
 
 def test_plan_reads_npz_headers(project):
     rng = np.random.default_rng(0)
-    np.savez("mine.npz", X_train=rng.normal(size=(30, 5, 6)), y_train=np.arange(30) % 2,
-             X_val=rng.normal(size=(7, 5, 6)), y_val=np.arange(7) % 2)
+    np.savez(
+        "mine.npz",
+        X_train=rng.normal(size=(30, 5, 6)),
+        y_train=np.arange(30) % 2,
+        X_val=rng.normal(size=(7, 5, 6)),
+        y_val=np.arange(7) % 2,
+    )
     params = {**SMALL, "data": {"source": "npz", "npz_path": "mine.npz"}}
     plan = planning.make_plan(params)
     assert plan.shapes.source == "npz headers"
@@ -142,8 +150,14 @@ def test_plan_refuses_what_the_disk_cannot_hold(project, monkeypatch):
 
 
 # a smaller value of each param the disk advice may name: each must shrink the stage that names it
-SMALLER = {"data.max_train": 20, "data.classes": [0, 1], "data.val_fraction": 0.1,
-           "jacobian.dims_per_tensor": 50, "model.hidden": [8], "validate.samples": 10}
+SMALLER = {
+    "data.max_train": 20,
+    "data.classes": [0, 1],
+    "data.val_fraction": 0.1,
+    "jacobian.dims_per_tensor": 50,
+    "model.hidden": [8],
+    "validate.samples": 10,
+}
 MEMORY_ONLY = {"jacobian.shard_rows": 32, "jacobian.batch_size": 8, "loo.block_size": 16}
 
 
@@ -221,8 +235,9 @@ def test_plan_disk_matches_a_dvc_repro(tmp_path, monkeypatch):
     assert set(with_outputs) == {s.stage for s in plan.stages}  # the plan knows every stage that writes
     written = {name: sum(folder_bytes(out) for out in outs) for name, outs in with_outputs.items()}
     for stage in plan.stages:  # outputs of a few KiB are mostly meta.json: 4 KiB of slack
-        assert abs(stage.disk_bytes - written[stage.stage]) <= max(DISK_TOLERANCE * written[stage.stage], 4096), \
+        assert abs(stage.disk_bytes - written[stage.stage]) <= max(DISK_TOLERANCE * written[stage.stage], 4096), (
             f"{stage.stage}: planned {stage.disk_bytes} B, wrote {written[stage.stage]} B"
+        )
     assert_close(plan.outputs_bytes, sum(written.values()), "all outputs")
     # the cache type in effect: is the cached copy of an output another file (a copy) or the same one?
     import hashlib

@@ -41,7 +41,7 @@ def digits_4_vs_9(seed):
 
     digits = load_digits()
     pool = np.random.default_rng(seed).permutation(np.flatnonzero(np.isin(digits.target, (4, 9))))
-    train, val = pool[:N_TRAIN], pool[N_TRAIN:N_TRAIN + N_VAL]
+    train, val = pool[:N_TRAIN], pool[N_TRAIN : N_TRAIN + N_VAL]
     x = torch.tensor(digits.data / 16.0, dtype=torch.float64).reshape(-1, 1, 8, 8)
     label = (digits.target == 9).astype(np.int64)
     return x[train], label[train], x[val]
@@ -68,8 +68,9 @@ def test_fsi_predicts_the_real_retrained_network():
     y = targets(label, 2)
 
     # --- sui: the linearized network, every leave-one-out problem solved exactly
-    projector = make_projector(JacobianConfig(projection="none"),
-                               {name: p.shape for name, p in model.named_parameters()})
+    projector = make_projector(
+        JacobianConfig(projection="none"), {name: p.shape for name, p in model.named_parameters()}
+    )
     with torch.no_grad():
         f0, jac = per_sample_jacobians(model, x_train)
         phi = projector.project(jac).numpy()
@@ -101,17 +102,19 @@ def test_fsi_predicts_the_real_retrained_network():
         f_left, _, _ = trained_val_outputs(np.arange(n) != i)
         real[row] = float(((f_full - f_left) ** 2).sum())
 
-    predicted = fsi[left_out] * 2 * SIGMA ** 2 * basis.n_val  # Σ_j ‖Φ_val,j Δv_i‖²
+    predicted = fsi[left_out] * 2 * SIGMA**2 * basis.n_val  # Σ_j ‖Φ_val,j Δv_i‖²
     pearson = pearsonr(predicted, real)[0]
     spearman = spearmanr(predicted, real)[0]
-    scale = float(np.sum(predicted * real) / np.sum(predicted ** 2))  # least-squares real ≈ scale·predicted
+    scale = float(np.sum(predicted * real) / np.sum(predicted**2))  # least-squares real ≈ scale·predicted
     rel = np.abs(predicted / real - 1)
     worst = float(rel.max())
-    print(f"\nF-SI vs real retraining of a {HIDDEN}-wide MLP, n = {n}, {N_LEFT_OUT} samples left out: "
-          f"Pearson {pearson:.6f}, Spearman {spearman:.4f}, real/predicted scale {scale:.4f}, per-sample "
-          f"relative error median {np.median(rel):.2%} max {worst:.2%}; "
-          f"train loss {first_loss:.3g} -> {last_loss:.3g} (linearized model: {result.train_mse:.3g}); "
-          f"{time.perf_counter() - started:.0f} s")
+    print(
+        f"\nF-SI vs real retraining of a {HIDDEN}-wide MLP, n = {n}, {N_LEFT_OUT} samples left out: "
+        f"Pearson {pearson:.6f}, Spearman {spearman:.4f}, real/predicted scale {scale:.4f}, per-sample "
+        f"relative error median {np.median(rel):.2%} max {worst:.2%}; "
+        f"train loss {first_loss:.3g} -> {last_loss:.3g} (linearized model: {result.train_mse:.3g}); "
+        f"{time.perf_counter() - started:.0f} s"
+    )
     assert pearson >= 0.99, f"Pearson {pearson:.4f} < 0.99 (Spearman {spearman:.4f})"
     assert 0.95 <= scale <= 1.05, f"real changes are {scale:.3f} x the F-SI prediction"
     # Per sample, not just correlated: a left-out recipe off by 1/n in η (lr/n instead of lr/(n − 1))

@@ -49,5 +49,6 @@ def test_paper_algorithm_without_validation_set():
     recipe = Recipe(0.1, 0.0, 100, "discrete")
     dw, dval = paper_kernel_deltas(phi, residual, recipe.full(10), recipe.left_out(10), [4])
     assert dval is None and dw.shape == (1, 30)
-    assert np.allclose(dw, brute_force_deltas(phi, residual, recipe.full(10), recipe.left_out(10), [4]),
-                       rtol=REL, atol=0)
+    assert np.allclose(
+        dw, brute_force_deltas(phi, residual, recipe.full(10), recipe.left_out(10), [4]), rtol=REL, atol=0
+    )

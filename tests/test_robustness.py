@@ -19,7 +19,7 @@ def ranks(v):
 def test_spearman_matrix_is_pearson_of_ranks():
     rng = np.random.default_rng(0)
     a = rng.normal(size=30)
-    scores = [a, a ** 3, -a, rng.normal(size=30)]
+    scores = [a, a**3, -a, rng.normal(size=30)]
     m = spearman_matrix(scores)
     assert m[0, 1] == pytest.approx(1.0) and m[0, 2] == pytest.approx(-1.0)
     assert m[0, 3] == pytest.approx(np.corrcoef(ranks(a), ranks(scores[3]))[0, 1])
@@ -29,8 +29,12 @@ def test_spearman_matrix_is_pearson_of_ranks():
 
 def test_each_variant_changes_one_factor_and_is_scored_like_a_fresh_estimate():
     var = variants(("mlp", "cnn"), (0, 7), (30, 90))
-    assert [(v.arch, v.init_seed, v.steps) for v in var] == [("mlp", 0, 30), ("cnn", 0, 30), ("mlp", 7, 30),
-                                                             ("mlp", 0, 90)]
+    assert [(v.arch, v.init_seed, v.steps) for v in var] == [
+        ("mlp", 0, 30),
+        ("cnn", 0, 30),
+        ("mlp", 7, 30),
+        ("mlp", 0, 90),
+    ]
     gen = torch.Generator().manual_seed(0)
     shape = [1, 20, 20]
     x, x_val = torch.rand(12, *shape, generator=gen), torch.rand(5, *shape, generator=gen)
@@ -45,8 +49,15 @@ def test_each_variant_changes_one_factor_and_is_scored_like_a_fresh_estimate():
     assert not np.allclose(got[0], got[2]) and not np.allclose(got[0], got[3])
 
 
-@pytest.mark.parametrize("raw,key", [({"archs": ["mlp", "mlp"]}, "archs"), ({"init_seeds": [0]}, "init_seeds"),
-                                     ({"steps": [100, 0]}, "steps"), ({"archs": ["mlp", "nonet"]}, "archs")])
+@pytest.mark.parametrize(
+    "raw,key",
+    [
+        ({"archs": ["mlp", "mlp"]}, "archs"),
+        ({"init_seeds": [0]}, "init_seeds"),
+        ({"steps": [100, 0]}, "steps"),
+        ({"archs": ["mlp", "nonet"]}, "archs"),
+    ],
+)
 def test_bad_params_name_the_key(raw, key):
     from sui_core.config import load_section
     from sui_core.errors import ParamError

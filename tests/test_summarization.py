@@ -1,7 +1,6 @@
 """Data summarization (sui_core.studies.summarization): removal orders against hand-checked cases and
 independent recomputation (fresh Jacobians on the kept subset, plain SGD loops for the retraining)."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -26,10 +25,12 @@ SHAPE = [1, 4, 4]
 
 def nearest_gap(points):
     """A score that depends on what is kept: distance to the nearest other kept point."""
+
     def rescore(kept):
         p = points[kept]
         d = np.abs(p[:, None] - p[None, :]) + np.diag(np.full(len(p), np.inf))
         return d.min(1)
+
     return rescore
 
 
@@ -105,8 +106,9 @@ def test_summarize_removes_by_each_order_and_retrains_from_the_seeds_w0():
     cfg, jac = ModelConfig(hidden=[8]), JacobianConfig(projection="none")
     build = seeded_builder(cfg, SHAPE, 1)
     recipe = Recipe(0.2, 0.0, 15, "discrete")
-    settings = SummarizationConfig(fractions=[0.0, 0.5], strategies=["fsi_bottom", "random", "el2n"],
-                                     seeds=[0, 4], score_inits=2, el2n_steps=3)
+    settings = SummarizationConfig(
+        fractions=[0.0, 0.5], strategies=["fsi_bottom", "random", "el2n"], seeds=[0, 4], score_inits=2, el2n_steps=3
+    )
     rows = summarize(build, x, y, x_val, x_test, test_labels, recipe, jac, settings, progress=False)
     assert len(rows) == 2 * 3 * 2
     for seed in settings.seeds:
@@ -114,20 +116,25 @@ def test_summarize_removes_by_each_order_and_retrains_from_the_seeds_w0():
         by = {(r["strategy"], r["fraction"]): r["accuracy"] for r in rows if r["seed"] == seed}
         assert len({by[(s, 0.0)] for s in settings.strategies}) == 1  # nothing removed: one training
         fsi = unique_information(model, x, y, x_val, recipe, jac).scores["fsi"]  # fresh Jacobians
-        orders = {"fsi_bottom": np.argsort(fsi, kind="stable"),
-                  "random": np.random.default_rng(seed).permutation(n),
-                  "el2n": np.argsort(el2n(build, x, y, [1000 * (seed + 1), 1000 * (seed + 1) + 1], 0.2, 3),
-                                     kind="stable")}
+        orders = {
+            "fsi_bottom": np.argsort(fsi, kind="stable"),
+            "random": np.random.default_rng(seed).permutation(n),
+            "el2n": np.argsort(el2n(build, x, y, [1000 * (seed + 1), 1000 * (seed + 1) + 1], 0.2, 3), kind="stable"),
+        }
         for name, order in orders.items():
-            kept = np.sort(order[n // 2:])
-            want = sgd_accuracy(build(seed), x, torch.tensor(y, dtype=torch.float32), kept, x_test, test_labels,
-                                0.2, 15)
+            kept = np.sort(order[n // 2 :])
+            want = sgd_accuracy(
+                build(seed), x, torch.tensor(y, dtype=torch.float32), kept, x_test, test_labels, 0.2, 15
+            )
             assert by[(name, 0.5)] == pytest.approx(want, abs=1 / 40 + 1e-9), name  # float32 ties at 0.5 may flip one
 
 
 def test_curves_and_drops_by_hand():
-    rows = [{"strategy": s, "fraction": f, "accuracy": a, "seed": i}
-            for s, f, accs in [("random", 0.0, [0.9, 0.8]), ("random", 0.5, [0.7, 0.6])] for i, a in enumerate(accs)]
+    rows = [
+        {"strategy": s, "fraction": f, "accuracy": a, "seed": i}
+        for s, f, accs in [("random", 0.0, [0.9, 0.8]), ("random", 0.5, [0.7, 0.6])]
+        for i, a in enumerate(accs)
+    ]
     table = curves(rows)
     assert [(r["strategy"], r["fraction"]) for r in table] == [("random", 0.0), ("random", 0.5)]
     assert table[0]["mean"] == pytest.approx(0.85) and table[0]["std"] == pytest.approx(np.sqrt(0.005))
@@ -140,14 +147,32 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="step"):
         iterative_removal(lambda kept: kept, 5, [2], step=0)
     with pytest.raises(ValueError, match="unknown strategies"):
-        summarize(None, torch.zeros(4, 1), np.zeros((4, 1)), None, None, None, None, None,
-                  SummarizationConfig(True, [0.0], ["bottom"], [0]), progress=False)
+        summarize(
+            None,
+            torch.zeros(4, 1),
+            np.zeros((4, 1)),
+            None,
+            None,
+            None,
+            None,
+            None,
+            SummarizationConfig(True, [0.0], ["bottom"], [0]),
+            progress=False,
+        )
 
 
-@pytest.mark.parametrize("raw,key", [({"fractions": [0.1, 0.5]}, "fractions"), ({"fractions": [0.0, 1.0]}, "fractions"),
-                                     ({"strategies": ["bottom"]}, "strategies"), ({"seeds": [1, 1]}, "seeds"),
-                                     ({"iterative_step": 0}, "iterative_step"), ({"enabled": "yes"}, "enabled"),
-                                     ({"el2n_steps": -1}, "el2n_steps")])
+@pytest.mark.parametrize(
+    "raw,key",
+    [
+        ({"fractions": [0.1, 0.5]}, "fractions"),
+        ({"fractions": [0.0, 1.0]}, "fractions"),
+        ({"strategies": ["bottom"]}, "strategies"),
+        ({"seeds": [1, 1]}, "seeds"),
+        ({"iterative_step": 0}, "iterative_step"),
+        ({"enabled": "yes"}, "enabled"),
+        ({"el2n_steps": -1}, "el2n_steps"),
+    ],
+)
 def test_bad_params_name_the_key(raw, key):
     from sui_core.config import load_section
     from sui_core.errors import ParamError

@@ -42,15 +42,26 @@ def _text_table(path, texts=TEXTS):
 
 def test_average_matches_the_package_vectors(tmp_path):
     _text_table(tmp_path / "t.parquet")
-    cfg = DataConfig(source="parquet", parquet_path=str(tmp_path / "t.parquet"), text_column="text",
-                     label_noise=0.0, val_fraction=0.25, test_fraction=0.25)
+    cfg = DataConfig(
+        source="parquet",
+        parquet_path=str(tmp_path / "t.parquet"),
+        text_column="text",
+        label_noise=0.0,
+        val_fraction=0.25,
+        test_fraction=0.25,
+    )
     raw = load_source(cfg)
     assert raw.train.input_shape == (50,)
     v = _glove_by_hand(["the", "cat", "sat", "on", "mat", "dogs", "bark", "cats", "purr", "dog"])
-    expected = [np.mean([v[w] for w in ws], axis=0) for ws in (
-        ["the", "cat", "sat", "on", "the", "mat"], ["dogs", "bark", "cats", "purr"],
-        ["the", "dog"],  # the unknown token is skipped
-        ["mat", "mat", "mat"])]
+    expected = [
+        np.mean([v[w] for w in ws], axis=0)
+        for ws in (
+            ["the", "cat", "sat", "on", "the", "mat"],
+            ["dogs", "bark", "cats", "purr"],
+            ["the", "dog"],  # the unknown token is skipped
+            ["mat", "mat", "mat"],
+        )
+    ]
     assert abs(v["the"][0] - 0.418) < 1e-6  # GloVe 6B 50d's first value of "the"
     for split in raw.splits.values():
         np.testing.assert_allclose(split.x, np.array([expected[i % 4] for i in split.sample_id]), rtol=1e-6, atol=1e-7)
@@ -76,8 +87,10 @@ def test_text_without_known_word_is_an_error(tmp_path):
     assert "drop or clean those rows" in message
 
 
-@pytest.mark.parametrize("column,message", [("missing", r"no column 'missing' \(data.text_column\)"),
-                                            ("n_words", r"text column 'n_words' must hold strings")])
+@pytest.mark.parametrize(
+    "column,message",
+    [("missing", r"no column 'missing' \(data.text_column\)"), ("n_words", r"text column 'n_words' must hold strings")],
+)
 def test_text_column_errors(tmp_path, column, message):
     _text_table(tmp_path / "t.parquet")
     with pytest.raises(DataError, match=message):
@@ -87,7 +100,9 @@ def test_text_column_errors(tmp_path, column, message):
 @pytest.mark.parametrize("extra", [{"vector_column": "v"}, {"feature_columns": ["a"]}, {"text_column": ""}])
 def test_text_column_params(extra):
     with pytest.raises(ParamError) as info:
-        from_dict(DataConfig, {"source": "parquet", "parquet_path": "t.parquet", "text_column": "text", **extra}, "data")
+        from_dict(
+            DataConfig, {"source": "parquet", "parquet_path": "t.parquet", "text_column": "text", **extra}, "data"
+        )
     assert info.value.key == "data.text_column"
 
 
@@ -102,12 +117,19 @@ def test_text_reaches_scores_and_sui_top(tmp_path, monkeypatch):
     monkeypatch.setenv("SUI_TRACKING", "off")
     words = ["apple bread cheese soup", "linux kernel code bug", "love heart kiss", "tax vote law senate"]
     texts = [f"{words[i % 4]} number {i}\n  line two " + "x" * (60 if i == 5 else 0) for i in range(32)]
-    pq.write_table(pa.table({"text": texts, "label": [["food", "tech", "love", "law"][i % 4] for i in range(32)]}),
-                   "t.parquet")
-    Path("params.yaml").write_text(yaml.safe_dump({
-        "data": {"source": "parquet", "parquet_path": "t.parquet", "text_column": "text", "label_noise": 0.1},
-        "model": {"hidden": [8]}, "jacobian": {"dims_per_tensor": 20}, "training": {"lr": 0.01, "t": 20},
-    }))
+    pq.write_table(
+        pa.table({"text": texts, "label": [["food", "tech", "love", "law"][i % 4] for i in range(32)]}), "t.parquet"
+    )
+    Path("params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "data": {"source": "parquet", "parquet_path": "t.parquet", "text_column": "text", "label_noise": 0.1},
+                "model": {"hidden": [8]},
+                "jacobian": {"dims_per_tensor": 20},
+                "training": {"lr": 0.01, "t": 20},
+            }
+        )
+    )
     _run_stages(("prepare", "model", "jacobians", "ntk", "loo", "score"))
     scores = pq.read_table("data/scores/scores.parquet").to_pydict()
     assert scores["text"] == [texts[i] for i in scores["sample_id"]]
@@ -127,8 +149,12 @@ def test_text_reaches_scores_and_sui_top(tmp_path, monkeypatch):
 def test_fortunes_example_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SUI_TRACKING", "off")
-    made = subprocess.run([sys.executable, str(ROOT / "examples/text/make_fortunes_table.py"), "data/fortunes.parquet"],
-                          capture_output=True, text=True, check=True)
+    made = subprocess.run(
+        [sys.executable, str(ROOT / "examples/text/make_fortunes_table.py"), "data/fortunes.parquet"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "620 texts" in made.stdout or "texts (food" in made.stdout, made.stdout
     shutil.copy(ROOT / "examples/text/params.yaml", "params.yaml")
     _run_stages(("prepare", "model", "jacobians", "ntk", "loo", "score", "evaluate"))

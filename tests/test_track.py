@@ -49,8 +49,12 @@ def test_track_logs_the_stages_without_a_child_run_on_the_parent(mlflow_uri):
     outputs = {"prepare": {"n_train": 120}, "loo": {"train_mse": 99.0}, "evaluate": {"fsi_auroc": 0.9, "sub": {"x": 1}}}
     assert tracking.log_restored(["prepare", "loo", "evaluate"], outputs.get) == ["prepare", "evaluate"]
     [parent] = _parents(mlflow_uri)
-    assert parent.data.metrics == {"loo.train_mse": 0.5, "prepare.n_train": 120.0, "evaluate.fsi_auroc": 0.9,
-                                   "evaluate.sub.x": 1.0}  # loo's own value, not the one read from outputs
+    assert parent.data.metrics == {
+        "loo.train_mse": 0.5,
+        "prepare.n_train": 120.0,
+        "evaluate.fsi_auroc": 0.9,
+        "evaluate.sub.x": 1.0,
+    }  # loo's own value, not the one read from outputs
     assert parent.data.tags[tracking.RESTORED_TAG] == "prepare,evaluate"
 
 
@@ -70,10 +74,12 @@ def test_track_reads_the_numbers_of_a_stages_outputs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data/metrics").mkdir(parents=True)
     (tmp_path / "data/prepared").mkdir()
-    (tmp_path / "data/metrics/evaluate.json").write_text(json.dumps(
-        {"fsi_auroc": 0.8, "n_noisy": 12, "enabled": True, "note": "text", "nan": float("nan")}))
-    (tmp_path / "data/prepared/meta.json").write_text(json.dumps({"summary": {"n_train": 120, "per_class": {"3": 61}},
-                                                                  "seed": 5}))
+    (tmp_path / "data/metrics/evaluate.json").write_text(
+        json.dumps({"fsi_auroc": 0.8, "n_noisy": 12, "enabled": True, "note": "text", "nan": float("nan")})
+    )
+    (tmp_path / "data/prepared/meta.json").write_text(
+        json.dumps({"summary": {"n_train": 120, "per_class": {"3": 61}}, "seed": 5})
+    )
     assert track.stage_metrics("evaluate") == {"fsi_auroc": 0.8, "n_noisy": 12}
     assert track.stage_metrics("prepare") == {"n_train": 120}
     assert track.stage_metrics("score") == {}
@@ -103,7 +109,10 @@ def test_an_experiment_restored_from_the_run_cache_is_a_parent_with_its_metrics(
     assert tracking.RESTORED_TAG not in computed.data.tags
     assert restored.data.tags[tracking.RESTORED_TAG] == ",".join(ALL_STAGES)
     assert restored.data.tags["sui.dvc_exp_name"] and restored.data.params["training.t"] == "200"
-    expected = {f"evaluate.{k}": float(v) for k, v in evaluate.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    expected = {
+        f"evaluate.{k}": float(v)
+        for k, v in evaluate.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
     for parent in (computed, restored):
         assert {k: v for k, v in parent.data.metrics.items() if k.startswith("evaluate.")} == pytest.approx(expected)

@@ -87,8 +87,9 @@ def test_same_session_one_parent_two_children(mlflow_uri, tmp_path):
     (folder / "p.txt").write_text("plot")
     all_params = {"data": {"seed": 3, "classes": [1, 2]}, "training": {"lr": 0.5}}
 
-    with tracking.stage_run("prepare", {"data": {"seed": 3, "classes": [1, 2]}},
-                            all_params=all_params, session="k1") as run:
+    with tracking.stage_run(
+        "prepare", {"data": {"seed": 3, "classes": [1, 2]}}, all_params=all_params, session="k1"
+    ) as run:
         run.log_metrics({"n_train": 10, "nested": {"acc": 0.5}})
         run.log_artifact(art)
         run.set_tags({"custom": "yes"})
@@ -166,10 +167,13 @@ def _write_params(path: Path, text: str) -> Path:
 
 def test_run_stage_logs_params_and_metrics(mlflow_uri, tmp_path, monkeypatch):
     monkeypatch.setenv("SUI_SESSION_KEY", "k5")
-    params = _write_params(tmp_path / "params.yaml", """\
+    params = _write_params(
+        tmp_path / "params.yaml",
+        """\
         score: {sigma: 2.0}
         training: {lr: 0.1}
-    """)
+    """,
+    )
     seen = {}
 
     def body(cfg, run):
@@ -196,8 +200,7 @@ def test_run_stage_sui_error_is_one_line_exit_1(mlflow_uri, tmp_path):
     app = common.stage_app("score", "Score samples.", lambda cfg, run: {}, sections=["score"])
     result = CliRunner().invoke(app, ["--params", str(params)])
     assert result.exit_code == 1
-    assert result.stderr.strip().splitlines() == [
-        "error: params.yaml: score.sigma: must be in (0.0, inf), got -1.0"]
+    assert result.stderr.strip().splitlines() == ["error: params.yaml: score.sigma: must be in (0.0, inf), got -1.0"]
     assert "Traceback" not in result.output
 
 
@@ -206,7 +209,8 @@ def test_stage_module_subprocess_error_and_interrupt(mlflow_uri, tmp_path):
     pkg = tmp_path / "fakestages"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "boom.py").write_text(textwrap.dedent('''\
+    (pkg / "boom.py").write_text(
+        textwrap.dedent('''\
         """A stage that fails."""
         import os
         from stages.common import stage_app
@@ -220,15 +224,23 @@ def test_stage_module_subprocess_error_and_interrupt(mlflow_uri, tmp_path):
         app = stage_app("boom", __doc__, body, sections=["data"])
         if __name__ == "__main__":
             app()
-    '''))
+    ''')
+    )
     (tmp_path / "params.yaml").write_text("data: {source: sklearn_digits}\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    proc = subprocess.run([sys.executable, "-m", "fakestages.boom"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fakestages.boom"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: data/raw/x.npz: missing arrays ['y'] second line"]
-    proc = subprocess.run([sys.executable, "-m", "fakestages.boom"], cwd=tmp_path,
-                          env={**env, "BOOM": "interrupt"}, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fakestages.boom"],
+        cwd=tmp_path,
+        env={**env, "BOOM": "interrupt"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 130, proc.stderr
     client = _client(mlflow_uri)
     statuses = sorted(r.info.status for r in _runs(client) if tracking.PARENT_TAG in r.data.tags)
@@ -241,7 +253,8 @@ def test_cli_registers_stage_modules_lazily(monkeypatch, tmp_path):
 
     extra = tmp_path / "extra_stages"
     extra.mkdir()
-    (extra / "fakestage.py").write_text(textwrap.dedent('''\
+    (extra / "fakestage.py").write_text(
+        textwrap.dedent('''\
         """A fake stage for the CLI test."""
         from stages.common import stage_app
 
@@ -250,7 +263,8 @@ def test_cli_registers_stage_modules_lazily(monkeypatch, tmp_path):
             return {}
 
         app = stage_app("fakestage", __doc__, body, sections=[])
-    '''))
+    ''')
+    )
     monkeypatch.setattr(stages, "__path__", [*stages.__path__, str(extra)])
     monkeypatch.setattr(cli, "STAGE_MODULES", ["fakestage", "does_not_exist_yet"])
     monkeypatch.delitem(sys.modules, "stages.fakestage", raising=False)
@@ -306,9 +320,14 @@ def test_sui_ui_starts_and_stops_cleanly(tmp_path):
 
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "ui", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.cli", "ui", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

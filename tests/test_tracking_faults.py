@@ -59,15 +59,24 @@ def project(tmp_path):
 def _env(uri: str, **extra: str) -> dict[str, str]:
     """The test's environment without tracking/DVC overrides or proxies (the servers are on loopback)."""
     drop = ("SUI_SESSION_KEY", "SUI_TRACKING", "DVC_ROOT", "DVC_EXP_NAME", "DVC_STAGE")
-    env = {k: v for k, v in os.environ.items() if k not in drop and "proxy" not in k.lower()
-           and not k.startswith("MLFLOW_HTTP_REQUEST")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in drop and "proxy" not in k.lower() and not k.startswith("MLFLOW_HTTP_REQUEST")
+    }
     return {**env, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri, **extra}
 
 
 def _run_stage(project: Path, uri: str, timeout: float = 60, **extra: str):
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "stage_probe.py"], cwd=project, env=_env(uri, **extra),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "stage_probe.py"],
+        cwd=project,
+        env=_env(uri, **extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc, time.monotonic() - started
 
 
@@ -148,9 +157,18 @@ def initialised_db(tmp_path_factory):
     """An mlflow.db with the sui experiment (creating the schema takes seconds: done once, copied)."""
     db = tmp_path_factory.mktemp("db") / "mlflow.db"
     uri = f"sqlite:///{db}"
-    proc = subprocess.run([sys.executable, "-c", "from sui_core import tracking\n"
-                           "with tracking.stage_run('init', {}, session='init'): pass"],
-                          cwd=ROOT, env=_env(uri), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from sui_core import tracking\nwith tracking.stage_run('init', {}, session='init'): pass",
+        ],
+        cwd=ROOT,
+        env=_env(uri),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return db
 
@@ -196,14 +214,21 @@ def test_mlflow_db_deleted_mid_run_is_one_line(db_uri, body):
 def _runs_of_standalone(client, pid: int):
     """The child and parent run of a stage started by hand: its session key is its own `pid-start`."""
     exp = client.get_experiment_by_name(tracking.EXPERIMENT_NAME)
-    return [r for r in client.search_runs([exp.experiment_id])
-            if r.data.tags.get(tracking.SESSION_TAG, "").startswith(f"{pid}-")]
+    return [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get(tracking.SESSION_TAG, "").startswith(f"{pid}-")
+    ]
 
 
 def _start_sleeping_stage(project: Path, uri: str, marker: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "stage_probe.py"], cwd=project,
-                            env=_env(uri, BODY="sleep", MARKER=str(marker)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "stage_probe.py"],
+        cwd=project,
+        env=_env(uri, BODY="sleep", MARKER=str(marker)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _wait_for(marker: Path, procs: list[subprocess.Popen], timeout: float = 90) -> None:
@@ -269,8 +294,10 @@ def test_parent_with_a_live_child_is_left_open(tmp_path, monkeypatch):
     experiment_id = tracking._experiment_id(client)
     dead_owner = tracking.owner_tag((gone.pid, tracking._this_process()[1]))
     parent = client.create_run(experiment_id, tags={tracking.OWNER_TAG: dead_owner}).info.run_id
-    child = client.create_run(experiment_id, tags={tracking.PARENT_TAG: parent, tracking.OWNER_TAG:
-                                                   tracking.owner_tag(tracking._this_process())})
+    child = client.create_run(
+        experiment_id,
+        tags={tracking.PARENT_TAG: parent, tracking.OWNER_TAG: tracking.owner_tag(tracking._this_process())},
+    )
     assert tracking.close_orphaned_runs(client, experiment_id, "next") == []
     client.set_terminated(child.info.run_id)
     assert tracking.close_orphaned_runs(client, experiment_id, "next") == [parent]

@@ -30,8 +30,11 @@ METRIC = "evaluate.fsi_auroc"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="Debian package `chromium` is not installed (as root, "
-                       "`bash run.sh test` installs it; else apt-get install chromium)"),
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="Debian package `chromium` is not installed (as root, "
+        "`bash run.sh test` installs it; else apt-get install chromium)",
+    ),
 ]
 
 
@@ -46,9 +49,12 @@ class DevToolsPage:
         host, port = netloc.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=60)
         key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {netloc}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
-                          .encode())
+        self.sock.sendall(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: {netloc}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
         self.buffer = b""
         while b"\r\n\r\n" not in self.buffer:
             self.buffer += self._recv()
@@ -83,8 +89,15 @@ class DevToolsPage:
         self.last_id += 1
         payload = json.dumps({"id": self.last_id, "method": method, "params": params}).encode()
         n = len(payload)
-        length = bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack(">H", n) if n < 1 << 16
-                                                    else bytes([0x80 | 127]) + struct.pack(">Q", n))
+        length = (
+            bytes([0x80 | n])
+            if n < 126
+            else (
+                bytes([0x80 | 126]) + struct.pack(">H", n)
+                if n < 1 << 16
+                else bytes([0x80 | 127]) + struct.pack(">Q", n)
+            )
+        )
         mask = os.urandom(4)
         self.sock.sendall(b"\x81" + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
         while True:  # events arrive in between; the answer carries our id
@@ -124,9 +137,21 @@ class DevToolsPage:
 def browser(tmp_path):
     """Headless Chromium with a fresh profile; yields its one page; stopped at the end."""
     profile = tmp_path / "chromium-profile"
-    proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                             "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1500,950",
-                             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            "--window-size=1500,950",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 60
@@ -179,9 +204,14 @@ def _free_port() -> int:
 def ui(project):
     """`sui ui` on a free port, serving the project's runs; yields its URL; stopped (Ctrl-C) at the end."""
     port = _free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "sui"), "ui", "--port", str(port)],
-                            cwd=project["path"], env=env_for(project["path"]), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "sui"), "ui", "--port", str(port)],
+        cwd=project["path"],
+        env=env_for(project["path"]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         printed = proc.stderr.readline().decode()  # `MLflow UI: <url of the runs table>  (...)`
@@ -248,25 +278,34 @@ def test_runs_table_lists_both_parents_with_a_stage_metric_column(project, ui, b
     # the URL `sui ui` prints: MLflow 3 would open the experiment on its GenAI overview without it
     assert project["printed_url"] == f"{ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     browser.goto(project["printed_url"])
-    browser.wait_for(f"location.hash.includes('/runs') && !location.hash.includes('overview') && "
-                     f"!!document.querySelector('.ag-row[row-index]') && "
-                     f"{json.dumps(list(parents))}.every(n => document.body.innerText.includes(n))",
-                     "both parent runs in the runs table (not the GenAI overview)")
+    browser.wait_for(
+        f"location.hash.includes('/runs') && !location.hash.includes('overview') && "
+        f"!!document.querySelector('.ag-row[row-index]') && "
+        f"{json.dumps(list(parents))}.every(n => document.body.innerText.includes(n))",
+        "both parent runs in the runs table (not the GenAI overview)",
+    )
     _close_assistant(browser)
     _click_button(browser, "Columns")
     browser.wait_for("!!document.querySelector('input[placeholder=\"Search columns\"]')", "the column selector")
     browser.js("document.querySelector('input[placeholder=\"Search columns\"]').focus()")
     browser.call("Input.insertText", text=METRIC)
-    browser.wait_for("[...document.querySelectorAll('[data-testid=column-selector-tree] .du-bois-light-tree-treenode')]"
-                     ".some(e => e.innerText.trim() === 'Metrics (1)')", f"the column selector filtered to {METRIC}")
+    browser.wait_for(
+        "[...document.querySelectorAll('[data-testid=column-selector-tree] .du-bois-light-tree-treenode')]"
+        ".some(e => e.innerText.trim() === 'Metrics (1)')",
+        f"the column selector filtered to {METRIC}",
+    )
     assert browser.wait_for(f"({SHOW_COLUMN_JS})({json.dumps(METRIC)})", f"{METRIC} in the column selector")
     _key(browser, "Escape", 27)
-    header = browser.wait_for(f"[...document.querySelectorAll('[role=columnheader]')].find(e => "
-                              f"e.getAttribute('col-id') === {json.dumps(f'metrics.`{METRIC}`')})?.innerText",
-                              f"a {METRIC} column")
+    header = browser.wait_for(
+        f"[...document.querySelectorAll('[role=columnheader]')].find(e => "
+        f"e.getAttribute('col-id') === {json.dumps(f'metrics.`{METRIC}`')})?.innerText",
+        f"a {METRIC} column",
+    )
     assert METRIC in header, header
-    rows = browser.wait_for(f"(() => {{ const r = {ROWS_JS}; return r.filter(t => /\\d\\.\\d{{4}}/.test(t)).length "
-                            f">= 2 && r; }})()", f"{METRIC} values in the parents' rows")
+    rows = browser.wait_for(
+        f"(() => {{ const r = {ROWS_JS}; return r.filter(t => /\\d\\.\\d{{4}}/.test(t)).length >= 2 && r; }})()",
+        f"{METRIC} values in the parents' rows",
+    )
     for name in parents:  # the repro's parent is named `repro <commit>`
         row = next(r for r in rows if f" {name} " in f"{r} ")
         expected = project["auroc"]["short-training" if name == "short-training" else "repro"]
@@ -287,25 +326,32 @@ def _plot_metrics(page: DevToolsPage, names: list[str]) -> None:
     _key(page, "Backspace", 8)  # removes the one metric MLflow put there
     for name in names:
         page.call("Input.insertText", text=name)
-        page.wait_for(f"[...document.querySelectorAll('.du-bois-light-select-item-option')].some(e => "
-                      f"e.innerText.trim() === {json.dumps(name)})", f"{name} among the plot's metrics")
+        page.wait_for(
+            f"[...document.querySelectorAll('.du-bois-light-select-item-option')].some(e => "
+            f"e.innerText.trim() === {json.dumps(name)})",
+            f"{name} among the plot's metrics",
+        )
         _key(page, "Enter", 13)
     _key(page, "Escape", 27)
-    page.wait_for(f"JSON.stringify([...{metrics_select}.querySelectorAll('.du-bois-light-select-selection-item')]"
-                  f".map(e => e.innerText.trim())) === {json.dumps(json.dumps(names, separators=(',', ':')))}",
-                  f"{names} plotted")
+    page.wait_for(
+        f"JSON.stringify([...{metrics_select}.querySelectorAll('.du-bois-light-select-selection-item')]"
+        f".map(e => e.innerText.trim())) === {json.dumps(json.dumps(names, separators=(',', ':')))}",
+        f"{names} plotted",
+    )
 
 
 def test_compare_page_of_the_two_parents_lists_their_metrics(project, ui, browser):
     experiment_id, parents = _parents(project)
-    query = urllib.parse.urlencode({"runs": json.dumps(list(parents.values())),
-                                    "experiments": json.dumps([experiment_id])})
+    query = urllib.parse.urlencode(
+        {"runs": json.dumps(list(parents.values())), "experiments": json.dumps([experiment_id])}
+    )
     browser.goto(f"{ui}/#/compare-runs?{query}")
-    text = browser.wait_for("document.body.innerText.includes('Run details') && document.body.innerText",
-                            "the compare page")
+    text = browser.wait_for(
+        "document.body.innerText.includes('Run details') && document.body.innerText", "the compare page"
+    )
     assert all(name in text for name in parents) and "training.t" in text, text[:2000]
     # the metrics table (it renders its first rows only): the parents' metrics, prefixed by stage
-    metrics = text[text.rindex("Metrics", 0, text.rindex("Artifacts")):].splitlines()
+    metrics = text[text.rindex("Metrics", 0, text.rindex("Artifacts")) :].splitlines()
     assert sum(line.startswith("evaluate.") for line in metrics) >= 10, metrics[:20]
     _close_assistant(browser)
     _plot_metrics(browser, ["loo.train_mse", METRIC])

@@ -31,9 +31,8 @@ def digits(n_train, n_val, seed=0):
     pool = np.random.default_rng(seed).permutation(np.flatnonzero(np.isin(d.target, (4, 9))))
     x = torch.tensor(d.data / 16.0, dtype=torch.float64).reshape(-1, 1, 8, 8)
     y = targets((d.target == 9).astype(np.int64), 2)
-    train, val = pool[:n_train], pool[n_train:n_train + n_val]
+    train, val = pool[:n_train], pool[n_train : n_train + n_val]
     return x[train], torch.tensor(y[train]), x[val]
-
 
 
 def test_retrain_equals_separate_sgd_runs():
@@ -127,8 +126,12 @@ def test_build_basis_from_float32_blocks_equals_float64():
     assert lo.space == hi.space == "kernel"
     np.testing.assert_allclose(lo.s, hi.s, rtol=1e-12)
     np.testing.assert_allclose(np.abs(lo.z), np.abs(hi.z), atol=1e-10)  # eigenvectors up to sign
-    np.testing.assert_allclose(lo.z.reshape(24, -1) @ lo.gram_val @ lo.z.reshape(24, -1).T,
-                               hi.z.reshape(24, -1) @ hi.gram_val @ hi.z.reshape(24, -1).T, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        lo.z.reshape(24, -1) @ lo.gram_val @ lo.z.reshape(24, -1).T,
+        hi.z.reshape(24, -1) @ hi.gram_val @ hi.z.reshape(24, -1).T,
+        rtol=1e-10,
+        atol=1e-10,
+    )
 
 
 def test_sample_left_out_is_seeded_and_distinct():
@@ -159,8 +162,9 @@ def test_pretrained_body_with_a_fresh_head(tmp_path):
     net, info = pretrain(cfg, PretrainConfig(source="sklearn_digits", classes=[0, 1, 2], epochs=3), data)
     assert info["pretrain_accuracy"] > 0.9  # it learned the disjoint task
     torch.save(net.state_dict(), tmp_path / "body.pt")
-    model = build_model(ModelConfig(hidden=[16], init_seed=7, init_path=str(tmp_path / "body.pt"),
-                                    pretrained_body=True), [1, 8, 8], 1)
+    model = build_model(
+        ModelConfig(hidden=[16], init_seed=7, init_path=str(tmp_path / "body.pt"), pretrained_body=True), [1, 8, 8], 1
+    )
     fresh = build_model(cfg, [1, 8, 8], 1)
     head = head_names("mlp", [16], (1, 8, 8), 1)
     trained = dict(net.named_parameters())
@@ -176,8 +180,19 @@ def test_linearization_tracks_retraining_of_a_wide_network():
     functions and the checkpoint variant must run and give finite correlations."""
     x, y, x_val = digits(120, 60)
     model = build_model(ModelConfig(hidden=[2048], init_seed=0), [1, 8, 8], 1).double()
-    result = validate(model, x, y.numpy(), x_val, Recipe(0.01, 0.0, 100, "discrete"), m=8, seed=0,
-                      influence=("exact", "lissa"), lissa_depth=20, lissa_scale=100.0, checkpoint_fraction=0.5)
+    result = validate(
+        model,
+        x,
+        y.numpy(),
+        x_val,
+        Recipe(0.01, 0.0, 100, "discrete"),
+        m=8,
+        seed=0,
+        influence=("exact", "lissa"),
+        lissa_depth=20,
+        lissa_scale=100.0,
+        checkpoint_fraction=0.5,
+    )
     rows = {row["method"]: row for row in result.table()}
     assert set(rows) == {"sui", "sui_checkpoint", "if_lissa"}
     assert result.notes and "if_exact skipped" in result.notes[0]

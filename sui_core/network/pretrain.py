@@ -20,15 +20,26 @@ from sui_core.errors import ParamError
 from sui_core.network.models import build_model
 
 
-def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, target_data: DataConfig,
-             progress: bool = False) -> tuple[nn.Module, dict[str, float]]:
+def pretrain(
+    model_cfg: ModelConfig, cfg: PretrainConfig, target_data: DataConfig, progress: bool = False
+) -> tuple[nn.Module, dict[str, float]]:
     """The network trained on cfg.classes of cfg.source; returns it (len(classes) outputs) and its
     final training loss and accuracy."""
     if cfg.source == target_data.source and set(cfg.classes) & set(target_data.classes or []):
-        raise ParamError("pretrain.classes", f"must be disjoint from data.classes {target_data.classes} "
-                         f"(same source {cfg.source}), got {cfg.classes}")
-    raw = load_source(DataConfig(source=cfg.source, classes=list(cfg.classes), val_fraction=0.01,
-                                 test_fraction=0.0, label_noise=0.0, seed=cfg.seed))
+        raise ParamError(
+            "pretrain.classes",
+            f"must be disjoint from data.classes {target_data.classes} (same source {cfg.source}), got {cfg.classes}",
+        )
+    raw = load_source(
+        DataConfig(
+            source=cfg.source,
+            classes=list(cfg.classes),
+            val_fraction=0.01,
+            test_fraction=0.0,
+            label_noise=0.0,
+            seed=cfg.seed,
+        )
+    )
     x = torch.as_tensor(raw.train.x)
     label = torch.as_tensor(raw.train.label)
     base = ModelConfig(arch=model_cfg.arch, hidden=list(model_cfg.hidden), init_seed=cfg.seed)
@@ -46,4 +57,3 @@ def pretrain(model_cfg: ModelConfig, cfg: PretrainConfig, target_data: DataConfi
     with torch.no_grad():
         accuracy = float((model(x).argmax(1) == label).float().mean())
     return model, {"pretrain_loss": loss.item(), "pretrain_accuracy": accuracy, "pretrain_samples": len(x)}
-

@@ -49,10 +49,18 @@ def unstack(params: Params, run: int) -> Params:
     return {name: p[run] for name, p in params.items()}
 
 
-def train_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_weights: torch.Tensor,
-                     lr: float, steps: int, weight_decay: float = 0.0, runs_per_batch: int | None = None,
-                     callback: Callable[[int, Params, int], None] | None = None,
-                     progress: bool | str = False) -> Params:
+def train_full_batch(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sample_weights: torch.Tensor,
+    lr: float,
+    steps: int,
+    weight_decay: float = 0.0,
+    runs_per_batch: int | None = None,
+    callback: Callable[[int, Params, int], None] | None = None,
+    progress: bool | str = False,
+) -> Params:
     """Train len(sample_weights) runs of `model` from its current weights (w0); returns the stacked
     trained parameters {name: (runs, *shape)}.
 
@@ -98,11 +106,16 @@ def train_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_
     size = max(1, min(runs, runs_per_batch))
     batches = math.ceil(runs / size)
     out: list[Params] = []
-    bar = tqdm(total=batches * steps, disable=not progress, desc=progress if isinstance(progress, str) else "train",
-               unit="step", leave=False)
+    bar = tqdm(
+        total=batches * steps,
+        disable=not progress,
+        desc=progress if isinstance(progress, str) else "train",
+        unit="step",
+        leave=False,
+    )
     with torch.no_grad():
         for start in range(0, runs, size):
-            a = weights[start:start + size]
+            a = weights[start : start + size]
             params = stack(w0, a.shape[0])
             for step in range(steps):
                 grads = step_grads(params, a)
@@ -126,8 +139,9 @@ def predict(model: nn.Module, params: Params, x: torch.Tensor, batch_size: int =
         return functional_call(model, p | fixed, (xb,))
 
     with torch.no_grad():
-        return torch.cat([vmap(one, in_dims=(0, None))(params, x[i:i + batch_size])
-                          for i in range(0, len(x), batch_size)], dim=1)
+        return torch.cat(
+            [vmap(one, in_dims=(0, None))(params, x[i : i + batch_size]) for i in range(0, len(x), batch_size)], dim=1
+        )
 
 
 def flat(params: Params) -> torch.Tensor:

@@ -37,9 +37,11 @@ Builder = Callable[[int], nn.Module]
 
 def seeded_builder(cfg: ModelConfig, input_shape, num_outputs: int, double: bool = False) -> Builder:
     """build(seed): `cfg`'s network with init_seed = seed (float64 if `double`)."""
+
     def build(seed: int) -> nn.Module:
         model = build_model(dataclasses.replace(cfg, init_seed=int(seed)), input_shape, num_outputs)
         return model.double() if double else model
+
     return build
 
 
@@ -54,8 +56,7 @@ def _tensors(model: nn.Module, x, y) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _trained(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int,
-             weight_decay: float) -> Params:
+def _trained(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int, weight_decay: float) -> Params:
     """One run of the recipe on all of (x, y); w0 itself for steps = 0."""
     if steps < 0 or steps != int(steps):
         raise ValueError(f"steps must be a whole number >= 0, got {steps}")
@@ -71,8 +72,15 @@ def training_loss(model: nn.Module, x, y, lr: float, steps: int, weight_decay: f
     return (0.5 * ((out - y) ** 2).sum(-1)).to(torch.float64).numpy()
 
 
-def _mean_over_seeds(name: str, build: Builder, x, y, seeds: Sequence[int], progress: bool,
-                     score: Callable[[nn.Module, torch.Tensor, torch.Tensor], np.ndarray]) -> np.ndarray:
+def _mean_over_seeds(
+    name: str,
+    build: Builder,
+    x,
+    y,
+    seeds: Sequence[int],
+    progress: bool,
+    score: Callable[[nn.Module, torch.Tensor, torch.Tensor], np.ndarray],
+) -> np.ndarray:
     """Mean over init seeds of score(build(seed), x, y)."""
     if not seeds:
         raise ValueError(f"{name} needs at least one init seed")
@@ -83,9 +91,11 @@ def _mean_over_seeds(name: str, build: Builder, x, y, seeds: Sequence[int], prog
     return total / len(seeds)
 
 
-def el2n(build: Builder, x, y, seeds: Sequence[int], lr: float, steps: int, weight_decay: float = 0.0,
-         progress: bool = False) -> np.ndarray:
+def el2n(
+    build: Builder, x, y, seeds: Sequence[int], lr: float, steps: int, weight_decay: float = 0.0, progress: bool = False
+) -> np.ndarray:
     """Mean over init seeds of ‖f_w(x_i) − y_i‖ after `steps` early full-batch steps from build(seed)."""
+
     def error_norm(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> np.ndarray:
         out = predict(model, _trained(model, xs, ys, lr, steps, weight_decay), xs)[0]
         return torch.linalg.vector_norm(out - ys, dim=-1).to(torch.float64).numpy()
@@ -93,8 +103,9 @@ def el2n(build: Builder, x, y, seeds: Sequence[int], lr: float, steps: int, weig
     return _mean_over_seeds("el2n", build, x, y, seeds, progress, error_norm)
 
 
-def gradient_norms(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
-                   batch_size: int = 256) -> np.ndarray:
+def gradient_norms(
+    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
+) -> np.ndarray:
     """‖∇_w ½‖f_w(x_i) − y_i‖²‖ at `params` (unstacked trained parameters) for every sample i."""
     fixed = constants(model.eval())
 
@@ -105,16 +116,26 @@ def gradient_norms(model: nn.Module, params: Params, x: torch.Tensor, y: torch.T
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     norms = []
     for lo in range(0, len(x), batch_size):
-        grads = per_sample(params, x[lo:lo + batch_size], y[lo:lo + batch_size])
+        grads = per_sample(params, x[lo : lo + batch_size], y[lo : lo + batch_size])
         sq = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
         norms.append(sq.sqrt().detach().to(torch.float64))
     return torch.cat(norms).numpy()
 
 
-def grand(build: Builder, x, y, seeds: Sequence[int], lr: float = 0.0, steps: int = 0,
-          weight_decay: float = 0.0, batch_size: int = 256, progress: bool = False) -> np.ndarray:
+def grand(
+    build: Builder,
+    x,
+    y,
+    seeds: Sequence[int],
+    lr: float = 0.0,
+    steps: int = 0,
+    weight_decay: float = 0.0,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> np.ndarray:
     """Mean over init seeds of the per-sample gradient norm ‖∇_w ℓ_i‖ at build(seed)'s w0 (steps = 0,
     the paper's choice) or after `steps` early full-batch steps with `lr`."""
+
     def norms(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> np.ndarray:
         params = unstack(_trained(model, xs, ys, lr, steps, weight_decay), 0)
         return gradient_norms(model, params, xs, ys, batch_size)

@@ -58,8 +58,14 @@ from sui_core.linearized.solver import Recipe
 from sui_core.network.training import predict, train_full_batch
 from sui_core.studies.evaluation import detection_metrics
 
-SUI_DETECTORS = ("fsi", "loo_loss", "fsi_over_leverage", "fsi_over_leverage_multi_t", "fsi_over_leverage_x_loo_loss",
-                 "fsi_over_leverage_x_train_loss")
+SUI_DETECTORS = (
+    "fsi",
+    "loo_loss",
+    "fsi_over_leverage",
+    "fsi_over_leverage_multi_t",
+    "fsi_over_leverage_x_loo_loss",
+    "fsi_over_leverage_x_train_loss",
+)
 # candidates that also need the trained real network's loss (`detection.baselines` has `loss`)
 WITH_LOSS = ("fsi_over_leverage_x_loss",)
 
@@ -68,8 +74,10 @@ def other_lengths(recipe: Recipe, t_factors: list[float]) -> list[Recipe]:
     """The recipe at t times each factor other than 1 (none for t = ∞: every length is converged)."""
     if not math.isfinite(recipe.t):
         return []
-    return [dataclasses.replace(recipe, t=recipe.t * f if recipe.dynamics == "continuous" else max(1, round(recipe.t * f)))
-            for f in sorted(set(t_factors) - {1.0})]
+    return [
+        dataclasses.replace(recipe, t=recipe.t * f if recipe.dynamics == "continuous" else max(1, round(recipe.t * f)))
+        for f in sorted(set(t_factors) - {1.0})
+    ]
 
 
 def linearized_fit(basis: Basis, residual: np.ndarray, recipe: Recipe, tol: float = 1e-14) -> tuple[np.ndarray, dict]:
@@ -79,8 +87,12 @@ def linearized_fit(basis: Basis, residual: np.ndarray, recipe: Recipe, tol: floa
     return result.forms["fsi_sum"] / (2 * basis.n_val), result.fit
 
 
-def sui_detectors(fsi: np.ndarray, fit: dict[str, np.ndarray], others: list[tuple[np.ndarray, dict]] = (),
-                  loss: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def sui_detectors(
+    fsi: np.ndarray,
+    fit: dict[str, np.ndarray],
+    others: list[tuple[np.ndarray, dict]] = (),
+    loss: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """sui's candidate detectors (see the module docstring; higher = more likely flipped) from F-SI and
     the fit at the recipe's t (the score table), F-SI and fit at other training lengths (`others`, from
     `linearized_fit`) and, when given, the trained real network's loss (adds `WITH_LOSS`). Only their
@@ -118,8 +130,13 @@ def choose_detector(candidates: dict[str, np.ndarray], flagged: np.ndarray, sele
     return max(aps, key=lambda name: (aps[name], -list(aps).index(name)))
 
 
-def cross_selected(candidates: dict[str, np.ndarray], others: dict[str, np.ndarray], flagged: np.ndarray,
-                   half_a: np.ndarray, top_fractions: list[float]) -> tuple[dict, dict, dict]:
+def cross_selected(
+    candidates: dict[str, np.ndarray],
+    others: dict[str, np.ndarray],
+    flagged: np.ndarray,
+    half_a: np.ndarray,
+    top_fractions: list[float],
+) -> tuple[dict, dict, dict]:
     """Two-fold honest evaluation of sui's best detector beside every other method: choose the best
     candidate on half a and report all methods on half b, then choose on half b and report on half a.
 
@@ -133,11 +150,15 @@ def cross_selected(candidates: dict[str, np.ndarray], others: dict[str, np.ndarr
     for fold, choose in (("a", half_a), ("b", ~half_a)):
         chosen[fold] = choose_detector(candidates, flagged, choose)
         report = ~choose
-        rows = {name: detection_metrics(score[report], flagged[report], top_fractions) for name, score in methods.items()}
+        rows = {
+            name: detection_metrics(score[report], flagged[report], top_fractions) for name, score in methods.items()
+        }
         rows["sui_best"] = rows[chosen[fold]]
         folds[fold] = rows
-    rows = {name: {key: (folds["a"][name][key] + folds["b"][name][key]) / 2 for key in folds["a"][name]}
-            for name in folds["a"]}
+    rows = {
+        name: {key: (folds["a"][name][key] + folds["b"][name][key]) / 2 for key in folds["a"][name]}
+        for name in folds["a"]
+    }
     return rows, folds, chosen
 
 
@@ -164,8 +185,16 @@ def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-def out_of_fold_outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fold: np.ndarray, lr: float,
-                        steps: int, weight_decay: float = 0.0, progress: bool | str = False) -> np.ndarray:
+def out_of_fold_outputs(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    fold: np.ndarray,
+    lr: float,
+    steps: int,
+    weight_decay: float = 0.0,
+    progress: bool | str = False,
+) -> np.ndarray:
     """Outputs (n, k) of each sample under the network trained (from w0, by the recipe) without its
     fold: one real training per fold, all folds stepped together."""
     folds = int(fold.max()) + 1
@@ -187,12 +216,21 @@ def confident_learning(labels: np.ndarray, probabilities: np.ndarray) -> tuple[n
     return 1.0 - quality, np.asarray(issues, bool)
 
 
-def out_of_fold_confident_learning(model: nn.Module, x: torch.Tensor, y: torch.Tensor, labels: np.ndarray,
-                                   num_classes: int, folds: int, seed: int, lr: float, steps: int,
-                                   weight_decay: float = 0.0, progress: bool | str = False) -> tuple[np.ndarray, np.ndarray]:
+def out_of_fold_confident_learning(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    labels: np.ndarray,
+    num_classes: int,
+    folds: int,
+    seed: int,
+    lr: float,
+    steps: int,
+    weight_decay: float = 0.0,
+    progress: bool | str = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """The whole cleanlab baseline: seeded stratified folds, out-of-fold outputs of the recipe's real
     training, probabilities read off them, then `confident_learning` (ranking score, issue set)."""
     fold = fold_assignment(labels, folds, seed)
     outputs = out_of_fold_outputs(model, x, y, fold, lr, steps, weight_decay, progress=progress)
     return confident_learning(labels, output_probabilities(outputs, num_classes))
-

@@ -90,13 +90,19 @@ def mislabel_detection(settings: Settings, inputs: Inputs, table: pa.Table, out:
     for name in SCORES:
         found = detection_metrics(table.column(name).to_numpy(), noisy, settings.evaluate.top_fractions)
         metrics.update({f"{name}_{key}": value for key, value in found.items()})
-    plots.histogram(table.column("fsi").to_numpy(), out / "plots" / "fsi_clean_vs_noisy.png", "F-SI (nats)",
-                    groups={"clean label": ~noisy, "flipped label": noisy},
-                    title="F-SI of samples with clean and flipped labels")
+    plots.histogram(
+        table.column("fsi").to_numpy(),
+        out / "plots" / "fsi_clean_vs_noisy.png",
+        "F-SI (nats)",
+        groups={"clean label": ~noisy, "flipped label": noisy},
+        title="F-SI of samples with clean and flipped labels",
+    )
     half_a = detection.selection_split(n, settings.detection.selection_fraction, settings.detection.selection_seed)
     if not all(0 < noisy[half].sum() < half.sum() for half in (half_a, ~half_a)):
-        print("evaluate: both halves need flipped and clean labels (data.label_noise > 0): mislabel detection "
-              "against baselines is not evaluated")
+        print(
+            "evaluate: both halves need flipped and clean labels (data.label_noise > 0): mislabel detection "
+            "against baselines is not evaluated"
+        )
         return metrics
     sample_id = table.column("sample_id").to_numpy()
     fit = {name: table.column(name).to_numpy() for name in FIT}
@@ -108,38 +114,71 @@ def mislabel_detection(settings: Settings, inputs: Inputs, table: pa.Table, out:
     real, issues = real_network_baselines(settings, inputs, sample_id) if settings.detection.baselines else ({}, None)
     scores = {name: table.column(name).to_numpy() for name in SCORES}
     candidates = detection.sui_detectors(scores["fsi"], fit, others, real.get("loss"))
-    rows, folds, chosen = detection.cross_selected(candidates, scores | real, noisy, half_a, settings.evaluate.top_fractions)
+    rows, folds, chosen = detection.cross_selected(
+        candidates, scores | real, noisy, half_a, settings.evaluate.top_fractions
+    )
     print(f"evaluate: sui's best detector, chosen by AP on half a: {chosen['a']}; on half b: {chosen['b']}")
     rows = {name: rows[name] for name in [*SCORES, *(c for c in candidates if c != "fsi"), "sui_best", *real]}
     metrics |= {f"report_{name}_{key}": value for name, row in rows.items() for key, value in row.items()}
-    metrics |= {f"fold_{fold}_{name}_{key}": row[key] for fold, fold_rows in folds.items()
-                for name, row in fold_rows.items() for key in ("auroc", "ap")}
-    metrics |= {"sui_best_a": chosen["a"], "sui_best_b": chosen["b"], "n_half_a": int(half_a.sum()),
-                "n_half_a_noisy": int(noisy[half_a].sum()), "n_half_b": int((~half_a).sum()),
-                "n_half_b_noisy": int(noisy[~half_a].sum())}
+    metrics |= {
+        f"fold_{fold}_{name}_{key}": row[key]
+        for fold, fold_rows in folds.items()
+        for name, row in fold_rows.items()
+        for key in ("auroc", "ap")
+    }
+    metrics |= {
+        "sui_best_a": chosen["a"],
+        "sui_best_b": chosen["b"],
+        "n_half_a": int(half_a.sum()),
+        "n_half_a_noisy": int(noisy[half_a].sum()),
+        "n_half_b": int((~half_a).sum()),
+        "n_half_b_noisy": int(noisy[~half_a].sum()),
+    }
     if issues is not None:  # cleanlab's own yes/no set, on all samples (it involves no choice)
         hit = issues & noisy
-        metrics |= {"cleanlab_issues": int(issues.sum()),
-                    "cleanlab_issues_precision": float(hit.sum() / max(issues.sum(), 1)),
-                    "cleanlab_issues_recall": float(hit.sum() / noisy.sum())}
+        metrics |= {
+            "cleanlab_issues": int(issues.sum()),
+            "cleanlab_issues_precision": float(hit.sum() / max(issues.sum(), 1)),
+            "cleanlab_issues_recall": float(hit.sum() / noisy.sum()),
+        }
     metrics |= why_fsi_is_less_precise(scores["fsi"], fit, noisy)
     columns = ["auroc", "ap", *[k for k in rows["fsi"] if k.startswith("found_at")]]
     write_table(rows, columns, out / "detection.csv", out / "detection.md")
-    plots.bars({name: {"AUROC": row["auroc"], "AP": row["ap"]} for name, row in rows.items()},
-               out / "plots" / "detection.png", "mean of the two folds",
-               title=f"Flipped-label detection ({n} samples, each half reported with sui_best chosen on the other: "
-                     f"{chosen['a']} / {chosen['b']})")
-    plots.histogram(candidates[chosen["a"]], out / "plots" / "sui_best_clean_vs_noisy.png", chosen["a"],
-                    groups={"clean label": ~noisy, "flipped label": noisy},
-                    title="sui's best detector (chosen on half a) for clean and flipped labels")
-    write_parquet(out / "detection_scores.parquet", pa.table(
-        {"sample_id": sample_id, "noisy": noisy, "half_a": half_a, **scores, **candidates, **real,
-         "leverage": fit["leverage"], "train_loss_linearized": fit["train_loss"]}))
+    plots.bars(
+        {name: {"AUROC": row["auroc"], "AP": row["ap"]} for name, row in rows.items()},
+        out / "plots" / "detection.png",
+        "mean of the two folds",
+        title=f"Flipped-label detection ({n} samples, each half reported with sui_best chosen on the other: "
+        f"{chosen['a']} / {chosen['b']})",
+    )
+    plots.histogram(
+        candidates[chosen["a"]],
+        out / "plots" / "sui_best_clean_vs_noisy.png",
+        chosen["a"],
+        groups={"clean label": ~noisy, "flipped label": noisy},
+        title="sui's best detector (chosen on half a) for clean and flipped labels",
+    )
+    write_parquet(
+        out / "detection_scores.parquet",
+        pa.table(
+            {
+                "sample_id": sample_id,
+                "noisy": noisy,
+                "half_a": half_a,
+                **scores,
+                **candidates,
+                **real,
+                "leverage": fit["leverage"],
+                "train_loss_linearized": fit["train_loss"],
+            }
+        ),
+    )
     return metrics
 
 
-def real_network_baselines(settings: Settings, inputs: Inputs,
-                           sample_id: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def real_network_baselines(
+    settings: Settings, inputs: Inputs, sample_id: np.ndarray
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """The real network (data/model's w0, the training recipe) on the noisy training labels: training
     loss, EL2N, cleanlab's confident learning; and cleanlab's own issue set (None without it)."""
     if not np.isfinite(settings.training.t):
@@ -158,12 +197,23 @@ def real_network_baselines(settings: Settings, inputs: Inputs,
     if "el2n" in settings.detection.baselines:
         arch = ModelConfig(arch=info["arch"], hidden=info["hidden"] or [], freeze=info.get("freeze") or [])
         build = baselines.seeded_builder(arch, info["input_shape"], info["num_outputs"])
-        found["el2n"] = baselines.el2n(build, x, y, settings.detection.el2n_seeds, lr, settings.detection.el2n_steps, wd,
-                                       progress=True)
+        found["el2n"] = baselines.el2n(
+            build, x, y, settings.detection.el2n_seeds, lr, settings.detection.el2n_steps, wd, progress=True
+        )
     if "cleanlab" in settings.detection.baselines:
         found["cleanlab"], issues = detection.out_of_fold_confident_learning(
-            model, x, y, train.label, train.num_classes, settings.detection.folds, settings.detection.selection_seed,
-            lr, steps, wd, progress="cleanlab folds")
+            model,
+            x,
+            y,
+            train.label,
+            train.num_classes,
+            settings.detection.folds,
+            settings.detection.selection_seed,
+            lr,
+            steps,
+            wd,
+            progress="cleanlab folds",
+        )
     return found, issues
 
 
@@ -172,16 +222,19 @@ def why_fsi_is_less_precise(fsi: np.ndarray, fit: dict[str, np.ndarray], noisy: 
     samples reach the top |flipped| of F-SI, and does G carry any label information?"""
     influence = fsi / np.maximum(fit["loo_loss"], 1e-300)
     top = np.zeros(len(fsi), bool)
-    top[np.argsort(-fsi, kind="stable")[:noisy.sum()]] = True
+    top[np.argsort(-fsi, kind="stable")[: noisy.sum()]] = True
     clean_top, clean = top & ~noisy, ~noisy
-    return {"why_clean_in_top_fsi": int(clean_top.sum()),
-            "why_spearman_fsi_loo_loss": float(spearmanr(fsi, fit["loo_loss"])[0]),
-            "why_influence_auroc": detection_metrics(influence, noisy, [])["auroc"],
-            **{f"why_median_{name}_{part}": float(np.median(values[mask]))
-               for name, values in (("loo_loss", fit["loo_loss"]), ("influence", influence),
-                                    ("leverage", fit["leverage"]))
-               for part, mask in (("clean_in_top_fsi", clean_top), ("clean", clean), ("flipped", noisy))
-               if mask.any()}}
+    return {
+        "why_clean_in_top_fsi": int(clean_top.sum()),
+        "why_spearman_fsi_loo_loss": float(spearmanr(fsi, fit["loo_loss"])[0]),
+        "why_influence_auroc": detection_metrics(influence, noisy, [])["auroc"],
+        **{
+            f"why_median_{name}_{part}": float(np.median(values[mask]))
+            for name, values in (("loo_loss", fit["loo_loss"]), ("influence", influence), ("leverage", fit["leverage"]))
+            for part, mask in (("clean_in_top_fsi", clean_top), ("clean", clean), ("flipped", noisy))
+            if mask.any()
+        },
+    }
 
 
 def by_column(column: str, fsi: np.ndarray, values: np.ndarray, out) -> dict:
@@ -189,8 +242,7 @@ def by_column(column: str, fsi: np.ndarray, values: np.ndarray, out) -> dict:
     masks = {name: values == name for name in sorted({v for v in values if v is not None})}
     if len(masks) < 2:
         return {}
-    plots.histogram(fsi, out / "plots" / f"fsi_by_{column}.png", "F-SI (nats)", groups=masks,
-                    title=f"F-SI by {column}")
+    plots.histogram(fsi, out / "plots" / f"fsi_by_{column}.png", "F-SI (nats)", groups=masks, title=f"F-SI by {column}")
     return {f"fsi_mean_{column}_{_key(name)}": float(fsi[mask].mean()) for name, mask in masks.items()}
 
 
@@ -212,21 +264,40 @@ def adversarial(fsi: np.ndarray, table: pa.Table, out) -> dict:
     flag = table.column("adversarial").to_numpy(zero_copy_only=False).astype(bool)
     if not flag.any():
         return {}
-    plots.histogram(fsi, out / "plots" / "fsi_adversarial.png", "F-SI (nats)",
-                    groups={"original image": ~flag, "FGSM image": flag}, title="F-SI of adversarial examples")
+    plots.histogram(
+        fsi,
+        out / "plots" / "fsi_adversarial.png",
+        "F-SI (nats)",
+        groups={"original image": ~flag, "FGSM image": flag},
+        title="F-SI of adversarial examples",
+    )
     found = detection_metrics(fsi, flag, [])
-    return {"n_adversarial": int(flag.sum()), "adversarial_fsi_auroc": found.get("auroc", float("nan")),
-            "adversarial_fsi_ap": found.get("ap", float("nan")),
-            "fsi_mean_adversarial": float(fsi[flag].mean()), "fsi_mean_not_adversarial": float(fsi[~flag].mean())}
+    return {
+        "n_adversarial": int(flag.sum()),
+        "adversarial_fsi_auroc": found.get("auroc", float("nan")),
+        "adversarial_fsi_ap": found.get("ap", float("nan")),
+        "fsi_mean_adversarial": float(fsi[flag].mean()),
+        "fsi_mean_not_adversarial": float(fsi[~flag].mean()),
+    }
 
 
 def group_information(rows: list[dict], out: Path) -> dict:
     """Each group left out at once (loo.groups) beside the sum of its members' F-SI, and a bar plot."""
     if not rows:
         return {}
-    plots.bars({f"{r['column']}={r['group']}": {"left out together": r["fsi_group"],
-                                                  "sum of members' F-SI": r["fsi_members_sum"]} for r in rows},
-               out / "plots" / "group_fsi.png", "F-SI (nats)", title="Group unique information", log=True)
+    plots.bars(
+        {
+            f"{r['column']}={r['group']}": {
+                "left out together": r["fsi_group"],
+                "sum of members' F-SI": r["fsi_members_sum"],
+            }
+            for r in rows
+        },
+        out / "plots" / "group_fsi.png",
+        "F-SI (nats)",
+        title="Group unique information",
+        log=True,
+    )
     metrics = {}
     for r in rows:
         key = f"{r['column']}_{_key(r['group'])}"
@@ -251,24 +322,44 @@ def summarize_data(settings: Settings, inputs: Inputs, out: Path) -> dict:
     if not summary.enabled:
         return {}
     if settings.training.dynamics != "discrete" or not math.isfinite(settings.training.t):
-        raise ParamError("training.dynamics", "summarization retrains the network for t gradient steps: it needs "
-                         "discrete dynamics and a finite training.t")
+        raise ParamError(
+            "training.dynamics",
+            "summarization retrains the network for t gradient steps: it needs "
+            "discrete dynamics and a finite training.t",
+        )
     train, val, test = inputs.splits()
     arch, info = network(inputs)
     build = seeded_builder(arch, info["input_shape"], info["num_outputs"])
-    rows = summarization.summarize(build, torch.as_tensor(train.x), targets(train.label, train.num_classes),
-                                   torch.as_tensor(val.x), torch.as_tensor(test.x), test.clean_label,
-                                   Recipe.from_config(settings.training), settings.jacobian, summary)
+    rows = summarization.summarize(
+        build,
+        torch.as_tensor(train.x),
+        targets(train.label, train.num_classes),
+        torch.as_tensor(val.x),
+        torch.as_tensor(test.x),
+        test.clean_label,
+        Recipe.from_config(settings.training),
+        settings.jacobian,
+        summary,
+    )
     table = summarization.curves(rows)
     folder = out / "summarization"
     summarization.write_tables(rows, table, folder / "runs.csv", folder / "curves.csv", folder / "curves.md")
     fractions = np.array(sorted(summary.fractions))
     by = {(r["strategy"], r["fraction"]): r for r in table}
     plots.curves_with_bands(
-        fractions, {name: (np.array([by[name, f]["mean"] for f in fractions]),
-                           np.array([by[name, f]["std"] for f in fractions])) for name in summary.strategies},
-        out / "plots" / "summarization.png", "fraction of the training set removed", "test accuracy",
-        title=f"Summarization: n = {len(train)}, {len(test)} test samples, mean ± std over {len(summary.seeds)} seeds")
+        fractions,
+        {
+            name: (
+                np.array([by[name, f]["mean"] for f in fractions]),
+                np.array([by[name, f]["std"] for f in fractions]),
+            )
+            for name in summary.strategies
+        },
+        out / "plots" / "summarization.png",
+        "fraction of the training set removed",
+        "test accuracy",
+        title=f"Summarization: n = {len(train)}, {len(test)} test samples, mean ± std over {len(summary.seeds)} seeds",
+    )
     metrics = {f"summarization_{key}": value for key, value in summarization.accuracy_drops(table).items()}
     metrics["summarization_accuracy_unpruned"] = next(r["mean"] for r in table if r["fraction"] == 0)
     return metrics
@@ -282,14 +373,30 @@ def score_robustness(settings: Settings, inputs: Inputs, out: Path) -> dict:
     train, val, _ = inputs.splits()
     arch, info = network(inputs)
     var = robustness.variants(tuple(robust.archs), tuple(robust.init_seeds), tuple(robust.steps))
-    scores = robustness.fsi_variants(arch, torch.as_tensor(train.x), targets(train.label, train.num_classes),
-                                     torch.as_tensor(val.x), Recipe.from_config(settings.training), settings.jacobian, var,
-                                     info["num_outputs"])
+    scores = robustness.fsi_variants(
+        arch,
+        torch.as_tensor(train.x),
+        targets(train.label, train.num_classes),
+        torch.as_tensor(val.x),
+        Recipe.from_config(settings.training),
+        settings.jacobian,
+        var,
+        info["num_outputs"],
+    )
     matrix = robustness.spearman_matrix(scores)
     names = [v.name for v in var]
-    plots.matrix(matrix, names, out / "plots" / "robustness_spearman.png",
-                 title=f"Spearman correlation of F-SI (n = {len(train)})")
+    plots.matrix(
+        matrix,
+        names,
+        out / "plots" / "robustness_spearman.png",
+        title=f"Spearman correlation of F-SI (n = {len(train)})",
+    )
     with atomic_path(out / "robustness" / "spearman.csv") as tmp:
-        tmp.write_text("\n".join([",".join(["variant", *names])] +
-                                 [",".join([name, *map(repr, row.tolist())]) for name, row in zip(names, matrix)]) + "\n")
+        tmp.write_text(
+            "\n".join(
+                [",".join(["variant", *names])]
+                + [",".join([name, *map(repr, row.tolist())]) for name, row in zip(names, matrix)]
+            )
+            + "\n"
+        )
     return {f"robustness_{key}": value for key, value in robustness.headline(matrix).items()}

@@ -49,6 +49,8 @@ def write_table(rows: dict[str, dict[str, float]], columns: list[str], csv_path,
         tmp.write_text("\n".join(lines) + "\n")
     with atomic_path(md_path) as tmp:
         lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        lines += [f"| {name} | " + " | ".join(f"{row.get(c, np.nan):.4f}" for c in columns) + " |"
-                  for name, row in rows.items()]
+        lines += [
+            f"| {name} | " + " | ".join(f"{row.get(c, np.nan):.4f}" for c in columns) + " |"
+            for name, row in rows.items()
+        ]
         tmp.write_text("\n".join(lines) + "\n")

@@ -36,10 +36,12 @@ class Variant:
 def variants(archs: tuple[str, str], init_seeds: tuple[int, int], steps: tuple[float, float]) -> list[Variant]:
     """The base variant and one per factor changed (arch, init, length), named by what they are."""
     base = Variant(f"{archs[0]} seed {init_seeds[0]} t={steps[0]:g}", archs[0], init_seeds[0], steps[0])
-    return [base,
-            dataclasses.replace(base, name=f"{archs[1]} (arch)", arch=archs[1]),
-            dataclasses.replace(base, name=f"seed {init_seeds[1]} (init)", init_seed=init_seeds[1]),
-            dataclasses.replace(base, name=f"t={steps[1]:g} (length)", steps=steps[1])]
+    return [
+        base,
+        dataclasses.replace(base, name=f"{archs[1]} (arch)", arch=archs[1]),
+        dataclasses.replace(base, name=f"seed {init_seeds[1]} (init)", init_seed=init_seeds[1]),
+        dataclasses.replace(base, name=f"t={steps[1]:g} (length)", steps=steps[1]),
+    ]
 
 
 def spearman_matrix(scores: list[np.ndarray]) -> np.ndarray:
@@ -52,15 +54,24 @@ def spearman_matrix(scores: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def fsi_variants(model_cfg: ModelConfig, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor, recipe: Recipe,
-                 jacobian: JacobianConfig, var: list[Variant], num_outputs: int,
-                 progress: bool = True) -> list[np.ndarray]:
+def fsi_variants(
+    model_cfg: ModelConfig,
+    x: torch.Tensor,
+    y: np.ndarray,
+    x_val: torch.Tensor,
+    recipe: Recipe,
+    jacobian: JacobianConfig,
+    var: list[Variant],
+    num_outputs: int,
+    progress: bool = True,
+) -> list[np.ndarray]:
     """F-SI (n,) of (x, y) for each variant: the network `model_cfg` with the variant's arch and init
     seed (mlp keeps model_cfg.hidden), linearized at its w0, trained by `recipe` for the variant's steps."""
     out = []
     for v in tqdm(var, desc="robustness variants", disable=not progress):
-        model = build_model(dataclasses.replace(model_cfg, arch=v.arch, init_seed=v.init_seed),
-                            x.shape[1:], num_outputs)
+        model = build_model(
+            dataclasses.replace(model_cfg, arch=v.arch, init_seed=v.init_seed), x.shape[1:], num_outputs
+        )
         est = unique_information(model, x, y, x_val, dataclasses.replace(recipe, t=v.steps), jacobian)
         out.append(est.scores["fsi"])
     return out

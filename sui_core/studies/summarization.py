@@ -50,8 +50,9 @@ def kept_by_order(order: np.ndarray, count: int) -> np.ndarray:
     return np.sort(order[count:])
 
 
-def iterative_removal(rescore: Callable[[np.ndarray], np.ndarray], n: int, counts: Sequence[int],
-                      step: int) -> dict[int, np.ndarray]:
+def iterative_removal(
+    rescore: Callable[[np.ndarray], np.ndarray], n: int, counts: Sequence[int], step: int
+) -> dict[int, np.ndarray]:
     """Kept indices after removing each count in `counts` by repeated lowest-score removal.
 
     rescore(kept) gives the scores (len(kept),) of the kept samples among themselves. Each round
@@ -78,12 +79,20 @@ def accuracy(outputs: torch.Tensor, labels: np.ndarray) -> float:
     return float((predicted == np.asarray(labels)).mean())
 
 
-def retrained_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, kept: np.ndarray,
-                       x_test: torch.Tensor, test_labels: np.ndarray, recipe: Recipe) -> float:
+def retrained_accuracy(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kept: np.ndarray,
+    x_test: torch.Tensor,
+    test_labels: np.ndarray,
+    recipe: Recipe,
+) -> float:
     """Test accuracy of `model` (w0) trained by the recipe on the rows `kept` of (x, y) only."""
     idx = torch.as_tensor(kept)
-    params = train_full_batch(model, x[idx], y[idx], torch.ones(1, len(kept)), recipe.lr, int(recipe.t),
-                              recipe.weight_decay)
+    params = train_full_batch(
+        model, x[idx], y[idx], torch.ones(1, len(kept)), recipe.lr, int(recipe.t), recipe.weight_decay
+    )
     return accuracy(predict(model, params, x_test)[0], test_labels)
 
 
@@ -91,9 +100,17 @@ def score_seeds(seed: int, inits: int) -> list[int]:
     return [1000 * (seed + 1) + j for j in range(inits)]
 
 
-def removal_orders(build: Builder, seed: int, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor,
-                   recipe: Recipe, jacobian: JacobianConfig, settings: SummarizationConfig,
-                   counts: Sequence[int]) -> dict[str, dict[int, np.ndarray]]:
+def removal_orders(
+    build: Builder,
+    seed: int,
+    x: torch.Tensor,
+    y: np.ndarray,
+    x_val: torch.Tensor,
+    recipe: Recipe,
+    jacobian: JacobianConfig,
+    settings: SummarizationConfig,
+    counts: Sequence[int],
+) -> dict[str, dict[int, np.ndarray]]:
     """For each strategy, the kept indices after each removal count, for w0 = build(seed)."""
     n = len(x)
     strategies = set(settings.strategies)
@@ -113,22 +130,37 @@ def removal_orders(build: Builder, seed: int, x: torch.Tensor, y: np.ndarray, x_
         orders["random"] = np.random.default_rng(seed).permutation(n)
     seeds = score_seeds(seed, settings.score_inits)
     if "el2n" in strategies:
-        orders["el2n"] = np.argsort(el2n(build, x, y, seeds, recipe.lr, settings.el2n_steps, recipe.weight_decay),
-                                    kind="stable")
+        orders["el2n"] = np.argsort(
+            el2n(build, x, y, seeds, recipe.lr, settings.el2n_steps, recipe.weight_decay), kind="stable"
+        )
     if "grand" in strategies:
-        orders["grand"] = np.argsort(grand(build, x, y, seeds, recipe.lr, settings.grand_steps, recipe.weight_decay,
-                                           batch_size=64), kind="stable")
-    kept = {name: {c: kept_by_order(orders[name], c) for c in counts}
-            for name in settings.strategies if name != "fsi_bottom_iterative"}
+        orders["grand"] = np.argsort(
+            grand(build, x, y, seeds, recipe.lr, settings.grand_steps, recipe.weight_decay, batch_size=64),
+            kind="stable",
+        )
+    kept = {
+        name: {c: kept_by_order(orders[name], c) for c in counts}
+        for name in settings.strategies
+        if name != "fsi_bottom_iterative"
+    }
     if "fsi_bottom_iterative" in strategies:
         step = max(1, int(round(settings.iterative_step * n)))
         kept["fsi_bottom_iterative"] = iterative_removal(fsi, n, counts, step)
     return kept
 
 
-def summarize(build: Builder, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor, x_test: torch.Tensor,
-              test_labels: np.ndarray, recipe: Recipe, jacobian: JacobianConfig,
-              settings: SummarizationConfig, progress: bool = True) -> list[dict]:
+def summarize(
+    build: Builder,
+    x: torch.Tensor,
+    y: np.ndarray,
+    x_val: torch.Tensor,
+    x_test: torch.Tensor,
+    test_labels: np.ndarray,
+    recipe: Recipe,
+    jacobian: JacobianConfig,
+    settings: SummarizationConfig,
+    progress: bool = True,
+) -> list[dict]:
     """One row {seed, strategy, fraction, removed, kept, accuracy} per seed, strategy and fraction.
 
     x, x_val, x_test: inputs; y (n, k) regression targets of the training labels; test_labels the
@@ -157,8 +189,16 @@ def summarize(build: Builder, x: torch.Tensor, y: np.ndarray, x_val: torch.Tenso
                     bar.update()
                 if count == 0:
                     unpruned = acc
-                rows.append({"seed": seed, "strategy": name, "fraction": float(fraction), "removed": count,
-                             "kept": n - count, "accuracy": acc})
+                rows.append(
+                    {
+                        "seed": seed,
+                        "strategy": name,
+                        "fraction": float(fraction),
+                        "removed": count,
+                        "kept": n - count,
+                        "accuracy": acc,
+                    }
+                )
     bar.close()
     return rows
 
@@ -169,16 +209,27 @@ def curves(rows: list[dict]) -> list[dict]:
     groups: dict[tuple[str, float], list[float]] = {}
     for row in rows:
         groups.setdefault((row["strategy"], row["fraction"]), []).append(row["accuracy"])
-    return [{"strategy": s, "fraction": f, "seeds": len(a), "mean": float(np.mean(a)),
-             "std": float(np.std(a, ddof=1)) if len(a) > 1 else 0.0} for (s, f), a in groups.items()]
+    return [
+        {
+            "strategy": s,
+            "fraction": f,
+            "seeds": len(a),
+            "mean": float(np.mean(a)),
+            "std": float(np.std(a, ddof=1)) if len(a) > 1 else 0.0,
+        }
+        for (s, f), a in groups.items()
+    ]
 
 
 def accuracy_drops(table: list[dict]) -> dict[str, float]:
     """Points of mean test accuracy lost at each fraction against no removal, per strategy:
     {"<strategy>_drop_at_<pct>pct": 100·(acc(0) − acc(f))}; needs fraction 0 in the table."""
     base = {row["strategy"]: row["mean"] for row in table if row["fraction"] == 0}
-    return {f"{row['strategy']}_drop_at_{round(row['fraction'] * 100)}pct": 100 * (base[row["strategy"]] - row["mean"])
-            for row in table if row["fraction"] > 0 and row["strategy"] in base}
+    return {
+        f"{row['strategy']}_drop_at_{round(row['fraction'] * 100)}pct": 100 * (base[row["strategy"]] - row["mean"])
+        for row in table
+        if row["fraction"] > 0 and row["strategy"] in base
+    }
 
 
 def write_tables(rows: list[dict], table: list[dict], runs_csv, curves_csv, curves_md) -> None:
@@ -191,8 +242,10 @@ def write_tables(rows: list[dict], table: list[dict], runs_csv, curves_csv, curv
     fractions = sorted({r["fraction"] for r in table})
     cell = {(r["strategy"], r["fraction"]): f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}" for r in table}
     strategies = list(dict.fromkeys(r["strategy"] for r in table))
-    lines = ["| strategy | " + " | ".join(f"{round(100 * f)} % removed" for f in fractions) + " |",
-             "|---" * (len(fractions) + 1) + "|"]
+    lines = [
+        "| strategy | " + " | ".join(f"{round(100 * f)} % removed" for f in fractions) + " |",
+        "|---" * (len(fractions) + 1) + "|",
+    ]
     lines += [f"| {s} | " + " | ".join(cell.get((s, f), "") for f in fractions) + " |" for s in strategies]
     with atomic_path(curves_md) as tmp:
         tmp.write_text("\n".join(lines) + "\n")

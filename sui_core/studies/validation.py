@@ -92,9 +92,18 @@ def sample_left_out(n: int, m: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 4]).choice(n, m, replace=False))
 
 
-def retrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, left_out: np.ndarray,
-            lr: float, steps: int, weight_decay: float = 0.0, checkpoint_step: int | None = None,
-            progress: bool = False) -> Retrained:
+def retrain(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_val: torch.Tensor,
+    left_out: np.ndarray,
+    lr: float,
+    steps: int,
+    weight_decay: float = 0.0,
+    checkpoint_step: int | None = None,
+    progress: bool = False,
+) -> Retrained:
     """Train the real network on all samples (run 0) and without each of `left_out` (runs 1..m), in the
     model's dtype; the changes each removal makes."""
     n = len(x)
@@ -107,9 +116,17 @@ def retrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Ten
             kept.update({name: p[0].clone() for name, p in params.items()})
 
     started = time.perf_counter()
-    params = train_full_batch(model, x, y, masks, lr, steps, weight_decay,
-                              callback=keep_checkpoint if checkpoint_step else None,
-                              progress="retrain" if progress else False)
+    params = train_full_batch(
+        model,
+        x,
+        y,
+        masks,
+        lr,
+        steps,
+        weight_decay,
+        callback=keep_checkpoint if checkpoint_step else None,
+        progress="retrain" if progress else False,
+    )
     w = flat(params)
     weights = (w[1:] - w[0]).double().pow(2).sum(1)
     out_val = predict(model, params, x_val).double()
@@ -122,13 +139,17 @@ def retrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Ten
     y64 = y.double()
     return Retrained(
         Changes(weights.numpy(), predictions.numpy(), seconds),
-        {name: p[0] for name, p in params.items()}, kept or None,
-        float(0.5 * (out_w0 - y64).pow(2).sum(1).mean()), float(0.5 * (out_train - y64).pow(2).sum(1).mean()),
-        float((w[0] - flat(w0)[0]).double().pow(2).sum()))
+        {name: p[0] for name, p in params.items()},
+        kept or None,
+        float(0.5 * (out_w0 - y64).pow(2).sum(1).mean()),
+        float(0.5 * (out_train - y64).pow(2).sum(1).mean()),
+        float((w[0] - flat(w0)[0]).double().pow(2).sum()),
+    )
 
 
-def linearized(model: nn.Module, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor, recipe: Recipe,
-               left_out: np.ndarray) -> tuple[Changes, np.ndarray]:
+def linearized(
+    model: nn.Module, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor, recipe: Recipe, left_out: np.ndarray
+) -> tuple[Changes, np.ndarray]:
     """sui's closed-form leave-one-out changes of the network linearized at its current weights (exact
     Jacobians; every sample is solved, the sampled ones are kept), and the eigenvalues of the mean-loss
     NTK there (the stability bound is lr·max < 2; weight decay regularizes the directions below it)."""
@@ -175,6 +196,7 @@ class FlatNetwork:
 
     def sample_gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """∇ℓᵢ(θ) of ℓᵢ = ½‖f(xᵢ) − yᵢ‖² for each row: (len(x), d)."""
+
         def one(xi, yi):
             return grad(lambda th: 0.5 * (self(th, xi[None]) - yi[None]).pow(2).sum())(self.theta)
 
@@ -182,6 +204,7 @@ class FlatNetwork:
 
     def changes(self, delta: torch.Tensor, x_val: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """‖Δᵢ‖² and Σ_j ‖J(x_j) Δᵢ‖² for each row Δᵢ of `delta` (jvp at θ)."""
+
         def tangent(d):
             return jvp(lambda th: self(th, x_val), (self.theta,), (d,))[1]
 
@@ -189,8 +212,9 @@ class FlatNetwork:
         return delta.double().pow(2).sum(1).numpy(), moved.pow(2).sum((1, 2)).numpy()
 
 
-def influence_exact(net: FlatNetwork, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, left_out: np.ndarray,
-                    damping: float) -> Changes:
+def influence_exact(
+    net: FlatNetwork, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, left_out: np.ndarray, damping: float
+) -> Changes:
     """Δᵢ = (1/n) (H + damping·I)⁻¹ ∇ℓᵢ with the explicit Hessian H of the mean loss (+ weight decay)."""
     started = time.perf_counter()
     h = hessian(lambda th: net.loss(th, x, y))(net.theta)
@@ -201,9 +225,19 @@ def influence_exact(net: FlatNetwork, x: torch.Tensor, y: torch.Tensor, x_val: t
     return Changes(weights, predictions, time.perf_counter() - started)
 
 
-def influence_lissa(net: FlatNetwork, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, left_out: np.ndarray,
-                    depth: int, scale: float, damping: float, batch_size: int, seed: int,
-                    progress: bool = False) -> Changes:
+def influence_lissa(
+    net: FlatNetwork,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_val: torch.Tensor,
+    left_out: np.ndarray,
+    depth: int,
+    scale: float,
+    damping: float,
+    batch_size: int,
+    seed: int,
+    progress: bool = False,
+) -> Changes:
     """LiSSA (Koh & Liang's recursion, see the module docstring) for all m right-hand sides at once:
     one mini-batch per step, its Hessian-vector products vmapped over the m vectors."""
     started = time.perf_counter()
@@ -233,11 +267,23 @@ def agreement(truth: Changes, estimate: Changes) -> dict[str, float]:
     return out
 
 
-def validate(model: nn.Module, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor, recipe: Recipe, m: int,
-             seed: int = 0, influence: tuple[str, ...] = ("exact", "lissa"), exact_max_params: int = 3000,
-             lissa_depth: int = 1000, lissa_scale: float = 1000.0, lissa_damping: float = 0.01,
-             lissa_batch_size: int = 32, checkpoint_fraction: float | None = None,
-             progress: bool = False) -> Validation:
+def validate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: np.ndarray,
+    x_val: torch.Tensor,
+    recipe: Recipe,
+    m: int,
+    seed: int = 0,
+    influence: tuple[str, ...] = ("exact", "lissa"),
+    exact_max_params: int = 3000,
+    lissa_depth: int = 1000,
+    lissa_scale: float = 1000.0,
+    lissa_damping: float = 0.01,
+    lissa_batch_size: int = 32,
+    checkpoint_fraction: float | None = None,
+    progress: bool = False,
+) -> Validation:
     """The whole comparison for one network and data set: m sampled samples, retrained ground truth,
     sui at w0 (and at a checkpoint), influence functions. Computed in the model's dtype."""
     if recipe.dynamics != "discrete" or not np.isfinite(recipe.t):
@@ -253,13 +299,17 @@ def validate(model: nn.Module, x: torch.Tensor, y: np.ndarray, x_val: torch.Tens
     estimates, spectrum = {}, {}
     estimates["sui"], spectrum["w0"] = linearized(model, x, np.asarray(y), x_val, recipe, left_out)
     if recipe.lr * (spectrum["w0"][0] + recipe.weight_decay) >= 2:  # before minutes of retraining
-        raise ParamError("training.lr", f"lr·(largest eigenvalue of the mean-loss NTK + weight_decay) = "
-                         f"{recipe.lr * (spectrum['w0'][0] + recipe.weight_decay):.3g} >= 2: gradient descent diverges")
+        raise ParamError(
+            "training.lr",
+            f"lr·(largest eigenvalue of the mean-loss NTK + weight_decay) = "
+            f"{recipe.lr * (spectrum['w0'][0] + recipe.weight_decay):.3g} >= 2: gradient descent diverges",
+        )
     truth = retrain(model, x, y_t, x_val, left_out, recipe.lr, steps, recipe.weight_decay, t0, progress)
     if t0 is not None:
         later = Recipe(recipe.lr, recipe.weight_decay, steps - t0, recipe.dynamics)
         estimates["sui_checkpoint"], spectrum["checkpoint"] = linearized(
-            with_params(model, truth.checkpoint), x, np.asarray(y), x_val, later, left_out)
+            with_params(model, truth.checkpoint), x, np.asarray(y), x_val, later, left_out
+        )
         estimates["sui_checkpoint"].seconds += truth.changes.seconds * t0 / steps / (m + 1)  # its share of one run
     w0 = {name: p.detach() for name, p in model.named_parameters() if name in truth.params}
     net = FlatNetwork(model, truth.params, w0, recipe.weight_decay)
@@ -271,25 +321,55 @@ def validate(model: nn.Module, x: torch.Tensor, y: np.ndarray, x_val: torch.Tens
         else:
             notes.append(f"if_exact skipped: {len(net.theta)} trained parameters > exact_max_params {exact_max_params}")
     if "lissa" in influence:
-        estimates["if_lissa"] = influence_lissa(net, x, y_t, x_val, left_out, lissa_depth, lissa_scale, damping,
-                                                min(lissa_batch_size, len(x)), seed, progress)
+        estimates["if_lissa"] = influence_lissa(
+            net,
+            x,
+            y_t,
+            x_val,
+            left_out,
+            lissa_depth,
+            lissa_scale,
+            damping,
+            min(lissa_batch_size, len(x)),
+            seed,
+            progress,
+        )
     return Validation(left_out, truth, estimates, spectrum, t0, notes)
 
 
-def validate_splits(model: nn.Module, train: Split, val: Split, training: TrainingConfig,
-                    settings: ValidateConfig) -> Validation:
+def validate_splits(
+    model: nn.Module, train: Split, val: Split, training: TrainingConfig, settings: ValidateConfig
+) -> Validation:
     """`validate` on prepared splits with the validate section's settings: the network in its dtype,
     retrained for the recipe of `training` (a whole number of steps)."""
     if training.dynamics != "discrete" or not np.isfinite(training.t):
-        raise ParamError("training.t", "validate retrains the network for a whole number of steps: needs "
-                         f"dynamics discrete and a finite t (got {training.dynamics}, t = {training.t})")
+        raise ParamError(
+            "training.t",
+            "validate retrains the network for a whole number of steps: needs "
+            f"dynamics discrete and a finite t (got {training.dynamics}, t = {training.t})",
+        )
     if settings.samples > len(train):
-        raise ParamError("validate.samples", f"must be at most the {len(train)} training samples, got {settings.samples}")
+        raise ParamError(
+            "validate.samples", f"must be at most the {len(train)} training samples, got {settings.samples}"
+        )
     s = settings
-    return validate(model.to(getattr(torch, s.dtype)), torch.as_tensor(train.x), targets(train.label, train.num_classes),
-                    torch.as_tensor(val.x), Recipe.from_config(training), s.samples, s.seed, tuple(s.influence),
-                    s.exact_max_params, s.lissa_depth, s.lissa_scale, s.lissa_damping, s.lissa_batch_size,
-                    s.checkpoint_fraction, progress=True)
+    return validate(
+        model.to(getattr(torch, s.dtype)),
+        torch.as_tensor(train.x),
+        targets(train.label, train.num_classes),
+        torch.as_tensor(val.x),
+        Recipe.from_config(training),
+        s.samples,
+        s.seed,
+        tuple(s.influence),
+        s.exact_max_params,
+        s.lissa_depth,
+        s.lissa_scale,
+        s.lissa_damping,
+        s.lissa_batch_size,
+        s.checkpoint_fraction,
+        progress=True,
+    )
 
 
 QUANTITIES = ("weights", "predictions")
@@ -306,8 +386,9 @@ def changes_from_forms(forms: dict[str, list], sample_id: np.ndarray) -> Changes
     return Changes(np.asarray(forms["dv_sq"])[rows], np.asarray(forms["fsi_sum"])[rows], float("nan"))
 
 
-def write_report(truth: Retrained, estimates: dict[str, Changes], sample_id: np.ndarray, noisy: np.ndarray,
-                 out: Path) -> tuple[list[dict], dict[str, float]]:
+def write_report(
+    truth: Retrained, estimates: dict[str, Changes], sample_id: np.ndarray, noisy: np.ndarray, out: Path
+) -> tuple[list[dict], dict[str, float]]:
     """Per-sample real vs estimated changes (changes.parquet), the agreement of each method (table.parquet,
     table.md) and their scatter plot under `out`; returns the table's rows and the metrics."""
     rows = [{"method": name, **agreement(truth.changes, est)} for name, est in estimates.items()]
@@ -317,19 +398,31 @@ def write_report(truth: Retrained, estimates: dict[str, Changes], sample_id: np.
     write_parquet(out / "changes.parquet", pa.table(columns))
     write_parquet(out / "table.parquet", pa.Table.from_pylist(rows))
     (out / "table.md").write_text(markdown(rows))
-    plots.scatter_grid({q: getattr(truth.changes, q) for q in QUANTITIES},
-                       {name: {q: getattr(est, q) for q in QUANTITIES} for name, est in estimates.items()},
-                       out / "plots" / "scatter.png", f"leave-one-out changes of {len(sample_id)} samples")
-    metrics = {f"{row['method']}_{key}": value for row in rows for key, value in row.items()
-               if key != "method" and np.isfinite(value)}
+    plots.scatter_grid(
+        {q: getattr(truth.changes, q) for q in QUANTITIES},
+        {name: {q: getattr(est, q) for q in QUANTITIES} for name, est in estimates.items()},
+        out / "plots" / "scatter.png",
+        f"leave-one-out changes of {len(sample_id)} samples",
+    )
+    metrics = {
+        f"{row['method']}_{key}": value
+        for row in rows
+        for key, value in row.items()
+        if key != "method" and np.isfinite(value)
+    }
     metrics.update(retrain_seconds=truth.changes.seconds, loss_end=truth.loss_end, distance_sq=truth.distance_sq)
     return rows, metrics
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| method | weights Pearson | weights Spearman | predictions Pearson | predictions Spearman | seconds |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['pearson_weights']:.3f} | {r['spearman_weights']:.3f} | "
-              f"{r['pearson_predictions']:.3f} | {r['spearman_predictions']:.3f} | "
-              f"{'–' if np.isnan(r['seconds']) else round(r['seconds'], 1)} |" for r in rows]
+    lines = [
+        "| method | weights Pearson | weights Spearman | predictions Pearson | predictions Spearman | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['method']} | {r['pearson_weights']:.3f} | {r['spearman_weights']:.3f} | "
+        f"{r['pearson_predictions']:.3f} | {r['spearman_predictions']:.3f} | "
+        f"{'–' if np.isnan(r['seconds']) else round(r['seconds'], 1)} |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"
