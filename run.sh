@@ -143,7 +143,7 @@ case "$cmd" in
     ;;
   test)
     setup
-    debian_data chromium /usr/bin/chromium  # the headless browser of tests/test_ui_browser.py (MLflow UI)
+    debian_data chromium /usr/bin/chromium  # the headless browser of tests/pipeline/test_ui_browser.py (MLflow UI)
     rc=0
     python -m pytest "$@" || rc=$?
     if [[ $rc -eq 5 ]]; then

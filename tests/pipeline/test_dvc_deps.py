@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("sui_core", "stages")
 
 # Infrastructure that does not change results: paths, params loading and validation, atomic writes,

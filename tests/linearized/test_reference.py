@@ -9,14 +9,6 @@ from sui_core.linearized.solver import Recipe
 REL = 1e-8
 
 
-def make_problem(n, k, dim, seed, n_val=6):
-    rng = np.random.default_rng(seed)
-    scale = 1.0 / np.sqrt(1 + np.arange(dim))  # a spread-out spectrum, as Jacobians have
-    phi = rng.normal(size=(n, k, dim)) * scale
-    phi_val = rng.normal(size=(n_val, k, dim)) * scale
-    return phi, rng.normal(size=(n, k)), phi_val
-
-
 CASES = [
     # n, k, dim, lr, weight_decay, t, dynamics
     (20, 1, 60, 0.1, 0.0, 200, "discrete"),
@@ -28,7 +20,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("n,k,dim,lr,wd,t,dynamics", CASES)
-def test_paper_algorithm_matches_brute_force(n, k, dim, lr, wd, t, dynamics):
+def test_paper_algorithm_matches_brute_force(make_problem, n, k, dim, lr, wd, t, dynamics):
     phi, residual, phi_val = make_problem(n, k, dim, seed=n + k)
     recipe = Recipe(lr, wd, t, dynamics)
     full, left = recipe.full(n), recipe.left_out(n)
@@ -44,7 +36,7 @@ def test_paper_algorithm_matches_brute_force(n, k, dim, lr, wd, t, dynamics):
         assert err <= REL, f"sample {indices[row]}: Δf_val off by {err:.2e}"
 
 
-def test_paper_algorithm_without_validation_set():
+def test_paper_algorithm_without_validation_set(make_problem):
     phi, residual, _ = make_problem(10, 1, 30, seed=3)
     recipe = Recipe(0.1, 0.0, 100, "discrete")
     dw, dval = paper_kernel_deltas(phi, residual, recipe.full(10), recipe.left_out(10), [4])

@@ -12,19 +12,6 @@ from sui_core.linearized.solver import GradientDescent, Recipe, group_delta, loo
 REL = 1e-8
 
 
-def make_problem(n, k, dim, seed, n_val=7, duplicate=None):
-    rng = np.random.default_rng(seed)
-    # Decaying column scales give a spread-out spectrum, as Jacobians have.
-    phi = rng.normal(size=(n, k, dim)) * (1.0 / np.sqrt(1 + np.arange(dim)))
-    if duplicate == "columns":
-        phi[..., -3:] = phi[..., :3]  # rank-deficient ΦᵀΦ
-    if duplicate == "samples":
-        phi[1] = phi[0]  # rank-deficient ΦΦᵀ
-    residual = rng.normal(size=(n, k))
-    phi_val = rng.normal(size=(n_val, k, dim)) / np.sqrt(1 + np.arange(dim))
-    return phi, residual, phi_val
-
-
 def solve(phi, residual, phi_val, full, left, block_size=16):
     n, k, dim = phi.shape
     basis = build_basis(lambda: np.array_split(phi, 3), lambda: [phi_val], n, k, dim)
@@ -57,7 +44,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("n,k,dim,lam,t,dynamics", CASES)
-def test_every_delta_matches_brute_force(n, k, dim, lam, t, dynamics):
+def test_every_delta_matches_brute_force(make_problem, n, k, dim, lam, t, dynamics):
     phi, residual, phi_val = make_problem(n, k, dim, seed=n + dim)
     h_max = np.linalg.eigvalsh(phi.reshape(-1, dim).T @ phi.reshape(-1, dim)).max() + lam
     eta = 1.0 / h_max  # stable for discrete steps
@@ -69,7 +56,7 @@ def test_every_delta_matches_brute_force(n, k, dim, lam, t, dynamics):
     assert_matches(basis, deltas, phi, phi_val, reference, range(n))
 
 
-def test_a_few_hundred_samples_both_methods():
+def test_a_few_hundred_samples_both_methods(make_problem):
     n, k, dim = 300, 1, 64
     phi, residual, phi_val = make_problem(n, k, dim, seed=3)
     h_max = np.linalg.eigvalsh(phi[:, 0].T @ phi[:, 0]).max()
@@ -83,7 +70,7 @@ def test_a_few_hundred_samples_both_methods():
 
 
 @pytest.mark.parametrize("dim", [10, 90])
-def test_discrete_closed_form_equals_explicit_gradient_steps(dim):
+def test_discrete_closed_form_equals_explicit_gradient_steps(make_problem, dim):
     n, k, t = 30, 2, 400
     phi, residual, phi_val = make_problem(n, k, dim, seed=dim)
     h_max = np.linalg.eigvalsh(phi.reshape(-1, dim).T @ phi.reshape(-1, dim)).max()
@@ -102,7 +89,7 @@ def test_discrete_closed_form_equals_explicit_gradient_steps(dim):
 
 
 @pytest.mark.parametrize("dim", [15, 120])
-def test_converged_ridge_matches_closed_form(dim):
+def test_converged_ridge_matches_closed_form(make_problem, dim):
     n, k, lam = 35, 2, 0.7
     phi, residual, phi_val = make_problem(n, k, dim, seed=7)
     gd = GradientDescent(0.01, lam, math.inf, "continuous")
@@ -120,7 +107,7 @@ def test_converged_ridge_matches_closed_form(dim):
 
 
 @pytest.mark.parametrize("duplicate,dim,dynamics", [("columns", 20, "discrete"), ("samples", 80, "continuous")])
-def test_lambda_zero_with_singular_hessian_is_finite_and_correct(duplicate, dim, dynamics):
+def test_lambda_zero_with_singular_hessian_is_finite_and_correct(make_problem, duplicate, dim, dynamics):
     n, k = 30, 1
     phi, residual, phi_val = make_problem(n, k, dim, seed=11, duplicate=duplicate)
     rows = phi.reshape(-1, dim)
@@ -152,7 +139,7 @@ def test_gradient_descent_factor_is_entire_and_accurate():
     assert cont[2] == pytest.approx((1 - math.exp(-2.0)) / 2.0, rel=1e-14)
 
 
-def test_unstable_learning_rate_is_refused():
+def test_unstable_learning_rate_is_refused(make_problem):
     phi, residual, _ = make_problem(20, 1, 10, seed=1)
     h_max = np.linalg.eigvalsh(phi[:, 0].T @ phi[:, 0]).max()
     gd = GradientDescent(2.5 / h_max, 0.0, 100, "discrete")
@@ -170,7 +157,7 @@ def test_recipe_maps_mean_loss_to_sum_loss():
 @pytest.mark.parametrize(
     "n,k,dim,weight_decay,t", [(40, 1, 12, 0.0, 800), (30, 2, 90, 0.02, 300), (25, 1, 60, 0.05, math.inf)]
 )
-def test_group_left_out_matches_retraining_without_the_group(n, k, dim, weight_decay, t):
+def test_group_left_out_matches_retraining_without_the_group(make_problem, n, k, dim, weight_decay, t):
     phi, residual, phi_val = make_problem(n, k, dim, seed=dim)
     basis = build_basis(lambda: [phi], lambda: [phi_val], n, k, dim)
     rows = phi.reshape(-1, dim)

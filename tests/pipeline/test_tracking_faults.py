@@ -23,7 +23,7 @@ import pytest
 
 from stages import tracking
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WALL_LIMIT_S = 10.0
 
 STAGE_SCRIPT = '''\
@@ -161,7 +161,7 @@ def initialised_db(tmp_path_factory):
         [
             sys.executable,
             "-c",
-            "from sui_core import tracking\nwith tracking.stage_run('init', {}, session='init'): pass",
+            "from stages import tracking\nwith tracking.stage_run('init', {}, session='init'): pass",
         ],
         cwd=ROOT,
         env=_env(uri),

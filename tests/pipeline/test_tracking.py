@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from stages import cli, common, tracking
 from sui_core.errors import ParamError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

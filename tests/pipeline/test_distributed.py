@@ -34,7 +34,7 @@ from sui_core.linearized.ntk import Basis
 from sui_core.linearized.scores import loo_quadratic_forms, sgd_precision
 from sui_core.linearized.solver import Recipe, trained_coefficients
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = {
     "data": {"source": "sklearn_digits", "classes": [3, 8], "max_train": 120, "label_noise": 0.1},
     "model": {"hidden": [64]},

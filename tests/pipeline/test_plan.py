@@ -57,10 +57,10 @@ def test_plan_matches_a_tiny_run(project):
     from sui_core.linearized.jacobians import read_manifest
     from sui_core.linearized.ntk import Basis
 
-    before = planning.make_plan(load_params())
+    before = planning.make_plan(load_params("params.yaml"))
     assert before.shapes.source == "source"
     run_pipeline("prepare", "model", "jacobians", "ntk", "loo")
-    plan = planning.make_plan(load_params())
+    plan = planning.make_plan(load_params("params.yaml"))
     assert plan.shapes.source == "prepared"  # read from the Parquet metadata, the same numbers
     assert (plan.shapes.n, plan.shapes.dim, plan.shapes.k) == (before.shapes.n, before.shapes.dim, before.shapes.k)
     sizes = {s.stage: s for s in plan.stages}
@@ -203,7 +203,7 @@ def test_disk_refusal_counts_dvcs_cache_copy(project, monkeypatch):
     not supported; the plan counts that copy and says how to avoid it."""
     Path(".dvc").mkdir()
     Path(".dvc/config").write_text("")
-    plan = planning.make_plan(load_params())
+    plan = planning.make_plan(load_params("params.yaml"))
     assert plan.cache.copies == (not reflinks_here())
     if not plan.cache.copies:
         pytest.skip("this file system has reflinks: DVC's default cache type makes no second copy here")
@@ -214,7 +214,7 @@ def test_disk_refusal_counts_dvcs_cache_copy(project, monkeypatch):
     line = result.stderr.strip()
     assert "DVC's cache copy" in line and "dvc config cache.type hardlink,symlink" in line, line
     Path(".dvc/config").write_text("[cache]\n    type = hardlink,symlink\n")
-    assert planning.make_plan(load_params()).disk_bytes == plan.outputs_bytes
+    assert planning.make_plan(load_params("params.yaml")).disk_bytes == plan.outputs_bytes
 
 
 @pytest.mark.slow
@@ -226,7 +226,7 @@ def test_plan_disk_matches_a_dvc_repro(tmp_path, monkeypatch):
     project = make_project(tmp_path / "project")
     monkeypatch.chdir(project)
     monkeypatch.setenv("SUI_TRACKING", "off")
-    plan = planning.make_plan(load_params())
+    plan = planning.make_plan(load_params("params.yaml"))
     assert plan.shapes.source == "source"
     cache_before = folder_bytes(".dvc/cache")
     run(["dvc", "repro"], project)

@@ -355,7 +355,7 @@ def test_stage_killed_mid_write_then_rerun(project):
     env = {
         **os.environ,
         "SUI_TRACKING": "off",
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.Popen([sys.executable, "killed.py"], env=env, stderr=subprocess.PIPE)
     try:
@@ -394,7 +394,7 @@ def test_mistyped_section_names_the_closest_one(project):
     assert_fails(run_stage("loo"), "params.yaml: trainig: unknown section", "did you mean `training`?")
     assert_nothing_left("data/loo")
     # while the project's own params.yaml and every one under examples/ use known sections only
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     files = [root / "params.yaml", *sorted((root / "examples").rglob("*.yaml"))]
     assert len(files) >= 2
     for path in files:
