@@ -2,7 +2,7 @@
 # The two commands of the README:
 #
 #   bash run.sh repro [dvc repro args...]   set up, then run the pipeline (`dvc repro`)
-#   bash run.sh test  [pytest args...]      set up, then run the test suite (all of it, slow tests included)
+#   bash run.sh test  [pytest args...]      set up, ruff check + format --check, then the test suite (all of it)
 #   bash run.sh test -m "not slow"          quick run: skip the end-to-end tests marked slow
 #
 # Setup: a virtual environment in .venv (created with `python3 -m venv` when missing), filled from
@@ -144,6 +144,9 @@ case "$cmd" in
   test)
     setup
     debian_data chromium /usr/bin/chromium  # the headless browser of tests/pipeline/test_ui_browser.py (MLflow UI)
+    # lint and format first (ruff, configured in pyproject.toml): a style error fails like a test
+    ruff check . || die "ruff check failed (fix, or \`ruff check --fix .\`)"
+    ruff format --check . || die "ruff format --check failed (run \`ruff format .\`)"
     rc=0
     python -m pytest "$@" || rc=$?
     if [[ $rc -eq 5 ]]; then
