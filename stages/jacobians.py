@@ -5,27 +5,14 @@ process would compute and writes them as its own shard files into one shared tem
 writes the manifest (the ranks' shard entries in sample order) and renames the folder into place.
 """
 
-import hashlib
-
 import torch
 
 from stages import distributed as dist
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
 from sui_core.data.splits import read_split
-from sui_core.io import file_sha256
-from sui_core.linearized.jacobians import extract, jacobian_shapes, make_projector, write_manifest
+from sui_core.linearized.jacobians import SPLITS, extract, jacobian_shapes, make_projector, write_manifest
 from sui_core.network.models import load_model
-
-SPLITS = ("train", "val")
-
-
-def data_sha256() -> str:
-    """One hash over the prepared splits the Jacobians are computed from; later stages check it."""
-    h = hashlib.sha256()
-    for split in SPLITS:
-        h.update(file_sha256(paths.PREPARED / f"{split}.parquet").encode())
-    return h.hexdigest()
 
 
 def body(cfg: Configs, run: StageRun) -> dict:
@@ -34,30 +21,19 @@ def body(cfg: Configs, run: StageRun) -> dict:
     def load():
         torch.manual_seed(cfg.jacobian.seed)
         model, info = load_model(cfg.input(paths.MODEL).path)
-        cfg.input(paths.PREPARED)
-        return model, info, make_projector(cfg.jacobian, jacobian_shapes(model))
+        return model, info, make_projector(cfg.jacobian, jacobian_shapes(model)), cfg.input(paths.PREPARED)
 
-    model, info, projector = dist.run_checked(load)  # an error on any rank stops every rank
+    model, info, projector, prepared = dist.run_checked(load)  # an error on any rank stops every rank
     if rank == 0:
         print(f"jacobians: projection {cfg.jacobian.projection}, D = {projector.total_dim}, k = {info['num_outputs']}")
     with dist.shared_atomic_dir(paths.JACOBIANS) as out:
 
         def my_shards() -> dict[str, list[dict]]:
-            mine = {}
+            jac, mine, where = cfg.jacobian, {}, {"progress": rank == 0, "rank": rank, "world": world}
             for split in SPLITS:
-                data = read_split(paths.PREPARED / f"{split}.parquet")
+                data = read_split(prepared.file(f"{split}.parquet"))
                 mine[split] = extract(
-                    model,
-                    data.x,
-                    data.sample_id,
-                    projector,
-                    out,
-                    split,
-                    cfg.jacobian.batch_size,
-                    cfg.jacobian.shard_rows,
-                    progress=rank == 0,
-                    rank=rank,
-                    world=world,
+                    model, data.x, data.sample_id, projector, out, split, jac.batch_size, jac.shard_rows, **where
                 )
             return mine
 
@@ -65,14 +41,12 @@ def body(cfg: Configs, run: StageRun) -> dict:
         if rank != 0:
             return {}
         shards = {split: [entry for part in parts for entry in part[split]] for split in SPLITS}
-        write_manifest(out, projector, info["num_outputs"], shards, info["sha256"], data_sha256())
+        data_sha256 = prepared.digest(*(f"{split}.parquet" for split in SPLITS))  # the ntk stage checks it
+        write_manifest(out, projector, info["num_outputs"], shards, info["sha256"], data_sha256)
         cfg.publish(out)
     run.log_artifact(paths.JACOBIANS / "manifest.json")
-    return {
-        "D": projector.total_dim,
-        "k": info["num_outputs"],
-        **{f"n_{split}": sum(e["rows"] for e in shards[split]) for split in SPLITS},
-    }
+    rows = {f"n_{split}": sum(e["rows"] for e in shards[split]) for split in SPLITS}
+    return {"D": projector.total_dim, "k": info["num_outputs"], **rows}
 
 
 app = stage_app("jacobians", __doc__, body, sections=["jacobian"], distributed=True)

@@ -27,12 +27,15 @@ outside the outputs, by the pipeline).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sui_core.errors import ArtifactError
 from sui_core.io import file_sha256, read_json, write_json
@@ -86,6 +89,14 @@ class Output:
     @property
     def lineage(self) -> dict[str, Any]:
         return self.meta["lineage"]
+
+    def digest(self, *names: str) -> str:
+        """One sha256 over the recorded sha256 of the files `names`: what a later output was made from."""
+        h = hashlib.sha256()
+        for name in names:
+            self.file(name)  # ArtifactError for a file the output does not hold
+            h.update(self.meta["files"][name].encode())
+        return h.hexdigest()
 
     def file(self, name: str) -> Path:
         """The path of a file this output lists (ArtifactError if it holds no such file)."""
@@ -173,3 +184,10 @@ def check_lineage(output: Output, expect: Mapping[str, Any]) -> None:
                 f"{output.path}: computed with {key} = {output.lineage[key]!r}, but this stage runs with {key} = "
                 f"{canonical(want)!r}; rerun the stages before it (dvc repro), do not mix outputs of different params"
             )
+
+
+def check_aligned(ids: np.ndarray, expected: np.ndarray, what: str | Path, against: str | Path) -> None:
+    """ArtifactError unless `what` holds the samples `expected` of `against`, in that order: results of
+    other samples (another split, seed or source) must never be combined row by row."""
+    if not np.array_equal(ids, expected):
+        raise ArtifactError(f"{what}: samples do not match {against}")

@@ -30,6 +30,9 @@ PHI_DTYPE = "float32"
 SHARD_TYPES = {"sample_id": pa.int64(), "f0": pa.list_(pa.float64()), "phi": pa.list_(pa.float32())}
 
 
+SPLITS = ("train", "val")  # the splits whose Jacobians are computed (the test split is never scored)
+
+
 def contiguous_range(n: int, rank: int, world_size: int) -> range:
     """The samples of `rank`: n split into `world_size` contiguous ranges whose sizes differ by at most 1."""
     if world_size < 1 or not 0 <= rank < world_size:
@@ -374,6 +377,12 @@ def _read_shard(path: Path, entry: dict[str, Any], k: int, dim: int) -> tuple[np
 def _type_name(typ: pa.DataType) -> str:
     """A type's name without the list item's field name, which Parquet writers spell differently."""
     return f"list<{typ.value_type}>" if pa.types.is_list(typ) else str(typ)
+
+
+def outputs_at_w0(directory: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The sample ids (n,) and network outputs f0 (n, k) at w0 of `split`, from its checked shards."""
+    parts = [(ids, f0) for ids, f0, _ in iter_shards(directory, split)]
+    return np.concatenate([ids for ids, _ in parts]), np.concatenate([f0 for _, f0 in parts])
 
 
 def load_split(directory: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

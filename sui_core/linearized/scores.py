@@ -180,6 +180,13 @@ def scores_from_forms(
     }
 
 
+def forms_table(parts: list[LooResult], sample_id: np.ndarray) -> pa.Table:
+    """One row per sample (`sample_id`, in order): the forms and fit of the parts each process solved."""
+    columns = {name: np.concatenate([part.forms[name] for part in parts]) for name in parts[0].forms}
+    columns |= {name: np.concatenate([part.fit[name] for part in parts]) for name in parts[0].fit}
+    return pa.table({"sample_id": sample_id, **columns})
+
+
 def group_table(
     basis: Basis, residual: np.ndarray, train: Split, recipe: Recipe, columns: list[str], fsi_sum: np.ndarray
 ) -> pa.Table:

@@ -282,6 +282,11 @@ def save_model(dir: str | Path, model: nn.Module, info: dict[str, Any]) -> dict[
     return record
 
 
+def architecture(info: dict[str, Any]) -> ModelConfig:
+    """The architecture a model.json describes (arch, hidden, freeze), as a config whose init can change."""
+    return ModelConfig(arch=info["arch"], hidden=info["hidden"] or [], freeze=info.get("freeze") or [])
+
+
 def load_model(dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network from model.json and load model.pt after checking its sha256."""
     dir = Path(dir)
@@ -292,8 +297,7 @@ def load_model(dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if file_sha256(path) != info.get("sha256"):
         raise ArtifactError(f"{path}: sha256 does not match {dir / 'model.json'} (file changed or partly written)")
     try:
-        cfg = ModelConfig(arch=info["arch"], hidden=info["hidden"] or [], freeze=info.get("freeze") or [])
-        model = build_model(cfg, info["input_shape"], info["num_outputs"])
+        model = build_model(architecture(info), info["input_shape"], info["num_outputs"])
     except (KeyError, TypeError, ParamError) as exc:
         raise ArtifactError(f"{dir / 'model.json'}: invalid model description ({exc!r})") from exc
     _load_state(model, path, lambda msg: ArtifactError(f"{path}: {msg}"))

@@ -36,7 +36,7 @@ from sui_core.io import atomic_path, write_parquet
 from sui_core.linearized.ntk import Basis
 from sui_core.linearized.scores import FIT, SCORES
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import targets
+from sui_core.network.models import architecture, targets
 from sui_core.studies import baselines, detection, robustness, summarization
 from sui_core.studies.baselines import seeded_builder
 from sui_core.studies.evaluation import detection_metrics, rare_subgroup_report, write_table
@@ -78,7 +78,7 @@ def evaluate(settings: Settings, inputs: Inputs, table: pa.Table, groups: list[d
 def network(inputs: Inputs) -> tuple[ModelConfig, dict]:
     """The architecture of the network at w0 (arch, hidden, freeze) as a config whose init seed can change."""
     _, info = inputs.model()
-    return ModelConfig(arch=info["arch"], hidden=info["hidden"] or [], freeze=info.get("freeze") or []), info
+    return architecture(info), info
 
 
 def mislabel_detection(settings: Settings, inputs: Inputs, table: pa.Table, out: Path) -> dict:
@@ -195,8 +195,7 @@ def real_network_baselines(
     if "loss" in settings.detection.baselines:
         found["loss"] = baselines.training_loss(model, x, y, lr, steps, wd)
     if "el2n" in settings.detection.baselines:
-        arch = ModelConfig(arch=info["arch"], hidden=info["hidden"] or [], freeze=info.get("freeze") or [])
-        build = baselines.seeded_builder(arch, info["input_shape"], info["num_outputs"])
+        build = baselines.seeded_builder(architecture(info), info["input_shape"], info["num_outputs"])
         found["el2n"] = baselines.el2n(
             build, x, y, settings.detection.el2n_seeds, lr, settings.detection.el2n_steps, wd, progress=True
         )

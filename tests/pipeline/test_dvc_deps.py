@@ -122,7 +122,7 @@ def test_the_import_graph_is_followed():
         "sui_core/data/splits.py",
     } <= code
     assert not code & NOT_DEPS
-    assert {"stages/jacobians.py", "sui_core/linearized/jacobians.py"} <= stage_code("ntk", "stages/ntk.py")
+    assert "sui_core/linearized/jacobians.py" in stage_code("ntk", "stages/ntk.py")
     assert {"sui_core/data/sources.py", "sui_core/data/text.py"} <= stage_code("prepare", "stages/prepare.py")
     assert "sui_core/data/sources.py" not in code
     for (importer, imported), stages in ONLY_FOR.items():
