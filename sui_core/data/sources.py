@@ -1,8 +1,8 @@
 """A user's own data and torchvision's datasets: `imagefolder`, `parquet`, `torchvision_*`.
 
-Each loader returns `(parts, input_shape)` as the built-in loaders in `sui_core.data.splits` do: `parts` maps
-train/val/test to `(sample_id, x, y)` or `(sample_id, x, y, source, group)`, with `y` the original
-labels (folder names, label-column values, dataset targets) restricted to `data.classes`. Splits a
+Each loader returns `(parts, input_shape)` as the built-in loaders in `sui_core.data.splits` do (`Loaded`):
+`parts` maps train/val/test to a `Part` (sample ids, x, y, and optionally source, group, text), with `y` the
+original labels (folder names, label-column values, dataset targets) restricted to `data.classes`. Splits a
 source brings along (train/val[/test] folders, a `split` column, torchvision's train/test files) are
 kept; otherwise the pool is split with the seed as for the built-in sources.
 """
@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sui_core.config import DataConfig
+from sui_core.data.splits import Loaded, Part, _kept, _stratified_split
 from sui_core.errors import DataError, ParamError
 
 SPLITS = ("train", "val", "test")
@@ -68,7 +69,6 @@ def _normalize(x: np.ndarray, cfg: DataConfig) -> np.ndarray:
 
 def _pool_or_given(cfg: DataConfig, y: np.ndarray, given: np.ndarray | None, where: str) -> dict[str, np.ndarray]:
     """Indices per split: `given` (split names per sample) kept as they are, else the seeded split."""
-    from sui_core.data.splits import _stratified_split
 
     wanted = list(cfg.classes) if cfg.classes is not None else sorted(set(y.tolist()))
     _check_present(wanted, y, where)
@@ -81,7 +81,7 @@ def _pool_or_given(cfg: DataConfig, y: np.ndarray, given: np.ndarray | None, whe
 # ---------------------------------------------------------------- imagefolder
 
 
-def load_imagefolder(cfg: DataConfig) -> tuple[dict, list[int]]:
+def load_imagefolder(cfg: DataConfig) -> Loaded:
     """root/<class>/<image> (any depth below the class folder), or root/{train,val[,test]}/<class>/<image>.
 
     Sample ids number every image file in (split folder, class, path) order, before `data.classes`
@@ -113,7 +113,7 @@ def load_imagefolder(cfg: DataConfig) -> tuple[dict, list[int]]:
     parts, start = {}, 0
     for name in SPLITS:
         idx = index[name]
-        parts[name] = (idx, x_all[start : start + len(idx)], y[idx])
+        parts[name] = Part(idx, x_all[start : start + len(idx)], y[idx])
         start += len(idx)
     return parts, shape
 
@@ -154,7 +154,7 @@ def _read_images(paths: list[Path], cfg: DataConfig, root: Path) -> tuple[np.nda
 # ---------------------------------------------------------------- parquet
 
 
-def load_parquet(cfg: DataConfig) -> tuple[dict, list[int]]:
+def load_parquet(cfg: DataConfig) -> Loaded:
     """A table of features (numeric columns or one fixed-length list column) and labels; sample id = row."""
     path = Path(str(cfg.parquet_path)).expanduser()
     if not path.is_file():
@@ -192,7 +192,7 @@ def load_parquet(cfg: DataConfig) -> tuple[dict, list[int]]:
                 raise DataError(f"{path}: column 'split' has no {name} rows (for the chosen classes)")
     ids = np.arange(n)
     parts = {
-        name: (ids[idx], x[idx], y[idx], source[idx], group[idx], None if text is None else text[idx])
+        name: Part(ids[idx], x[idx], y[idx], source[idx], group[idx], None if text is None else text[idx])
         for name, idx in index.items()
     }
     return parts, [x.shape[1]]
@@ -305,11 +305,10 @@ def _string_column(path: Path, table: pa.Table, name: str, fill: str | None) -> 
 # ---------------------------------------------------------------- torchvision
 
 
-def load_torchvision(cfg: DataConfig) -> tuple[dict, list[int]]:
+def load_torchvision(cfg: DataConfig) -> Loaded:
     """torchvision's train/test files under `data.root`: validation from the train set by `val_fraction`,
     test = the whole test set (for the chosen classes); `test_fraction` is ignored, as for fashion_mnist.
     Sample ids: train index, then n_train + test index. Pixels in [0, 1], then `data.normalize`."""
-    from sui_core.data.splits import _kept, _stratified_split
 
     x_train, y_train = _torchvision_arrays(cfg, train=True)
     x_test, y_test = _torchvision_arrays(cfg, train=False)
@@ -320,7 +319,7 @@ def load_torchvision(cfg: DataConfig) -> tuple[dict, list[int]]:
     for name, idx in index.items():
         x, y, offset = (x_test, y_test, len(y_train)) if name == "test" else (x_train, y_train, 0)
         images = x[idx].astype(np.float32) / np.float32(255.0)
-        parts[name] = (offset + idx, _normalize(images, cfg), y[idx])
+        parts[name] = Part(offset + idx, _normalize(images, cfg), y[idx])
     return parts, list(x_train.shape[1:])
 
 

