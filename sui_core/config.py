@@ -307,6 +307,17 @@ class TrainingConfig:
     )
     batch_size: int | None = param(None, "b in the hessian/sgd smoothings; null = full batch (n)")
 
+    def whole_steps(self, purpose: str) -> int:
+        """The gradient steps of the recipe, for `purpose` that really retrains the network step by step:
+        ParamError unless the dynamics are discrete and t is finite."""
+        if self.dynamics != "discrete" or not math.isfinite(self.t):
+            raise ParamError(
+                "training.t",
+                f"{purpose} retrains the network for a whole number of steps: needs "
+                f"dynamics discrete and a finite t (got {self.dynamics}, t = {self.t})",
+            )
+        return int(self.t)
+
     def validate(self, section: str) -> None:
         _range(section, "lr", self.lr, 0.0, math.inf, low_open=True, high_open=True)
         _range(section, "weight_decay", self.weight_decay, 0.0, math.inf, high_open=True)

@@ -9,7 +9,6 @@ robustness); `inputs` loads what a part needs only when it runs (`Inputs`)."""
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Protocol
@@ -320,12 +319,7 @@ def summarize_data(settings: Settings, inputs: Inputs, out: Path) -> dict:
     summary = settings.summarization
     if not summary.enabled:
         return {}
-    if settings.training.dynamics != "discrete" or not math.isfinite(settings.training.t):
-        raise ParamError(
-            "training.dynamics",
-            "summarization retrains the network for t gradient steps: it needs "
-            "discrete dynamics and a finite training.t",
-        )
+    settings.training.whole_steps("summarization")
     train, val, test = inputs.splits()
     arch, info = network(inputs)
     build = seeded_builder(arch, info["input_shape"], info["num_outputs"])

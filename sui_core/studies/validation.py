@@ -342,12 +342,7 @@ def validate_splits(
 ) -> Validation:
     """`validate` on prepared splits with the validate section's settings: the network in its dtype,
     retrained for the recipe of `training` (a whole number of steps)."""
-    if training.dynamics != "discrete" or not np.isfinite(training.t):
-        raise ParamError(
-            "training.t",
-            "validate retrains the network for a whole number of steps: needs "
-            f"dynamics discrete and a finite t (got {training.dynamics}, t = {training.t})",
-        )
+    training.whole_steps("validate")
     if settings.samples > len(train):
         raise ParamError(
             "validate.samples", f"must be at most the {len(train)} training samples, got {settings.samples}"
