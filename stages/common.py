@@ -42,6 +42,7 @@ The `sui` CLI (stages/cli.py) picks up the single command of each stage module's
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -168,16 +169,20 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def dvc_stage(stage: str, dvc_yaml: Path = paths.DVC_YAML) -> dict[str, Any] | None:
-    """dvc.yaml's entry for `stage` (cmd, deps, params, outs); None when it has no such stage."""
-    if not stage or not dvc_yaml.is_file():
-        return None
+def dvc_stages(dvc_yaml: Path = paths.DVC_YAML) -> dict[str, dict[str, Any]]:
+    """dvc.yaml's stages in order, {name: entry (cmd, deps, params, outs)}; {} without a dvc.yaml."""
+    if not dvc_yaml.is_file():
+        return {}
     try:
         spec = yaml.safe_load(dvc_yaml.read_text()) or {}
     except yaml.YAMLError as exc:
         raise SuiError(f"{dvc_yaml}: not valid YAML ({_one_line(str(exc))})") from exc
-    entry = (spec.get("stages") or {}).get(stage)
-    return entry if isinstance(entry, dict) else None
+    return {name: entry for name, entry in (spec.get("stages") or {}).items() if isinstance(entry, dict)}
+
+
+def dvc_stage(stage: str) -> dict[str, Any] | None:
+    """dvc.yaml's entry for `stage`; None when it has no such stage."""
+    return dvc_stages().get(stage)
 
 
 def _names(entries: list[Any] | None) -> list[str]:
@@ -188,19 +193,19 @@ def _names(entries: list[Any] | None) -> list[str]:
     return names
 
 
-def dvc_writer(folder: str | Path, dvc_yaml: Path = paths.DVC_YAML) -> str | None:
+def dvc_writer(folder: str | Path) -> str | None:
     """The dvc.yaml stage whose outs include `folder` (for messages: "run the prepare stage first")."""
-    if not dvc_yaml.is_file():
-        return None
-    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
-    return next(
-        (
-            name
-            for name, entry in stages.items()
-            if isinstance(entry, dict) and Path(folder) in map(Path, _names(entry.get("outs")))
-        ),
-        None,
-    )
+    writers = (name for name, entry in dvc_stages().items() if Path(folder) in map(Path, _names(entry.get("outs"))))
+    return next(writers, None)
+
+
+def finite_numbers(values: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers among the top-level values: what a stage logs as metrics (flags, names left out)."""
+    return {
+        key: value
+        for key, value in values.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
 
 
 def dvc_stage_params(stage: str) -> list[str] | None:

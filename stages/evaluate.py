@@ -6,7 +6,7 @@ robustness when enabled."""
 import numpy as np
 
 from stages import paths
-from stages.common import Configs, StageRun, stage_app
+from stages.common import Configs, StageRun, finite_numbers, stage_app
 from sui_core.data.splits import read_split
 from sui_core.errors import ArtifactError
 from sui_core.io import atomic_dir, read_npz, read_parquet, write_json
@@ -54,11 +54,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
             run.log_artifacts(path, name)
         elif path.exists():
             run.log_artifact(path)
-    return {
-        key: value
-        for key, value in metrics.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-    }
+    return finite_numbers(metrics)
 
 
 app = stage_app(

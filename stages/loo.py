@@ -43,16 +43,9 @@ def body(cfg: Configs, run: StageRun) -> dict:
         many = f" per process, {world} processes" if world > 1 else ""
         print(f"loo: n = {n}, rank r = {r}, {loo.dtype}, planned peak memory {peak:.2f} GiB{many}")
     started = time.perf_counter()
-    where = {
-        "progress": rank == 0,
-        "samples": contiguous_range(n, rank, world),
-        "all_reduce": dist.all_reduce_sum if world > 1 else None,
-    }
-    parts = dist.all_gather_checked(
-        lambda: loo_quadratic_forms(
-            basis, targets["residual"], recipe, cfg.training.batch_size, loo.tol, loo.block_size, loo.dtype, **where
-        )
-    )
+    share = {"samples": contiguous_range(n, rank, world), "all_reduce": dist.all_reduce_sum if world > 1 else None}
+    solve = (basis, targets["residual"], recipe, cfg.training.batch_size, loo.tol, loo.block_size, loo.dtype)
+    parts = dist.all_gather_checked(lambda: loo_quadratic_forms(*solve, progress=rank == 0, **share))
     seconds = time.perf_counter() - started
     if rank != 0:
         return {}
@@ -61,22 +54,9 @@ def body(cfg: Configs, run: StageRun) -> dict:
     with atomic_dir(paths.LOO) as out:
         write_parquet(out / paths.FORMS_FILE.name, table)
         write_parquet(out / paths.GROUPS_FILE.name, groups)
-        recipes = {"full": vars(recipe.full(n)), "left_out": vars(recipe.left_out(n))}
-        cfg.publish(
-            out,
-            plan=result.plan.as_dict(),
-            **recipes,
-            n_val=basis.n_val,
-            train_mse=result.train_mse,
-            units="squared weights/outputs, σ-free",
-        )
-    dv_sq_mean = float(np.mean(table.column("dv_sq").to_numpy()))
-    return {
-        "seconds": seconds,
-        "matvecs_per_sample": result.plan.matvecs,
-        "train_mse": result.train_mse,
-        "dv_sq_mean": dv_sq_mean,
-    }
+        cfg.publish(out, **result.record(recipe, n, basis.n_val))
+    metrics = {"seconds": seconds, "matvecs_per_sample": result.plan.matvecs, "train_mse": result.train_mse}
+    return metrics | {"dv_sq_mean": float(np.mean(table.column("dv_sq").to_numpy()))}
 
 
 app = stage_app("loo", __doc__, body, sections=["training", "loo"], distributed=True)

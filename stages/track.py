@@ -2,18 +2,15 @@
 (restored from its run cache, or unchanged) on this session's MLflow parent run, read from their outputs,
 and tag the parent `sui.restored`; so every `dvc exp run` appears in MLflow with its results. Cheap: no torch."""
 
-import math
 import sys
 from pathlib import Path
-from typing import Any
 
 import typer
-import yaml
 
 from stages import paths, tracking
-from stages.common import error_line, params_option
+from stages.common import dvc_stages, error_line, finite_numbers, params_option
 from sui_core.config import load_params
-from sui_core.errors import ArtifactError, SuiError
+from sui_core.errors import SuiError
 from sui_core.io import read_json
 
 NAME = "track"
@@ -29,31 +26,13 @@ METRIC_SOURCES: dict[str, tuple[Path, str | None]] = {
 }
 
 
-def pipeline_stages(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
-    """The stages of dvc.yaml in order, this one left out: those whose metrics the parent should hold."""
-    try:
-        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ArtifactError(f"{dvc_yaml}: cannot read the pipeline's stages ({exc})") from None
-    return [name for name in stages if name != NAME]
-
-
-def numbers(values: dict[str, Any]) -> dict[str, float]:
-    """The finite numbers among the top-level values (what the stage itself logs; flags are left out)."""
-    return {
-        key: value
-        for key, value in values.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    }
-
-
 def stage_metrics(stage: str) -> dict[str, float]:
     """A stage's headline numbers as its outputs hold them ({} for a stage whose outputs hold none)."""
     if stage not in METRIC_SOURCES:
         return {}
     path, key = METRIC_SOURCES[stage]
     found = read_json(path)
-    return numbers((found.get(key) or {}) if key else found)
+    return finite_numbers((found.get(key) or {}) if key else found)
 
 
 def track(params: Path = params_option()) -> None:
@@ -61,7 +40,8 @@ def track(params: Path = params_option()) -> None:
     if not tracking.tracking_enabled():
         return
     try:
-        restored = tracking.log_restored(pipeline_stages(), stage_metrics, load_params(params))
+        stages = [name for name in dvc_stages() if name != NAME]  # those whose metrics the parent holds
+        restored = tracking.log_restored(stages, stage_metrics, load_params(params))
     except SuiError as exc:
         print(error_line(exc, params), file=sys.stderr, flush=True)
         raise SystemExit(1) from None

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sui_core.config import JacobianConfig
-from sui_core.linearized.jacobians import jacobian_shapes, make_projector, per_sample_jacobians
+from sui_core.linearized.jacobians import jacobian_shapes, make_projector, projected_batches
 from sui_core.linearized.ntk import Basis, build_basis
 from sui_core.linearized.scores import loo_quadratic_forms, scores_from_forms
 from sui_core.linearized.solver import Recipe
@@ -36,13 +36,8 @@ def projected_jacobians(
     """f0 (n, k) float64 and projected Jacobians Φ (n, k, D) at the model's current weights, in `dtype`
     (float32 halves the memory of a large unprojected Φ; build_basis multiplies in float64 anyway)."""
     projector = make_projector(cfg, jacobian_shapes(model))
-    ref = next(model.parameters())
-    f0s, phis = [], []
     with torch.no_grad():
-        for lo in range(0, len(x), batch_size):
-            f0, jac = per_sample_jacobians(model, torch.as_tensor(x[lo : lo + batch_size], dtype=ref.dtype))
-            phis.append(projector.project(jac).to(dtype).numpy())
-            f0s.append(f0.to(torch.float64).numpy())
+        f0s, phis = zip(*projected_batches(model, x, projector, 0, len(x), batch_size, dtype))
     return np.concatenate(f0s), np.concatenate(phis)
 
 

@@ -234,6 +234,25 @@ def shard_plan(n: int, shard_rows: int, batch_size: int, world: int = 1) -> list
     return plan
 
 
+def projected_batches(
+    model: torch.nn.Module,
+    x,
+    projector: Projector,
+    start: int,
+    stop: int,
+    batch_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """f0 (b, k) float64 and projected Jacobians Φ (b, k, D) in `dtype` of the samples x[start:stop], a batch
+    at a time, on the device of the model's parameters (the one loop behind `extract` and the in-memory
+    estimate)."""
+    ref = next(model.parameters())
+    for lo in range(start, stop, batch_size):
+        xb = torch.as_tensor(x[lo : min(lo + batch_size, stop)], dtype=ref.dtype, device=ref.device)
+        f0, jac = per_sample_jacobians(model, xb)
+        yield f0.to(torch.float64).cpu().numpy(), projector.project(jac).to(dtype).cpu().numpy()
+
+
 def extract(
     model: torch.nn.Module,
     x: np.ndarray,
@@ -257,7 +276,6 @@ def extract(
     """
     if len(x) != len(sample_id):
         raise ValueError(f"{len(x)} samples but {len(sample_id)} sample ids")
-    ref = next(model.parameters())
     out_dir = Path(out_dir)
     entries = []
     pieces = shard_plan(len(x), shard_rows, batch_size, world)[rank]
@@ -265,12 +283,10 @@ def extract(
     with tqdm(total=total, desc=f"jacobians {split}", unit="sample", disable=not progress) as bar:
         for shard, start, stop in pieces:
             f0s, phis = [], []
-            for lo in range(start, stop, batch_size):
-                xb = torch.as_tensor(x[lo : min(lo + batch_size, stop)], dtype=ref.dtype, device=ref.device)
-                f0, jac = per_sample_jacobians(model, xb)
-                phis.append(projector.project(jac).to(torch.float32).cpu().numpy())
-                f0s.append(f0.to(torch.float64).cpu().numpy())
-                bar.update(len(xb))
+            for f0, phi in projected_batches(model, x, projector, start, stop, batch_size):
+                f0s.append(f0)
+                phis.append(phi)
+                bar.update(len(f0))
             path = out_dir / f"{split}-{shard:05d}.parquet"
             table = _shard_table(sample_id[start:stop], np.concatenate(f0s), np.concatenate(phis))
             write_parquet(path, table)

@@ -47,6 +47,17 @@ class LooResult:
     plan: SolverPlan
     train_mse: float  # ½·mean‖f_t(x_i) − y_i‖² of the linearized model trained on all samples
 
+    def record(self, recipe: Recipe, n: int, n_val: int) -> dict:
+        """What the forms were solved with, for their meta.json: the solver plan, both recipes, the fit."""
+        return {
+            "plan": self.plan.as_dict(),
+            "full": vars(recipe.full(n)),
+            "left_out": vars(recipe.left_out(n)),
+            "n_val": n_val,
+            "train_mse": self.train_mse,
+            "units": "squared weights/outputs, σ-free",
+        }
+
 
 def planned_peak_bytes(n: int, k: int, r: int, block_size: int) -> int:
     """What `loo_quadratic_forms` holds at its peak, in bytes: Z, the r×r matrices (F-SI metric, SGD
