@@ -85,9 +85,10 @@ DEFAULT_PARAMS = Path("params.yaml")
 class Configs(dict):
     """The validated config dataclass of each requested section, by name: `cfg["data"]` or `cfg.data`.
 
-    `cfg.params` is the whole params.yaml as loaded (a dict), `cfg.params_path` its path, `cfg.tracked`
-    the params DVC tracks for this stage (dvc.yaml's `params:` of the stage; all requested sections for
-    a stage dvc.yaml does not list), validated, {section: {key: value}}: what its outputs record.
+    `cfg.params` is the whole params.yaml as loaded (a dict), `cfg.params_path` its path and `cfg.raw` its
+    bytes as read; `cfg.tracked` the params DVC tracks for this stage (`cfg.tracked_keys`: dvc.yaml's
+    `params:` of the stage, or all requested sections for a stage dvc.yaml does not list), validated,
+    {section: {key: value}}: what its outputs record.
 
     Inputs are read through `cfg.input(folder)` (hashes and recorded params checked against
     `cfg.tracked`, `sui_core.artifacts.open_output`) and outputs finished with `cfg.publish(folder)`,
@@ -99,21 +100,18 @@ class Configs(dict):
         sections: Mapping[str, Any],
         params: dict[str, Any],
         params_path: Path,
-        tracked: dict[str, dict[str, Any]],
+        tracked_keys: list[str],
+        raw: bytes | None,
         stage: str = "",
     ):
         super().__init__(sections)
         self.params = params
         self.params_path = params_path
-        self.tracked = tracked
+        self.tracked_keys = tracked_keys
+        self.tracked = tracked_params(params, tracked_keys)
+        self.raw = raw
         self.stage = stage
         self.inputs: list[artifacts.Output] = []
-        self.tracked_keys: list[str] = list(tracked)
-        self.raw: bytes | None = None
-
-    def record(self) -> dict[str, Any]:
-        """The params this stage's outputs depend on: what meta.json records."""
-        return self.tracked
 
     def input(self, folder: str | Path) -> artifacts.Output:
         """Open an upstream output, checked (files' sha256, its recorded params vs this stage's)."""
@@ -245,15 +243,8 @@ def load_configs(sections: list[str], params_path: str | Path = DEFAULT_PARAMS, 
     if _read_bytes(params_path) != raw:
         raise ParamError(str(params_path), "changed while it was being read; run the stage again")
     keys = dvc_stage_params(stage)
-    cfg = Configs(
-        {s: load_section(params, s) for s in sections},
-        params,
-        params_path,
-        tracked_params(params, sections if keys is None else keys),
-        stage,
-    )
-    cfg.tracked_keys, cfg.raw = (sections if keys is None else keys), raw
-    return cfg
+    sections_cfg = {s: load_section(params, s) for s in sections}
+    return Configs(sections_cfg, params, params_path, sections if keys is None else keys, raw, stage)
 
 
 def _read_bytes(path: Path) -> bytes | None:
