@@ -94,8 +94,8 @@ class DataConfig:
     grayscale: bool = param(False, 'imagefolder: 1 channel (PIL "L") instead of 3 (RGB)')
     normalize: dict[str, list[float]] | None = param(
         None,
-        "imagefolder, torchvision_*: {mean: [...], std: [...]} (one value or one per channel): pixels scaled "
-        "to [0, 1] become (x - mean) / std; null = no normalization",
+        "every image source: {mean: [...], std: [...]} (one value or one per channel): pixels scaled to [0, 1] "
+        "become (x - mean) / std (the paper's code: mean 0.456, std 0.224); null = no normalization",
     )
     download: bool = param(False, "torchvision_*: let torchvision download missing files (needs internet)")
     parquet_path: str | None = param(None, "source=parquet: the table, one row per sample")

