@@ -40,6 +40,7 @@ CSV_PATH, MD_PATH = HERE / "table1.csv", HERE / "table1.md"
 PRETRAINED = Path("/tmp/sui_table1")  # cache of the pretrained bodies (seeded: the same every run)
 # LiSSA (depth, scale, damping, HVP batch): depth/scale = 1, damping·scale = 10 and (1 − damping)^depth ≈ e^-10
 # as with the paper's (1000, 1000, 0.01), in fewer steps
+TRAINED_DIRECTIONS = 32  # output directions of sui_trained (loo.estimator trained)
 LISSA_MLP = {"lissa_depth": 100, "lissa_scale": 100.0, "lissa_damping": 0.1, "lissa_batch_size": 16}
 LISSA_CNN = {"lissa_depth": 50, "lissa_scale": 50.0, "lissa_damping": 0.2, "lissa_batch_size": 16}
 
@@ -144,6 +145,7 @@ def run_cell(name: str) -> list[dict]:
         cell.m,
         influence=("exact", "lissa"),
         checkpoint_fraction=0.5,
+        trained_directions=TRAINED_DIRECTIONS,
         progress=True,
         **cell.lissa,
     )

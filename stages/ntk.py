@@ -1,13 +1,27 @@
-"""DVC stage `ntk`: the eigenbasis of ΦᵀΦ (or of the kernel ΦΦᵀ, whichever is smaller) and F-SI's metric."""
+"""DVC stage `ntk`: the eigenbasis of ΦᵀΦ (or of the kernel ΦΦᵀ, whichever is smaller) and F-SI's metric.
+
+For `jacobian.projection: exact` the shards hold layer factors: the kernel K = Θ(train, train) and
+Θ(val, train) are built from them (sui_core.linearized.factors) and the basis is the kernel space's,
+with the validation rows W kept in basis.npz (there is no Φ_val on disk to give them later).
+"""
 
 from stages import paths
+from stages import plan as planning
 from stages.common import Configs, StageRun, stage_app
 from sui_core.artifacts import check_aligned
 from sui_core.data.splits import read_split
 from sui_core.errors import ArtifactError
 from sui_core.io import atomic_dir, write_npz
+from sui_core.linearized.factors import KIND, iter_factor_shards, kernel, load_factors, values_per_sample
 from sui_core.linearized.jacobians import SPLITS, iter_shards, outputs_at_w0, read_manifest
-from sui_core.linearized.ntk import build_basis, choose_space, planned_peak_bytes
+from sui_core.linearized.ntk import (
+    basis_from_kernels,
+    build_basis,
+    check_kernel_fits,
+    choose_space,
+    planned_kernel_peak_bytes,
+    planned_peak_bytes,
+)
 from sui_core.network.models import targets
 
 
@@ -23,14 +37,23 @@ def body(cfg: Configs, run: StageRun) -> dict:
     sample_id, f0 = outputs_at_w0(paths.JACOBIANS, "train")
     check_aligned(sample_id, train.sample_id, f"{paths.JACOBIANS} (training shards)", paths.PREPARED / "train.parquet")
     n, k, dim = len(sample_id), manifest["k"], manifest["D"]
-    shard_rows = max(entry["rows"] for entry in manifest["shards"]["train"])
-    peak = planned_peak_bytes(n, k, dim, shard_rows) / 2**30
-    print(
-        f"ntk: n = {n}, k = {k}, D = {dim}: {choose_space(n, k, dim)} space, rank ≤ {min(n * k, dim)}, "
-        f"planned peak memory {peak:.2f} GiB"
-    )
-    phi = {split: lambda split=split: (p for _, _, p in iter_shards(paths.JACOBIANS, split)) for split in SPLITS}
-    basis = build_basis(phi["train"], phi["val"], n, k, dim)
+    rows = {split: [entry["rows"] for entry in manifest["shards"][split]] for split in SPLITS}
+    if manifest["projection"]["kind"] == KIND:
+        n_val, values = sum(rows["val"]), values_per_sample(manifest["projection"])
+        peak = planned_kernel_peak_bytes(n, k, n_val, max(rows["val"], default=0), values)
+        check_kernel_fits(n, k, peak, planning.available_memory())  # before anything big is allocated
+        print(f"ntk: n = {n}, k = {k}, D = {dim}: exact kernel from layer factors, planned peak {peak / 2**30:.2f} GiB")
+        _, factors = load_factors(paths.JACOBIANS, "train")
+        cross = (kernel(val, factors) for _, val in iter_factor_shards(paths.JACOBIANS, "val"))
+        basis = basis_from_kernels(kernel(factors, factors), cross, n, k, n_val, dim)
+    else:
+        peak = planned_peak_bytes(n, k, dim, max(rows["train"])) / 2**30
+        print(
+            f"ntk: n = {n}, k = {k}, D = {dim}: {choose_space(n, k, dim)} space, rank ≤ {min(n * k, dim)}, "
+            f"planned peak memory {peak:.2f} GiB"
+        )
+        phi = {split: lambda split=split: (p for _, _, p in iter_shards(paths.JACOBIANS, split)) for split in SPLITS}
+        basis = build_basis(phi["train"], phi["val"], n, k, dim)
     with atomic_dir(paths.NTK) as out:
         basis.save(out / paths.BASIS_FILE.name)
         residual = targets(train.label, train.num_classes) - f0

@@ -9,9 +9,14 @@ projected parameter count), found without running the pipeline:
   Fashion-MNIST is 60k + 10k images);
 - k = 1 for two classes, else the number of classes (`sui_core.network.models.num_outputs`);
 - D: the model is built on the CPU (seeded init; `init_path` is not read: it cannot change shapes that
-  the model stage accepts) and projected with `sui_core.linearized.jacobians.make_projector`.
+  the model stage accepts) and projected with `sui_core.linearized.jacobians.make_projector`; for
+  `jacobian.projection: exact` D is the number of trained parameters, and what a sample stores (its
+  layer factors, `sui_core.linearized.factors.factor_layout`) comes from one forward pass of the model
+  on the meta device.
 
-Peak memory reuses the stages' own `planned_peak_bytes` (sui_core.linearized.ntk, sui_core.linearized.scores). The other
+Peak memory reuses the stages' own `planned_peak_bytes` (sui_core.linearized.ntk, sui_core.linearized.scores; for
+the exact kernel `ntk.planned_kernel_peak_bytes`: the n·k × n·k kernel, its eigenvectors and LAPACK's
+workspace, and `ntk.check_kernel_fits` refuses with the ntk stage's own message). The other
 stages' peaks are estimated here from what they hold at once (documented per stage below). The rank r
 of the eigenbasis is planned as its upper bound min(n·k, D): directions that are numerically null are
 dropped by the ntk stage, so the real Z can only be smaller.
@@ -68,6 +73,8 @@ class Shapes:
     tensors: int  # tensors in its state_dict (torch.save adds a record per tensor)
     jacobian_count: int  # weights the Jacobian is taken against (P less the frozen ones)
     dim: int  # D, projected parameter count
+    stored_values: int  # float32 values a sample's shard row holds besides f0: k·D, or its layer factors
+    exact: bool  # jacobian.projection exact: layer factors, and the ntk stage builds the n·k × n·k kernel
     source: str  # where n came from: "prepared", "npz headers", or "source"
     # up to SAMPLE_ROWS rows of each split, as prepare writes them (only train from data/prepared;
     # None for npz headers: no rows read)
@@ -230,13 +237,15 @@ def data_shapes(
 def shapes(params: dict[str, Any], prepared: str | Path = PREPARED) -> Shapes:
     import torch
 
-    from sui_core.linearized.jacobians import jacobian_shapes, make_projector
+    from sui_core.linearized.factors import make_store
+    from sui_core.linearized.jacobians import jacobian_shapes
 
     n, input_shape, num_classes, where, sample, held = data_shapes(params, prepared)
     model, k = _network(params, input_shape, num_classes, device="meta")
     named = jacobian_shapes(model)
     with torch.random.fork_rng(devices=[]):
-        projector = make_projector(load_section(params, "jacobian"), named)
+        store = make_store(load_section(params, "jacobian"), model, input_shape)
+    exact = store.kind == "exact"
     return Shapes(
         n=n,
         input_shape=tuple(input_shape),
@@ -246,7 +255,9 @@ def shapes(params: dict[str, Any], prepared: str | Path = PREPARED) -> Shapes:
         state_count=sum(t.numel() for t in model.state_dict().values()),
         tensors=len(model.state_dict()),
         jacobian_count=sum(math.prod(shape) for shape in named.values()),
-        dim=projector.total_dim,
+        dim=store.total_dim,
+        stored_values=sum(math.prod(s) for s in store.column_shapes().values()) if exact else k * store.total_dim,
+        exact=exact,
         source=where,
         sample=sample,
         prepared_bytes=held,
@@ -299,9 +310,10 @@ SCORE_COLUMNS = 12  # 8-byte values per sample in scores.parquet (ids, labels, 4
 EVALUATE_COLUMNS = 13  # and in evaluate's detection_scores.parquet (ids, the detectors' scores)
 
 
-def jacobian_shard_bytes(rows: int, k: int, dim: int) -> int:
-    """Raw bytes of `rows` shard rows: sample_id int64, f0 k float64, phi k·D float32 (no compression)."""
-    return rows * (8 + 8 * k + 4 * k * dim)
+def jacobian_shard_bytes(rows: int, k: int, values: int) -> int:
+    """Raw bytes of `rows` shard rows: sample_id int64, f0 k float64, `values` float32 (Φ's k·D, or the
+    layer factors: `Shapes.stored_values`), no compression."""
+    return rows * (8 + 8 * k + 4 * values)
 
 
 def z_bytes(n: int, k: int, r: int) -> int:
@@ -361,23 +373,25 @@ def jacobian_bytes(sh: Shapes, params: dict[str, Any]) -> tuple[int, str]:
     jac = load_section(params, "jacobian")
     n = sh.n["train"] + sh.n["val"]
     shards = sum(math.ceil(sh.n[s] / jac.shard_rows) for s in ("train", "val"))
+    row = f"{sh.stored_values} layer-factor values" if sh.exact else f"k·D = {sh.k}·{sh.dim}"
     if sh.sample is None or not len(sh.sample["train"]):
-        return jacobian_shard_bytes(n, sh.k, sh.dim) + SMALL_FILES[
+        return jacobian_shard_bytes(n, sh.k, sh.stored_values) + SMALL_FILES[
             "jacobians"
-        ], f"{n} rows × (k·D = {sh.k}·{sh.dim} float32 + f0), uncompressed (an upper bound)"
+        ], f"{n} rows × ({row} float32 + f0), uncompressed (an upper bound)"
     fixed, per_row = _jacobian_sample(sh, params)
     return int(shards * (fixed + MANIFEST_SHARD_BYTES) + n * per_row) + SMALL_FILES[
         "jacobians"
-    ], f"{n} rows × k·D = {sh.k}·{sh.dim}: {per_row:.0f} B a row as Parquet writes a sample"
+    ], f"{n} rows × {row}: {per_row:.0f} B a row as Parquet writes a sample"
 
 
 def _jacobian_sample(sh: Shapes, params: dict[str, Any]) -> tuple[float, float]:
-    """(bytes per shard file, bytes per row) of the Jacobian shards of the sampled training rows: their
-    full Jacobians are computed SAMPLE_JACOBIAN_BYTES at a time, at most 8 such batches (a big network
-    gets fewer rows) and at least 2 rows."""
+    """(bytes per shard file, bytes per row) of the Jacobian shards of the sampled training rows, made by
+    the stage's own store (projector or layer factors): full Jacobians are computed SAMPLE_JACOBIAN_BYTES
+    at a time, at most 8 such batches (a big network gets fewer rows) and at least 2 rows."""
     import torch
 
-    from sui_core.linearized.jacobians import _shard_table, jacobian_shapes, make_projector, per_sample_jacobians
+    from sui_core.linearized.factors import make_store
+    from sui_core.linearized.jacobians import _shard_table
 
     jac = load_section(params, "jacobian")
     x = sh.sample["train"].x
@@ -387,18 +401,17 @@ def _jacobian_sample(sh: Shapes, params: dict[str, Any]) -> tuple[float, float]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(jac.seed)
         model, _ = _network(params, sh.input_shape, sh.num_classes, device="cpu")
-        projector = make_projector(jac, jacobian_shapes(model))
+        store = make_store(jac, model, sh.input_shape)
         dtype = next(model.parameters()).dtype
-        f0s, phis = [], []
-        for lo in range(0, rows, batch):
-            f0, full = per_sample_jacobians(model, torch.as_tensor(x[lo : min(lo + batch, rows)], dtype=dtype))
-            phis.append(projector.project(full).to(torch.float32).numpy())
-            f0s.append(f0.to(torch.float64).numpy())
-    f0, phi = np.concatenate(f0s), np.concatenate(phis)
+        batches = [
+            store.shard_columns(model, torch.as_tensor(x[lo : min(lo + batch, rows)], dtype=dtype))
+            for lo in range(0, rows, batch)
+        ]
+    columns = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
     ids, half = np.arange(rows), rows // 2
     return _linear_bytes(
-        parquet_bytes(_shard_table(ids, f0, phi)),
-        parquet_bytes(_shard_table(ids[:half], f0[:half], phi[:half])) if half else 0,
+        parquet_bytes(_shard_table(ids, columns)),
+        parquet_bytes(_shard_table(ids[:half], {name: a[:half] for name, a in columns.items()})) if half else 0,
         rows,
     )
 
@@ -444,8 +457,34 @@ def _reflinks(directory: Path) -> bool:
         return False
 
 
+def ntk_plan(sh: Shapes, shard_rows: int) -> StagePlan:
+    """basis.npz: Z, s, the r×r validation Gram (exact: and the validation rows W); residual.npz: sample
+    ids and Y − f0. Memory: the stage's own plan, for the exact kernel or from Φ."""
+    from sui_core.linearized import ntk
+
+    n, n_val, k, dim, r = sh.n["train"], sh.n["val"], sh.k, sh.dim, sh.rank
+    disk = z_bytes(n, k, r) + 8 * (r + r * r) + 8 * (n + n * k) + 8 * NPZ_ARRAY_BYTES + SMALL_FILES["ntk"]
+    if sh.exact:
+        return StagePlan(
+            "ntk",
+            disk + z_bytes(n_val, k, r) + NPZ_ARRAY_BYTES,
+            ntk.planned_kernel_peak_bytes(n, k, n_val, min(shard_rows, n_val), sh.stored_values),
+            "data.max_train, or jacobian.projection: coordinates",
+            "data.max_train",
+            f"Z {n}·{k}·r={r} + W {n_val}·{k}·r float64 + r×r (exact: the {n * k}×{n * k} kernel from layer factors)",
+        )
+    return StagePlan(
+        "ntk",
+        disk,
+        ntk.planned_peak_bytes(n, k, dim, min(shard_rows, max(n, 1))),
+        "jacobian.dims_per_tensor or data.max_train",
+        "jacobian.dims_per_tensor or data.max_train",
+        f"Z {n}·{k}·r={r} float64 + r×r ({ntk.choose_space(n, k, dim)} space)",
+    )
+
+
 def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str | Path = ".") -> Plan:
-    from sui_core.linearized import ntk, scores
+    from sui_core.linearized import scores
 
     sh = shapes(params, prepared)
     jac = load_section(params, "jacobian")
@@ -488,28 +527,23 @@ def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str
             net_disk,
             f"{p} parameters × 4 bytes",
         ),
-        # one shard of Φ in numpy and as an Arrow table, plus one batch of full per-sample Jacobians
-        # (batch_size × k × P float32) and its projection; the inputs of one split
+        # one shard of what a sample stores in numpy and as an Arrow table, plus one batch of full
+        # per-sample Jacobians (batch_size × k × P float32) and its projection (exact: the batch's
+        # factors and materialized blocks, as computed and as concatenated); the inputs of one split
         StagePlan(
             "jacobians",
             jacobians_disk,
-            2 * jacobian_shard_bytes(min(jac.shard_rows, max(n, n_val)), k, dim)
-            + 4 * min(jac.batch_size, max(n, 1)) * k * (sh.jacobian_count + dim)
+            2 * jacobian_shard_bytes(min(jac.shard_rows, max(n, n_val)), k, sh.stored_values)
+            + 4 * min(jac.batch_size, max(n, 1)) * (2 * sh.stored_values if sh.exact else k * (sh.jacobian_count + dim))
             + (n + n_val) * sh.features * 4
             + 8 * p,
             "jacobian.shard_rows or jacobian.batch_size",
-            "jacobian.dims_per_tensor (or a projection other than none), data.max_train or data.val_fraction",
+            "data.max_train or data.val_fraction"
+            if sh.exact
+            else "jacobian.dims_per_tensor (or a projection other than none), data.max_train or data.val_fraction",
             jacobians_detail,
         ),
-        # basis.npz: Z, s, the r×r validation Gram; residual.npz: sample ids and Y − f0
-        StagePlan(
-            "ntk",
-            z_bytes(n, k, r) + 8 * (r + r * r) + 8 * (n + n * k) + 8 * NPZ_ARRAY_BYTES + SMALL_FILES["ntk"],
-            ntk.planned_peak_bytes(n, k, dim, min(jac.shard_rows, max(n, 1))),
-            "jacobian.dims_per_tensor or data.max_train",
-            "jacobian.dims_per_tensor or data.max_train",
-            f"Z {n}·{k}·r={r} float64 + r×r ({ntk.choose_space(n, k, dim)} space)",
-        ),
+        ntk_plan(sh, jac.shard_rows),
         # forms.parquet: sample_id + 4 float64 forms + 3 fit columns; the basis is loaded whole
         StagePlan(
             "loo",
@@ -580,7 +614,13 @@ def human(nbytes: float) -> str:
 
 
 def check(plan: Plan, memory: int, disk: int) -> None:
-    """SuiError (one line) when the largest peak does not fit in `memory` or the outputs in `disk`."""
+    """SuiError (one line) when the largest peak does not fit in `memory` or the outputs in `disk`; for
+    the exact kernel first the ntk stage's own refusal (`ntk.check_kernel_fits`)."""
+    from sui_core.linearized.ntk import check_kernel_fits
+
+    if plan.shapes.exact:
+        ntk_peak = next(s.peak_bytes for s in plan.stages if s.stage == "ntk")
+        check_kernel_fits(plan.shapes.n["train"], plan.shapes.k, ntk_peak, memory)
     peak = plan.peak
     if peak.peak_bytes > memory:
         raise SuiError(

@@ -34,9 +34,10 @@ DATA_SOURCES = (
 )
 NAMED_CLASS_SOURCES = ("imagefolder", "parquet")  # sources whose data.classes may be names (strings)
 ARCHS = ("mlp", "cnn")
-PROJECTIONS = ("none", "coordinates", "gaussian", "rademacher")
+PROJECTIONS = ("exact", "none", "coordinates", "gaussian", "rademacher")
 DYNAMICS = ("discrete", "continuous")
 GROUP_COLUMNS = ("label", "source", "group")
+ESTIMATORS = ("linearized", "trained")  # loo.estimator
 
 
 ADVERSARIAL_DEFAULTS = {"fraction": 0.1, "epsilon": 0.1, "hidden": 1024, "lr": 0.01, "steps": 2000}
@@ -269,12 +270,15 @@ class JacobianConfig:
     """How per-sample Jacobians are projected and stored."""
 
     projection: str = param(
-        "coordinates",
-        "none (every coordinate) | coordinates (the paper: p random "
-        "coordinates per tensor, rescaled) | gaussian | rademacher (p dense JL rows)",
+        "exact",
+        "exact (every coordinate, as layer factors: no projection error, no full Jacobian; the ntk stage "
+        "holds the n·k × n·k kernel) | none (every coordinate, the full Jacobian materialized) | coordinates "
+        "(the paper: p random coordinates per tensor, rescaled) | gaussian | rademacher (p dense JL rows)",
         choices=PROJECTIONS,
     )
-    dims_per_tensor: int = param(2000, "p: coordinates (or JL rows) kept per parameter tensor (the paper: 2000)")
+    dims_per_tensor: int = param(
+        2000, "p: coordinates (or JL rows) kept per parameter tensor (the paper: 2000); unused by exact and none"
+    )
     seed: int = param(0, "seed of the kept coordinates or the JL matrix")
     batch_size: int = param(64, "samples per batch of Jacobian extraction")
     shard_rows: int = param(2048, "samples per Parquet shard")
@@ -347,11 +351,25 @@ class LooConfig:
         "(group F-SI); each group costs one r×r eigendecomposition",
         choices=GROUP_COLUMNS,
     )
+    estimator: Literal["linearized", "trained"] = param(
+        "linearized",
+        "linearized (exact for the network linearized at w0; seconds) | trained (F-SI of the real training "
+        "run: reverse mode through it in `directions` output directions, the linearized change outside them; "
+        "about 2 + 1.4·directions training runs; needs discrete dynamics and a finite t)",
+        choices=ESTIMATORS,
+    )
+    directions: int = param(
+        16,
+        "trained: validation-output directions followed through the real run (the top singular directions of "
+        "the linearized changes); each costs about 1.4 training runs",
+    )
 
     def validate(self, section: str) -> None:
         _range(section, "tol", self.tol, 0.0, 1.0, low_open=True, high_open=True)
-        if self.block_size <= 0:
-            raise ParamError(f"{section}.block_size", f"must be > 0, got {self.block_size}")
+        for key in ("block_size", "directions"):
+            if getattr(self, key) <= 0:
+                raise ParamError(f"{section}.{key}", f"must be > 0, got {getattr(self, key)}")
+        _choice(section, "estimator", self.estimator, ESTIMATORS)
         _choice(section, "dtype", self.dtype, ("float64", "float32"))
         for column in self.groups:
             _choice(section, "groups", column, GROUP_COLUMNS)
@@ -565,6 +583,11 @@ class ValidateConfig:
         "after this share of the t steps and solve the rest in closed form; "
         "null = off",
     )
+    trained_directions: int = param(
+        32,
+        "output directions of the trained estimator (loo.estimator trained) compared here, with exact "
+        "Jacobians; 0 = not compared",
+    )
 
     def validate(self, section: str) -> None:
         if not isinstance(self.enabled, bool):
@@ -572,6 +595,8 @@ class ValidateConfig:
         for key in ("samples", "exact_max_params", "lissa_depth", "lissa_batch_size"):
             if getattr(self, key) <= 0:
                 raise ParamError(f"{section}.{key}", f"must be > 0, got {getattr(self, key)}")
+        if self.trained_directions < 0:
+            raise ParamError(f"{section}.trained_directions", f"must be >= 0, got {self.trained_directions}")
         _choice(section, "dtype", self.dtype, ("float32", "float64"))
         for kind in self.influence:
             _choice(section, "influence", kind, ("exact", "lissa"))

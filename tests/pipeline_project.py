@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = {
     "data": {"source": "sklearn_digits", "classes": [3, 8], "max_train": 120, "label_noise": 0.1},
     "model": {"hidden": [64]},
-    "jacobian": {"dims_per_tensor": 150, "batch_size": 32},
+    "jacobian": {"projection": "coordinates", "dims_per_tensor": 150, "batch_size": 32},
     "training": {"lr": 0.05, "t": 300},
 }
 

@@ -7,6 +7,7 @@ architectures, validation against retraining) call `unique_information` instead.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,10 +15,17 @@ import torch
 from torch import nn
 
 from sui_core.config import JacobianConfig
+from sui_core.linearized.factors import Factors, batch_factors, factor_layout, kernel
 from sui_core.linearized.jacobians import jacobian_shapes, make_projector, projected_batches
-from sui_core.linearized.ntk import Basis, build_basis
-from sui_core.linearized.scores import loo_quadratic_forms, scores_from_forms
+from sui_core.linearized.ntk import Basis, _products, basis_from_kernels, build_basis, val_rows_from_cross
+from sui_core.linearized.scores import (
+    loo_quadratic_forms,
+    output_subspace,
+    scores_from_forms,
+    trained_forms,
+)
 from sui_core.linearized.solver import Recipe
+from sui_core.network.trajectory import loo_along_run
 
 
 @dataclass
@@ -41,6 +49,68 @@ def projected_jacobians(
     return np.concatenate(f0s), np.concatenate(phis)
 
 
+@dataclass
+class Linearization:
+    """The network linearized at w0, for every training sample: f0 and what the basis is built from —
+    the exact kernels Θ(train, train), Θ(val, train) (`jacobian.projection: exact`, from layer factors)
+    or the projected Jacobians Φ, Φ_val. `estimate(y, recipe, rows)` scores any subset of the rows
+    without computing Jacobians again."""
+
+    f0: np.ndarray  # (n, k)
+    dim: int  # trained parameters (exact) or D
+    kernel: np.ndarray | None = None  # (nk, nk)
+    cross: np.ndarray | None = None  # (n_val·k, nk)
+    phi: np.ndarray | None = None  # (n, k, D)
+    phi_val: np.ndarray | None = None  # (n_val, k, D)
+
+    def basis(self, rows: np.ndarray | None = None) -> Basis:
+        """The eigenbasis of the training rows `rows` (default all); exact kernels keep val_rows."""
+        n, k = self.f0.shape
+        rows = np.arange(n) if rows is None else np.asarray(rows)
+        if self.kernel is None:
+            return build_basis(lambda: [self.phi[rows]], lambda: [self.phi_val], len(rows), k, self.dim)
+        cols = (rows[:, None] * k + np.arange(k)).reshape(-1)
+        n_val = self.cross.shape[0] // k
+        return basis_from_kernels(self.kernel[np.ix_(cols, cols)], self.cross[:, cols], len(rows), k, n_val, self.dim)
+
+    def estimate(
+        self,
+        y: np.ndarray,
+        recipe: Recipe,
+        rows: np.ndarray | None = None,
+        sigma: float = 1.0,
+        batch_size: int | None = None,
+        tol: float = 1e-14,
+    ) -> Estimate:
+        """Exact leave-one-out scores of the training rows `rows` (default all; y holds their targets)."""
+        f0 = self.f0 if rows is None else self.f0[rows]
+        basis = self.basis(rows)
+        residual = np.asarray(y, dtype=np.float64).reshape(f0.shape) - f0
+        result = loo_quadratic_forms(basis, residual, recipe, batch_size, tol=tol, progress=False)
+        scores = scores_from_forms(result.forms, basis.n_val, sigma, recipe.lr, batch_size or len(f0))
+        return Estimate(scores, result.forms, result.fit, basis, f0, result.train_mse)
+
+
+def linearize(
+    model: nn.Module, x: torch.Tensor, x_val: torch.Tensor, jacobian: JacobianConfig, batch_size: int = 64
+) -> Linearization:
+    """The `Linearization` of the model at its current weights for `jacobian.projection` (exact: kernels
+    from layer factors, no Jacobian formed; otherwise projected Φ in float64)."""
+    if jacobian.projection != "exact":
+        f0, phi = projected_jacobians(model, x, jacobian, batch_size)
+        _, phi_val = projected_jacobians(model, x_val, jacobian, batch_size)
+        return Linearization(f0, phi.shape[2], phi=phi, phi_val=phi_val)
+    layout = factor_layout(model, tuple(x.shape[1:]))
+
+    def factors(inputs: torch.Tensor) -> Factors:
+        parts = [batch_factors(model, inputs[i : i + batch_size], layout) for i in range(0, len(inputs), batch_size)]
+        return Factors.concat(parts)
+
+    train, val = factors(x), factors(x_val)
+    dim = sum(math.prod(shape) for shape in jacobian_shapes(model).values())
+    return Linearization(train.f0.astype(np.float64), dim, kernel(train, train), kernel(val, train))
+
+
 def unique_information(
     model: nn.Module,
     x: torch.Tensor,
@@ -54,9 +124,7 @@ def unique_information(
 ) -> Estimate:
     """Exact leave-one-out F-SI and SI of every sample of (x, y) for the network linearized at its
     current weights, trained by `recipe`; the same math as the loo and score stages."""
-    f0, phi = projected_jacobians(model, x, jacobian)
-    _, phi_val = projected_jacobians(model, x_val, jacobian)
-    return estimate_from_jacobians(f0, phi, phi_val, y, recipe, sigma, batch_size, tol)
+    return linearize(model, x, x_val, jacobian).estimate(y, recipe, None, sigma, batch_size, tol)
 
 
 def estimate_from_jacobians(
@@ -70,10 +138,62 @@ def estimate_from_jacobians(
     tol: float = 1e-14,
 ) -> Estimate:
     """`unique_information` from precomputed f0 (n, k) and projected Jacobians Φ (n, k, D), Φ_val
-    (n_val, k, D) at w0: re-scoring a subset of the samples (rows of f0, Φ, y) needs no new Jacobians."""
-    n, k, dim = phi.shape
-    basis = build_basis(lambda: [phi], lambda: [phi_val], n, k, dim)
-    residual = np.asarray(y, dtype=np.float64).reshape(n, k) - f0
-    result = loo_quadratic_forms(basis, residual, recipe, batch_size, tol=tol, progress=False)
-    scores = scores_from_forms(result.forms, basis.n_val, sigma, recipe.lr, batch_size or n)
-    return Estimate(scores, result.forms, result.fit, basis, f0, result.train_mse)
+    (n_val, k, D) at w0."""
+    return Linearization(f0, phi.shape[2], phi=phi, phi_val=phi_val).estimate(y, recipe, None, sigma, batch_size, tol)
+
+
+@dataclass
+class TrainedEstimate:
+    """The `trained` estimator's forms and fit (sui_core.linearized.scores.trained_forms) and its cost."""
+
+    forms: dict[str, np.ndarray]
+    fit: dict[str, np.ndarray]
+    directions: int  # output directions followed through the real run
+    captured: float  # share of the linearized Σ‖Δf_val‖² inside their span
+    seconds: float  # of the reverse pass through the real run (its forward run included)
+    train_mse: float  # ½·mean‖f(x) − y‖² of the real trained network
+
+
+def trained_estimate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: np.ndarray,
+    x_val: torch.Tensor,
+    recipe: Recipe,
+    steps: int,
+    basis: Basis,
+    val_rows: np.ndarray,
+    residual: np.ndarray,
+    forms: dict[str, np.ndarray],
+    fit: dict[str, np.ndarray],
+    directions: int,
+    tol: float = 1e-14,
+    progress: bool | str = False,
+) -> TrainedEstimate:
+    """Leave-one-out F-SI of the real training run: the top `directions` output directions of the
+    linearized changes (`output_subspace`), followed through `steps` steps of the real recipe in one
+    reverse pass (`loo_along_run`), the linearized change outside them (`trained_forms`)."""
+    subspace = output_subspace(basis, val_rows, residual, recipe, directions, tol)
+    run = loo_along_run(
+        model,
+        x,
+        torch.as_tensor(y),
+        x_val,
+        torch.as_tensor(subspace.directions),
+        recipe.lr,
+        steps,
+        recipe.weight_decay,
+        progress=progress,
+    )
+    real_error = np.asarray(y, dtype=np.float64) - run.train_outputs.double().numpy()
+    trained, real_fit = trained_forms(forms, fit, subspace, run.projections.numpy(), real_error)
+    train_mse = float(0.5 * np.mean(np.sum(real_error**2, -1)))
+    return TrainedEstimate(trained, real_fit, len(subspace.directions), subspace.captured, run.seconds, train_mse)
+
+
+def val_rows_in_basis(phi: np.ndarray, phi_val: np.ndarray, basis: Basis) -> np.ndarray:
+    """The validation rows W (n_val, k, r) in the basis (`val_rows_from_cross`) from in-memory Φ (n, k, D)
+    and Φ_val (n_val, k, D)."""
+    n, k, _ = basis.z.shape
+    cross = _products(phi_val.reshape(-1, phi.shape[-1]), phi.reshape(n * k, -1))
+    return val_rows_from_cross(cross, basis.z, basis.s)

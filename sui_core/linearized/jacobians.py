@@ -6,6 +6,9 @@ tensor is projected separately to p = dims_per_tensor dimensions, scaled so that
 x'); tensors are kept apart so that a layer with small gradients is not drowned by a large one.
 Φ(x) = [J_1(x)P_1ᵀ … J_L(x)P_Lᵀ] ∈ R^{k×D}, D = Σ p_l, is written to Parquet shards with a manifest
 that records the projection and a sha256 per shard, so the ntk stage can trust what it reads.
+
+Projection `exact` keeps every coordinate without materializing J: the shards hold per-layer factors
+instead (`sui_core.linearized.factors`), written by the same `extract` and checked by the same reader.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from sui_core.io import file_sha256, read_json, read_parquet, write_json, write_
 
 MANIFEST_NAME = "manifest.json"
 PHI_DTYPE = "float32"
-SHARD_TYPES = {"sample_id": pa.int64(), "f0": pa.list_(pa.float64()), "phi": pa.list_(pa.float32())}
 
 
 SPLITS = ("train", "val")  # the splits whose Jacobians are computed (the test split is never scored)
@@ -78,6 +80,18 @@ class Projector:
     def _project_tensor(self, index: int, name: str, flat: torch.Tensor) -> torch.Tensor:
         """(B, k, numel) -> (B, k, dims[name]) for the tensor at position `index`."""
         raise NotImplementedError
+
+    def jacobians(
+        self, model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """f0 (B, k) float64 and Φ (B, k, D) in `dtype` of the batch x."""
+        f0, jac = per_sample_jacobians(model, x)
+        return f0.to(torch.float64).cpu().numpy(), self.project(jac).to(dtype).cpu().numpy()
+
+    def shard_columns(self, model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """What a shard stores of the batch x: f0 and Φ in float32."""
+        f0, phi = self.jacobians(model, x)
+        return {"f0": f0, "phi": phi}
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records: enough to rebuild the projector and to map Φ's columns to tensors."""
@@ -166,10 +180,14 @@ class DenseProjector(Projector):
 
 
 def make_projector(cfg: JacobianConfig, named_shapes: dict[str, torch.Size]) -> Projector:
-    """The projector of `cfg.projection` for parameter tensors `named_shapes` (in model order)."""
+    """The projector of `cfg.projection` for parameter tensors `named_shapes` (in model order).
+
+    `exact` gives the full Jacobian here, the same kernel as its layer factors: what callers that need Φ
+    itself in memory (the in-memory estimate) can use; the jacobians stage stores factors instead
+    (`sui_core.linearized.factors.make_store`)."""
     if cfg.seed < 0:
         raise ParamError("jacobian.seed", f"must be >= 0, got {cfg.seed}")
-    if cfg.projection == "none":
+    if cfg.projection in ("none", "exact"):
         return IdentityProjector(named_shapes, cfg.dims_per_tensor, cfg.seed)
     if cfg.projection == "coordinates":
         return CoordinateProjector(named_shapes, cfg.dims_per_tensor, cfg.seed)
@@ -184,20 +202,25 @@ def jacobian_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
 
 
-def per_sample_jacobians(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def per_sample_jacobians(
+    model: torch.nn.Module, x: torch.Tensor, names: list[str] | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Outputs f0 (B, k) and Jacobians {name: (B, k, *shape)} of the outputs w.r.t. the parameters at w0.
 
-    Only parameters with requires_grad are differentiated (see `jacobian_shapes`). The model is put in
-    eval mode: the linearization is of the deterministic network (no dropout, batch norm on its running
-    statistics), and one sample's Jacobian must not depend on the others in the batch (each sample is
-    run alone under vmap).
+    Only parameters with requires_grad are differentiated (see `jacobian_shapes`), or only those in
+    `names` (the others are then constants). The model is put in eval mode: the linearization is of the
+    deterministic network (no dropout, batch norm on its running statistics), and one sample's Jacobian
+    must not depend on the others in the batch (each sample is run alone under vmap).
     """
     model.eval()
-    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    wanted = list(trained) if names is None else names
+    params = {name: trained[name] for name in wanted}
+    fixed = {name: p.detach() for name, p in model.named_parameters() if name not in params}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
 
     def outputs(p: dict[str, torch.Tensor], xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),)).reshape(-1)
+        out = functional_call(model, (p, fixed, buffers), (xi.unsqueeze(0),)).reshape(-1)
         return out, out
 
     jac, f0 = vmap(jacrev(outputs, has_aux=True), in_dims=(None, 0))(params, x)
@@ -234,6 +257,14 @@ def shard_plan(n: int, shard_rows: int, batch_size: int, world: int = 1) -> list
     return plan
 
 
+def input_batches(model: torch.nn.Module, x, start: int, stop: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """The samples x[start:stop] a batch at a time, as tensors of the model's dtype on its device (the one
+    loop behind `extract` and the in-memory estimate)."""
+    ref = next(model.parameters())
+    for lo in range(start, stop, batch_size):
+        yield torch.as_tensor(x[lo : min(lo + batch_size, stop)], dtype=ref.dtype, device=ref.device)
+
+
 def projected_batches(
     model: torch.nn.Module,
     x,
@@ -244,20 +275,16 @@ def projected_batches(
     dtype: torch.dtype = torch.float32,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """f0 (b, k) float64 and projected Jacobians Φ (b, k, D) in `dtype` of the samples x[start:stop], a batch
-    at a time, on the device of the model's parameters (the one loop behind `extract` and the in-memory
-    estimate)."""
-    ref = next(model.parameters())
-    for lo in range(start, stop, batch_size):
-        xb = torch.as_tensor(x[lo : min(lo + batch_size, stop)], dtype=ref.dtype, device=ref.device)
-        f0, jac = per_sample_jacobians(model, xb)
-        yield f0.to(torch.float64).cpu().numpy(), projector.project(jac).to(dtype).cpu().numpy()
+    at a time."""
+    for xb in input_batches(model, x, start, stop, batch_size):
+        yield projector.jacobians(model, xb, dtype)
 
 
 def extract(
     model: torch.nn.Module,
     x: np.ndarray,
     sample_id: np.ndarray,
-    projector: Projector,
+    store,
     out_dir: str | Path,
     split: str,
     batch_size: int,
@@ -266,7 +293,9 @@ def extract(
     rank: int = 0,
     world: int = 1,
 ) -> list[dict[str, Any]]:
-    """Write Φ and f0 of samples `x` (n, ...) to shards `{split}-00000.parquet`, … in `out_dir`.
+    """Write f0 and what `store` keeps of the samples `x` (n, ...) to shards `{split}-00000.parquet`, … in
+    `out_dir`: a `Projector`'s Φ, or a `sui_core.linearized.factors.FactorLayout`'s factors (anything with
+    `shard_columns(model, batch) -> {column: array}`, f0 among them).
 
     Runs on the device of the model's parameters. Only one shard's rows are held at a time; each shard is
     written atomically. Returns the manifest entries {file, rows, sha256}, in order.
@@ -282,53 +311,50 @@ def extract(
     total = sum(stop - start for _, start, stop in pieces)
     with tqdm(total=total, desc=f"jacobians {split}", unit="sample", disable=not progress) as bar:
         for shard, start, stop in pieces:
-            f0s, phis = [], []
-            for f0, phi in projected_batches(model, x, projector, start, stop, batch_size):
-                f0s.append(f0)
-                phis.append(phi)
-                bar.update(len(f0))
+            batches = []
+            for xb in input_batches(model, x, start, stop, batch_size):
+                batches.append(store.shard_columns(model, xb))
+                bar.update(len(xb))
+            columns = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
             path = out_dir / f"{split}-{shard:05d}.parquet"
-            table = _shard_table(sample_id[start:stop], np.concatenate(f0s), np.concatenate(phis))
-            write_parquet(path, table)
+            write_parquet(path, _shard_table(sample_id[start:stop], columns))
             entries.append({"file": path.name, "rows": stop - start, "sha256": file_sha256(path)})
     return entries
 
 
-def _shard_table(sample_id: np.ndarray, f0: np.ndarray, phi: np.ndarray) -> pa.Table:
-    """Rows of (n,) ids, (n, k) f0 and (n, k, D) phi as list columns (phi flattened row-major k×D)."""
+def _shard_table(sample_id: np.ndarray, columns: dict[str, np.ndarray]) -> pa.Table:
+    """Rows of (n,) ids and per-sample arrays as list columns, each flattened row-major: f0 (n, k) as
+    float64, every other column (phi (n, k, D), or layer factors) as float32."""
     n = len(sample_id)
-    if phi.size >= 2**31:
-        raise ParamError(
-            "jacobian.shard_rows",
-            f"{n} rows of {phi.size // n} values exceed a Parquet list column (2^31 values); lower shard_rows",
-        )
+    for a in columns.values():
+        if a.size >= 2**31:
+            raise ParamError(
+                "jacobian.shard_rows",
+                f"{n} rows of {a.size // n} values exceed a Parquet list column (2^31 values); lower shard_rows",
+            )
 
     def lists(a: np.ndarray, dtype: pa.DataType) -> pa.Array:
         flat = a.reshape(n, -1)
         offsets = pa.array(np.arange(n + 1, dtype=np.int32) * flat.shape[1])
         return pa.ListArray.from_arrays(offsets, pa.array(flat.ravel(), type=dtype))
 
-    return pa.table(
-        {
-            "sample_id": pa.array(np.asarray(sample_id, np.int64)),
-            "f0": lists(f0, pa.float64()),
-            "phi": lists(phi, pa.float32()),
-        }
-    )
+    lists_of = {name: lists(a, _list_type(name)) for name, a in columns.items()}
+    return pa.table({"sample_id": pa.array(np.asarray(sample_id, np.int64)), **lists_of})
 
 
 def write_manifest(
     out_dir: str | Path,
-    projector: Projector,
+    store,
     k: int,
     shards: dict[str, list[dict[str, Any]]],
     model_sha256: str,
     data_sha256: str,
 ) -> dict[str, Any]:
-    """Write `manifest.json`: how Φ was made (projection, layer map, D, k) and what each shard must hold."""
+    """Write `manifest.json`: how the shards were made (`store.describe()`: projection or layer factors,
+    layer map; D, k) and what each shard must hold."""
     manifest = {
-        "projection": projector.describe(),
-        "D": projector.total_dim,
+        "projection": store.describe(),
+        "D": store.total_dim,
         "k": k,
         "dtype": PHI_DTYPE,
         "shards": shards,
@@ -351,43 +377,71 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def iter_shards(directory: str | Path, split: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield (sample_id (b,), f0 (b, k) float64, phi (b, k, D) float32) per shard, each checked first."""
+def column_shapes(manifest: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Per-sample shape of each list column of the manifest's shards: f0 (k,), and phi (k, D) or the
+    columns an `exact` manifest lists (its materialized Jacobian columns and layer factors)."""
+    k = manifest["k"]
+    stored = manifest["projection"].get("columns", {"phi": [k, manifest["D"]]})
+    return {"f0": (k,), **{name: tuple(shape) for name, shape in stored.items()}}
+
+
+def iter_shard_columns(directory: str | Path, split: str) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Yield (sample_id (b,), {column: (b, *shape) array}) per shard, each checked first against the
+    manifest (sha256, column types, rows, list lengths): f0 float64, the other columns float32."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     if split not in manifest["shards"]:
         raise ArtifactError(f"{directory / MANIFEST_NAME}: no split {split!r} (has {sorted(manifest['shards'])})")
-    k, dim = manifest["k"], manifest["D"]
+    shapes, k, dim = column_shapes(manifest), manifest["k"], manifest["D"]
     for entry in manifest["shards"][split]:
-        yield _read_shard(directory / entry["file"], entry, k, dim)
+        yield _read_shard(directory / entry["file"], entry, shapes, k, dim)
 
 
-def _read_shard(path: Path, entry: dict[str, Any], k: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def iter_shards(directory: str | Path, split: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield (sample_id (b,), f0 (b, k) float64, phi (b, k, D) float32) per shard of projected Jacobians,
+    each checked first."""
+    if read_manifest(directory)["projection"]["kind"] == "exact":
+        raise ArtifactError(
+            f"{Path(directory) / MANIFEST_NAME}: holds layer factors (projection exact), not Φ; "
+            f"read it with sui_core.linearized.factors"
+        )
+    for ids, columns in iter_shard_columns(directory, split):
+        yield ids, columns["f0"], columns["phi"]
+
+
+def _read_shard(
+    path: Path, entry: dict[str, Any], shapes: dict[str, tuple[int, ...]], k: int, dim: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     if not path.is_file():
         raise ArtifactError(f"{path}: shard listed in {MANIFEST_NAME} is missing")
     sha = file_sha256(path)
     if sha != entry["sha256"]:
         raise ArtifactError(f"{path}: sha256 {sha[:12]}… does not match {MANIFEST_NAME} ({entry['sha256'][:12]}…)")
     table = read_parquet(path)
-    for name, typ in SHARD_TYPES.items():
+    types = {"sample_id": pa.int64(), **{name: pa.list_(_list_type(name)) for name in shapes}}
+    for name, typ in types.items():
         got = _type_name(table.schema.field(name).type) if name in table.column_names else "missing"
         if got != _type_name(typ):
             raise ArtifactError(f"{path}: column {name!r} is {got}, expected {_type_name(typ)}")
     if table.num_rows != entry["rows"]:
         raise ArtifactError(f"{path}: {table.num_rows} rows, {MANIFEST_NAME} says {entry['rows']}")
-    arrays = {"f0": (k,), "phi": (k, dim)}
     out = {}
-    for name, shape in arrays.items():
+    for name, shape in shapes.items():
         col = table.column(name).combine_chunks()
         lengths = col.value_lengths().to_numpy(zero_copy_only=False)
         if col.null_count or np.any(lengths != math.prod(shape)):
             raise ArtifactError(
                 f"{path}: column {name!r} has list lengths {sorted(set(lengths.tolist()))}"
                 f"{' and nulls' if col.null_count else ''}, expected {math.prod(shape)} "
-                f"(k = {k}, D = {dim})"
+                f"({list(shape)} a sample; k = {k}, D = {dim})"
             )
         out[name] = col.flatten().to_numpy().reshape(table.num_rows, *shape)
-    return table.column("sample_id").to_numpy(), out["f0"], out["phi"]
+    return table.column("sample_id").to_numpy(), out
+
+
+def _list_type(column: str) -> pa.DataType:
+    """The item type of a shard's list column: f0 is float64, Φ and the layer factors float32."""
+    return pa.float64() if column == "f0" else pa.float32()
 
 
 def _type_name(typ: pa.DataType) -> str:
@@ -397,8 +451,8 @@ def _type_name(typ: pa.DataType) -> str:
 
 def outputs_at_w0(directory: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """The sample ids (n,) and network outputs f0 (n, k) at w0 of `split`, from its checked shards."""
-    parts = [(ids, f0) for ids, f0, _ in iter_shards(directory, split)]
-    return np.concatenate([ids for ids, _ in parts]), np.concatenate([f0 for _, f0 in parts])
+    parts = list(iter_shard_columns(directory, split))
+    return np.concatenate([ids for ids, _ in parts]), np.concatenate([columns["f0"] for _, columns in parts])
 
 
 def load_split(directory: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

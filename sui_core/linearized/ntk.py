@@ -10,17 +10,22 @@ training params. It is built in the smaller of the two spaces (DESIGN.md §3):
 Either way Z holds the training rows in an orthonormal basis of rank r ≤ min(nk, D): all inner
 products of Jacobians are preserved, which is all the scores need. Directions whose eigenvalue is
 below rank_rtol·max(s) are numerically null and dropped.
+
+The kernel space needs only kernels, not Φ: `basis_from_kernels` takes K = ΦΦᵀ and Θ(val, train) =
+Φ_val Φᵀ however they were computed (from Φ by `build_basis`, or from layer factors for the exact
+kernel, `sui_core.linearized.factors`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sui_core.errors import ArtifactError
+from sui_core.errors import ArtifactError, ParamError
 from sui_core.io import read_npz, write_npz
 
 PhiChunks = Callable[[], Iterable[np.ndarray]]  # a fresh iterator of (b, k, D) blocks on each call
@@ -34,12 +39,17 @@ class Basis:
     gram_val: np.ndarray  # (r, r) Σ_j W_jᵀW_j over validation samples: F-SI's metric
     n_val: int
     dim: int  # D, the projected parameter count
+    # (n_val, k, r) W: the validation rows in the basis, kept where nothing else can give them (the
+    # exact kernel has no Φ on disk); None where Φ_val can (`val_rows_from_cross`)
+    val_rows: np.ndarray | None = None
 
     @property
     def rank(self) -> int:
         return self.s.shape[0]
 
     def save(self, path: str | Path) -> None:
+        # val_rows only when present: the bases of projected Jacobians keep the bytes they always had
+        extra = {} if self.val_rows is None else {"val_rows": self.val_rows}
         write_npz(
             path,
             space=np.array(self.space),
@@ -48,16 +58,21 @@ class Basis:
             gram_val=self.gram_val,
             n_val=np.array(self.n_val),
             dim=np.array(self.dim),
+            **extra,
         )
 
     @classmethod
     def load(cls, path: str | Path) -> Basis:
         a = read_npz(path, ["space", "s", "z", "gram_val", "n_val", "dim"])
-        basis = cls(str(a["space"]), a["s"], a["z"], a["gram_val"], int(a["n_val"]), int(a["dim"]))
+        basis = cls(str(a["space"]), a["s"], a["z"], a["gram_val"], int(a["n_val"]), int(a["dim"]), a.get("val_rows"))
         r = basis.rank
         if basis.z.ndim != 3 or basis.z.shape[2] != r or basis.gram_val.shape != (r, r):
             raise ArtifactError(
                 f"{path}: inconsistent basis shapes z={basis.z.shape} gram_val={basis.gram_val.shape} rank={r}"
+            )
+        if basis.val_rows is not None and basis.val_rows.shape != (basis.n_val, basis.z.shape[1], r):
+            raise ArtifactError(
+                f"{path}: val_rows has shape {basis.val_rows.shape}, expected {(basis.n_val, basis.z.shape[1], r)}"
             )
         return basis
 
@@ -77,8 +92,73 @@ def planned_peak_bytes(n: int, k: int, dim: int, shard_rows: int) -> int:
     return 4 * n * k * dim + 8 * (2 * (n * k) ** 2 + 2 * n * k * r) + 2 * 2**28 + shard
 
 
+def planned_kernel_peak_bytes(n: int, k: int, n_val: int, val_rows: int, values_per_sample: int) -> int:
+    """What the ntk stage holds at its peak for the exact kernel, in bytes: the nk×nk kernel K (float64)
+    with LAPACK syevd's eigenvectors and workspace (2·(nk)²) beside it (4·(nk)² in all: also what K,
+    U, U s^{∓1/2} and the r×r validation Gram take later, r ≤ nk), the validation rows W (n_val·k × r)
+    and one block of Θ(val, train) (val_rows samples), the float32 factors of the training set and one
+    validation shard (`values_per_sample` each), and `factors.kernel`'s block temporaries (3 × 2^28)."""
+    nk = n * k
+    return 8 * (4 * nk * nk + (n_val + val_rows) * k * nk) + 4 * values_per_sample * (n + val_rows) + 3 * 2**28
+
+
+def check_kernel_fits(n: int, k: int, peak: int, available: int) -> None:
+    """ParamError (one line) when the exact kernel's planned peak exceeds the available memory."""
+    if peak > available:
+        raise ParamError(
+            "jacobian.projection",
+            f"exact: the {n * k}×{n * k} kernel (n·k = {n}·{k}) needs {peak / 2**30:.1f} GiB of memory at its "
+            f"peak, {available / 2**30:.1f} GiB available; use jacobian.projection: coordinates (the paper's "
+            f"p coordinates per tensor: its basis is D × D once n·k > D) or lower data.max_train",
+        )
+
+
+def val_rows_from_cross(cross: np.ndarray, z: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The validation rows W (n_val, k, r) in the basis from Θ(val, train) = Φ_val Φᵀ (n_val·k × n·k):
+    W = Φ_val V with V = Φᵀ Z s⁻¹ in either space (primal: Z = Φ Q, so Φᵀ Z s⁻¹ = ΦᵀΦ Q s⁻¹ = Q;
+    kernel: Z = U s^{1/2} and V = Φᵀ U s^{-1/2} = Φᵀ Z s⁻¹), so W = cross Z s⁻¹."""
+    n, k, r = z.shape
+    return (cross @ z.reshape(n * k, r) / s).reshape(-1, k, r)
+
+
+def basis_from_kernels(
+    k_train: np.ndarray,
+    k_val_train: np.ndarray | Iterable[np.ndarray],
+    n: int,
+    k: int,
+    n_val: int | None,
+    dim: int,
+    rank_rtol: float | None = None,
+) -> Basis:
+    """The kernel-space basis from K = Θ(train, train) (nk × nk) and Θ(val, train) (n_val·k × nk, or an
+    iterable of row blocks of it, whole samples each: gram_val is summed block by block):
+    K = U diag(s) Uᵀ, Z = U s^{1/2}, W = Θ(val, train) U s^{-1/2} (the validation rows in the basis
+    V = Φᵀ U s^{-1/2}, which is never formed), gram_val = WᵀW, val_rows = W. `n_val` None: as many
+    validation samples as the blocks hold. Eigenvalues below rank_rtol·max(s) are dropped (default
+    max(nk, dim)·eps)."""
+    if k_train.shape != (n * k, n * k):
+        raise ArtifactError(f"expected {n} training samples in the kernel, found {k_train.shape[0] // k}")
+    if rank_rtol is None:
+        rank_rtol = max(n * k, dim) * np.finfo(np.float64).eps
+    s, u = _top_eigen(k_train, rank_rtol)
+    z = (u * np.sqrt(s)).reshape(n, k, -1)
+    to_basis = u / np.sqrt(s)
+    del u
+    gram_val = np.zeros((len(s), len(s)))
+    rows = []
+    for cross in [k_val_train] if isinstance(k_val_train, np.ndarray) else k_val_train:
+        w = cross @ to_basis
+        gram_val += w.T @ w
+        rows.append(w.reshape(-1, k, len(s)))
+    val_rows = np.concatenate(rows) if rows else np.zeros((0, k, len(s)))
+    if n_val is not None and len(val_rows) != n_val:
+        raise ArtifactError(f"expected {n_val} validation samples in the kernel, found {len(val_rows)}")
+    return Basis("kernel", s, z, gram_val, len(val_rows), dim, val_rows)
+
+
 def build_basis(train: PhiChunks, val: PhiChunks, n: int, k: int, dim: int, rank_rtol: float | None = None) -> Basis:
-    """Eigenbasis of ΦᵀΦ from streamed Jacobian blocks; train is read twice in primal space."""
+    """Eigenbasis of ΦᵀΦ from streamed Jacobian blocks; train is read twice in primal space. The basis
+    keeps no val_rows: Φ_val gives them (`val_rows_from_cross`)."""
     space = choose_space(n, k, dim)
     if rank_rtol is None:
         rank_rtol = max(n * k, dim) * np.finfo(np.float64).eps
@@ -94,24 +174,17 @@ def build_basis(train: PhiChunks, val: PhiChunks, n: int, k: int, dim: int, rank
         # Q^T (Σ Φ_valᵀΦ_val) Q: cheaper than projecting every validation row when r ≈ D.
         gram_val, n_val = _gram(val, dim, count=True)
         gram_val = q.T @ gram_val @ q
-    else:
-        # (nk, D) kept in the blocks' dtype (float32 shards stay float32); every product in float64
-        phi_all = np.concatenate([np.asarray(phi).reshape(-1, phi.shape[-1]) for phi in train()])
-        filled = phi_all.shape[0] // k
-        s, u = _top_eigen(_products(phi_all, phi_all), rank_rtol)
-        z = (u * np.sqrt(s)).reshape(filled, k, -1)
-        # validation rows in the basis V = Φᵀ U s^{-1/2} of the row space, as (Φ_val Φᵀ) U s^{-1/2}:
-        # V itself (D × r) is never formed
-        to_basis = u / np.sqrt(s)
-        gram_val = np.zeros((len(s), len(s)))
-        n_val = 0
-        for phi in val():
-            w = _products(np.asarray(phi).reshape(-1, phi.shape[-1]), phi_all) @ to_basis
-            gram_val += w.T @ w
-            n_val += len(phi)
+        if filled != n:
+            raise ArtifactError(f"expected {n} training samples in the Jacobian shards, found {filled}")
+        return Basis(space, s, z, gram_val, n_val, dim)
+    # (nk, D) kept in the blocks' dtype (float32 shards stay float32); every product in float64
+    phi_all = np.concatenate([np.asarray(phi).reshape(-1, phi.shape[-1]) for phi in train()])
+    filled = phi_all.shape[0] // k
     if filled != n:
         raise ArtifactError(f"expected {n} training samples in the Jacobian shards, found {filled}")
-    return Basis(space, s, z, gram_val, n_val, dim)
+    crosses = (_products(np.asarray(phi).reshape(-1, phi.shape[-1]), phi_all) for phi in val())
+    basis = basis_from_kernels(_products(phi_all, phi_all), crosses, n, k, None, dim, rank_rtol)
+    return dataclasses.replace(basis, val_rows=None)
 
 
 def _gram(chunks: PhiChunks, dim: int, count: bool = False):

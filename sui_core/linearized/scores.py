@@ -276,3 +276,79 @@ def group_scores(groups: pa.Table, n_val: int, sigma: float) -> pa.Table:
             "fsi_members_sum": [v * scale for v in groups["members_fsi_sum"]],
         }
     )
+
+
+@dataclass
+class OutputSubspace:
+    """The m validation-output directions that carry most of the linearized leave-one-out changes, and
+    each sample's linearized change in them (the `trained` estimator follows these directions through
+    the real run and keeps the linearized change outside them)."""
+
+    directions: np.ndarray  # (m, n_val, k) orthonormal
+    linearized: np.ndarray  # (n, m) u_a · Δf_val,i of the linearized model
+    self_change: np.ndarray  # (n, k) Φ_i Δv_i = f_t(x_i) − f₋ᵢ(x_i) of the linearized model
+    captured: float  # share of Σ_i ‖Δf_val,i‖² inside the span of the directions
+
+
+def output_subspace(
+    basis: Basis,
+    val_rows: np.ndarray,
+    residual: np.ndarray,
+    recipe: Recipe,
+    m: int,
+    tol: float = 1e-14,
+    block_size: int = 256,
+    dtype: str = "float64",
+) -> OutputSubspace:
+    """The top-m left singular directions of the linearized change matrix Δf_val = W [Δc_1 … Δc_n]
+    (W = `val_rows` (n_val, k, r), Δc_i the leave-one-out deltas in the basis), from two passes of the
+    solver: the first sums C = Σ_i Δc_iΔc_iᵀ (r×r), since Δf_val Δf_valᵀ = W C Wᵀ = (W C^½)(W C^½)ᵀ, whose
+    left singular vectors are the directions; the second projects every Δf_val,i on them."""
+    n, k, r = basis.z.shape
+    w = val_rows.reshape(-1, r)
+
+    def deltas():
+        _, blocks = loo_deltas(basis.s, basis.z, residual, recipe.full(n), recipe.left_out(n), tol, block_size, dtype)
+        return blocks
+
+    second = np.zeros((r, r))
+    for _, delta in deltas():
+        second += delta.T @ delta
+    evals, evecs = np.linalg.eigh(second)
+    left, singular, _ = np.linalg.svd(w @ (evecs * np.sqrt(np.maximum(evals, 0.0))), full_matrices=False)
+    m = min(m, len(singular))
+    energy = singular**2
+    to_directions = left[:, :m].T @ w  # (m, r)
+    linearized = np.empty((n, m))
+    self_change = np.empty((n, k))
+    for start, delta in deltas():
+        linearized[start : start + len(delta)] = delta @ to_directions.T
+        self_change[start : start + len(delta)] = np.einsum("bkr,br->bk", basis.z[start : start + len(delta)], delta)
+    captured = float(energy[:m].sum() / energy.sum()) if energy.sum() > 0 else 1.0
+    return OutputSubspace(left[:, :m].T.reshape(m, -1, k), linearized, self_change, captured)
+
+
+def trained_forms(
+    forms: dict[str, np.ndarray],
+    fit: dict[str, np.ndarray],
+    subspace: OutputSubspace,
+    run_projections: np.ndarray,
+    real_error: np.ndarray,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The `trained` estimator's forms and fit from the linearized ones (all indexed by sample).
+
+    F-SI: Σ_j ‖Δf_val,j‖² = ‖Uᵀ Δf_val‖² + ‖(I − UUᵀ) Δf_val‖²: the first part from the real run
+    (`run_projections` (m, n), sui_core.network.trajectory), the second from the linearized model
+    (its total minus its part in the span; ≥ 0 up to rounding). The SI forms (weight space) stay
+    linearized: following every weight through the run would take one reverse pass per weight.
+    Fit: `real_error` (n, k) = y − f(x) of the real trained network gives the training loss; the
+    leave-one-out loss adds the linearized self-change, y − f₋ᵢ(x_i) ≈ (y − f(x_i)) + Φ_iΔv_i; the
+    leverage stays linearized."""
+    outside = np.maximum(forms["fsi_sum"] - (subspace.linearized**2).sum(1), 0.0)
+    trained = dict(forms, fsi_sum=outside + (np.asarray(run_projections, dtype=np.float64) ** 2).sum(0))
+    real_fit = dict(
+        fit,
+        train_loss=0.5 * (real_error**2).sum(1),
+        loo_loss=0.5 * ((real_error + subspace.self_change) ** 2).sum(1),
+    )
+    return trained, real_fit

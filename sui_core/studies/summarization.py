@@ -9,7 +9,7 @@ Strategies (each removes round(f·n) of the n training samples for every fractio
 - `fsi_bottom_iterative`: remove the round(step·n) lowest-F-SI samples, recompute F-SI on what is left,
   repeat (the last removal before a fraction may be smaller so every fraction is met exactly). The
   linearization point w0 does not change, so the Jacobians Φ of the full set are computed once and
-  each re-score is `estimate_from_jacobians` on the kept rows;
+  each re-score is `Linearization.estimate` on the kept rows;
 - `el2n`, `grand` (Paul et al. 2021): lowest score removed first (`sui_core.studies.baselines`).
 
 One seed s fixes everything random in a repetition: w0 (the model's init seed is set to s), the random
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from sui_core.config import SUMMARIZATION_STRATEGIES as STRATEGIES
 from sui_core.config import JacobianConfig, SummarizationConfig
 from sui_core.io import atomic_path
-from sui_core.linearized.estimate import estimate_from_jacobians, projected_jacobians
+from sui_core.linearized.estimate import linearize
 from sui_core.linearized.solver import Recipe
 from sui_core.network.training import predict, train_full_batch
 from sui_core.studies.baselines import Builder, el2n, grand
@@ -117,11 +117,10 @@ def removal_orders(
     orders: dict[str, np.ndarray] = {}
     model = build(seed)
     if strategies & {"fsi_bottom", "fsi_top", "fsi_bottom_iterative"}:
-        f0, phi = projected_jacobians(model, x, jacobian)
-        _, phi_val = projected_jacobians(model, x_val, jacobian)
+        linearization = linearize(model, x, x_val, jacobian)
 
         def fsi(kept: np.ndarray) -> np.ndarray:
-            return estimate_from_jacobians(f0[kept], phi[kept], phi_val, y[kept], recipe).scores["fsi"]
+            return linearization.estimate(y[kept], recipe, kept).scores["fsi"]
 
         full = fsi(np.arange(n))
         orders["fsi_bottom"] = np.argsort(full, kind="stable")

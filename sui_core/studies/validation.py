@@ -10,8 +10,12 @@ lr, steps, weight decay towards w0) on all n samples and on all but each of m sa
 
 Estimates of the same two numbers, each timed:
 
-- `sui`: the closed form for the network linearized at w0 (estimate.estimate_from_jacobians with exact
-  Jacobians, projection none): forms dv_sq (2σ²·SI isotropic) and fsi_sum (2σ²·n_val·F-SI).
+- `sui`: the closed form for the network linearized at w0 with the exact kernel (estimate.linearize,
+  from layer factors as `jacobian.projection: exact`): forms dv_sq (2σ²·SI isotropic) and fsi_sum (2σ²·n_val·F-SI).
+- `sui_trained` (loo.estimator trained, beyond the paper): F-SI of the real training run, followed
+  in `trained_directions` output directions by one reverse pass through the run
+  (sui_core.network.trajectory), the linearized change outside them; its weights change stays the
+  linearized one. Timed with the linearized solve it builds on.
 - `sui_checkpoint` (beyond the paper): the same closed form linearized at w_{t0}, the real full-data
   run after t0 steps, for the remaining t − t0 steps. It neglects what leaving sample i out changes
   during the first t0 steps (both runs start from w_{t0}); with weight decay it also pulls towards
@@ -45,12 +49,12 @@ from sui_core.config import JacobianConfig, TrainingConfig, ValidateConfig
 from sui_core.data.splits import Split
 from sui_core.errors import ArtifactError, ParamError
 from sui_core.io import write_parquet
-from sui_core.linearized.estimate import estimate_from_jacobians, projected_jacobians
+from sui_core.linearized.estimate import linearize, trained_estimate
 from sui_core.linearized.solver import Recipe
 from sui_core.network.models import targets
 from sui_core.network.training import Params, constants, flat, predict, train_full_batch
 
-EXACT_JACOBIANS = JacobianConfig(projection="none")
+EXACT_KERNEL = JacobianConfig(projection="exact")
 
 
 @dataclass
@@ -148,18 +152,33 @@ def retrain(
 
 
 def linearized(
-    model: nn.Module, x: torch.Tensor, y: np.ndarray, x_val: torch.Tensor, recipe: Recipe, left_out: np.ndarray
-) -> tuple[Changes, np.ndarray]:
+    model: nn.Module,
+    x: torch.Tensor,
+    y: np.ndarray,
+    x_val: torch.Tensor,
+    recipe: Recipe,
+    left_out: np.ndarray,
+    trained_directions: int = 0,
+) -> tuple[Changes, np.ndarray, Changes | None]:
     """sui's closed-form leave-one-out changes of the network linearized at its current weights (exact
-    Jacobians; every sample is solved, the sampled ones are kept), and the eigenvalues of the mean-loss
-    NTK there (the stability bound is lr·max < 2; weight decay regularizes the directions below it)."""
+    kernel; every sample is solved, the sampled ones are kept), the eigenvalues of the mean-loss
+    NTK there (the stability bound is lr·max < 2; weight decay regularizes the directions below it),
+    and with `trained_directions` > 0 the trained estimator's changes (its F-SI from the real run; its
+    weights part stays linearized), timed with the linearized part it builds on."""
     started = time.perf_counter()
-    dtype = next(model.parameters()).dtype
-    f0, phi = projected_jacobians(model, x, EXACT_JACOBIANS, dtype=dtype)
-    _, phi_val = projected_jacobians(model, x_val, EXACT_JACOBIANS, dtype=dtype)
-    est = estimate_from_jacobians(f0, phi, phi_val, y, recipe)
-    changes = Changes(est.forms["dv_sq"][left_out], est.forms["fsi_sum"][left_out], time.perf_counter() - started)
-    return changes, est.basis.s / len(x)
+    est = linearize(model, x, x_val, EXACT_KERNEL).estimate(y, recipe)
+    basis, residual = est.basis, np.asarray(y, dtype=np.float64).reshape(est.f0.shape) - est.f0
+    seconds = time.perf_counter() - started
+    changes = Changes(est.forms["dv_sq"][left_out], est.forms["fsi_sum"][left_out], seconds)
+    if not trained_directions:
+        return changes, basis.s / len(x), None
+    steps = int(recipe.t)
+    trained = trained_estimate(
+        model, x, y, x_val, recipe, steps, basis, basis.val_rows, residual, est.forms, est.fit, trained_directions
+    )
+    forms = trained.forms
+    elapsed = time.perf_counter() - started
+    return changes, basis.s / len(x), Changes(forms["dv_sq"][left_out], forms["fsi_sum"][left_out], elapsed)
 
 
 def with_params(model: nn.Module, params: Params) -> nn.Module:
@@ -282,6 +301,7 @@ def validate(
     lissa_damping: float = 0.01,
     lissa_batch_size: int = 32,
     checkpoint_fraction: float | None = None,
+    trained_directions: int = 0,
     progress: bool = False,
 ) -> Validation:
     """The whole comparison for one network and data set: m sampled samples, retrained ground truth,
@@ -297,7 +317,11 @@ def validate(
     if t0 is not None and not 0 < t0 < steps:
         raise ValueError(f"checkpoint step {t0} must lie strictly between 0 and t = {steps}")
     estimates, spectrum = {}, {}
-    estimates["sui"], spectrum["w0"] = linearized(model, x, np.asarray(y), x_val, recipe, left_out)
+    estimates["sui"], spectrum["w0"], trained = linearized(
+        model, x, np.asarray(y), x_val, recipe, left_out, trained_directions
+    )
+    if trained is not None:
+        estimates["sui_trained"] = trained
     if recipe.lr * (spectrum["w0"][0] + recipe.weight_decay) >= 2:  # before minutes of retraining
         raise ParamError(
             "training.lr",
@@ -307,7 +331,7 @@ def validate(
     truth = retrain(model, x, y_t, x_val, left_out, recipe.lr, steps, recipe.weight_decay, t0, progress)
     if t0 is not None:
         later = Recipe(recipe.lr, recipe.weight_decay, steps - t0, recipe.dynamics)
-        estimates["sui_checkpoint"], spectrum["checkpoint"] = linearized(
+        estimates["sui_checkpoint"], spectrum["checkpoint"], _ = linearized(
             with_params(model, truth.checkpoint), x, np.asarray(y), x_val, later, left_out
         )
         estimates["sui_checkpoint"].seconds += truth.changes.seconds * t0 / steps / (m + 1)  # its share of one run
@@ -363,6 +387,7 @@ def validate_splits(
         s.lissa_damping,
         s.lissa_batch_size,
         s.checkpoint_fraction,
+        s.trained_directions,
         progress=True,
     )
 

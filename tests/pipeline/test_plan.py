@@ -15,7 +15,7 @@ from sui_core.config import load_params
 SMALL = {
     "data": {"source": "sklearn_digits", "classes": [0, 1, 2], "max_train": 40, "label_noise": 0.1},
     "model": {"hidden": [16]},
-    "jacobian": {"dims_per_tensor": 200, "shard_rows": 16},
+    "jacobian": {"projection": "coordinates", "dims_per_tensor": 200, "shard_rows": 16},
     "training": {"lr": 0.05, "t": 50},
 }
 
@@ -93,7 +93,7 @@ def test_plan_matches_a_tiny_run(project):
             folder = {"prepare": "prepared"}.get(stage, stage)
             assert_close(planned[stage], folder_bytes(f"data/{folder}"), f"{stage} (from {made.shapes.source})")
     # the shards do compress (exact zeros: blank pixels, ReLUs that are off): raw values would overstate
-    raw = planning.jacobian_shard_bytes(sh.n["train"] + sh.n["val"], sh.k, sh.dim)
+    raw = planning.jacobian_shard_bytes(sh.n["train"] + sh.n["val"], sh.k, sh.k * sh.dim)
     assert folder_bytes("data/jacobians") < 0.75 * raw
     assert not plan.cache.copies and plan.disk_bytes == plan.outputs_bytes  # no DVC here: nothing cached
 
@@ -102,6 +102,48 @@ def test_plan_matches_a_tiny_run(project):
 
     assert sizes["ntk"].peak_bytes == ntk.planned_peak_bytes(sh.n["train"], 3, sh.dim, 16)
     assert sizes["loo"].peak_bytes >= scores.planned_peak_bytes(sh.n["train"], 3, basis.rank, 256)
+
+
+EXACT = {**SMALL, "jacobian": {"projection": "exact", "shard_rows": 16}}
+
+
+def test_plan_of_the_exact_kernel_matches_a_tiny_run(project):
+    """projection exact: D is every trained parameter, a shard row holds the layer factors, and the ntk
+    stage's peak is the kernel's own plan."""
+    from sui_core.linearized import ntk
+    from sui_core.linearized.factors import values_per_sample
+    from sui_core.linearized.jacobians import read_manifest
+    from sui_core.linearized.ntk import Basis
+
+    Path("params.yaml").write_text(yaml.safe_dump(EXACT))
+    before = planning.make_plan(load_params("params.yaml"))
+    run_pipeline("prepare", "model", "jacobians", "ntk")
+    sh = before.shapes
+    manifest = read_manifest("data/jacobians")
+    assert sh.exact and manifest["D"] == sh.dim == 64 * 16 + 16 + 16 * 3 + 3
+    assert values_per_sample(manifest["projection"]) == sh.stored_values < sh.k * sh.dim
+    basis = Basis.load("data/ntk/basis.npz")
+    assert basis.rank == sh.rank == sh.n["train"] * 3 and basis.val_rows.shape == (sh.n["val"], 3, sh.rank)
+    planned = {s.stage: s for s in before.stages}
+    for stage in ("jacobians", "ntk"):
+        assert_close(planned[stage].disk_bytes, folder_bytes(f"data/{stage}"), stage)
+    n_val = sh.n["val"]
+    expected = ntk.planned_kernel_peak_bytes(sh.n["train"], 3, n_val, min(16, n_val), sh.stored_values)
+    assert planned["ntk"].peak_bytes == expected
+
+
+def test_the_exact_kernel_that_does_not_fit_is_refused_alike_by_plan_and_ntk(project, monkeypatch):
+    Path("params.yaml").write_text(yaml.safe_dump(EXACT))
+    run_pipeline("prepare", "model", "jacobians")
+    monkeypatch.setattr(planning, "available_memory", lambda: 2**20)
+    result = sui("plan")
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert line.startswith("error: params.yaml: jacobian.projection: exact: the 120×120 kernel") and "\n" not in line
+    assert "0.0 GiB available; use jacobian.projection: coordinates" in line
+    stage = CliRunner().invoke(importlib.import_module("stages.ntk").app, [])
+    assert stage.exit_code == 1 and stage.stderr.strip() == line
+    assert not Path("data/ntk").exists()
 
 
 def test_plan_prints_a_table(project):
