@@ -14,6 +14,7 @@ range of samples; the SGD smoothing's gradient covariance is summed over the ran
 that all-reduce depends only on inputs every rank shares, so an error there happens on every rank.
 """
 
+import sys
 import time
 from dataclasses import replace
 
@@ -23,7 +24,7 @@ import torch
 from stages import distributed as dist
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
-from sui_core.artifacts import check_aligned
+from sui_core.artifacts import Output, check_aligned
 from sui_core.data.splits import Split, read_split
 from sui_core.errors import ParamError
 from sui_core.io import atomic_dir, read_npz, write_parquet
@@ -35,11 +36,12 @@ from sui_core.linearized.solver import Recipe
 from sui_core.network.models import load_model, targets
 
 
-def along_real_run(cfg: Configs, basis: Basis, residual: np.ndarray, train: Split, result: LooResult) -> tuple:
+def along_real_run(
+    cfg: Configs, basis: Basis, residual: np.ndarray, prepared: Output, train: Split, result: LooResult
+) -> tuple:
     """loo.estimator trained: F-SI and the fit of the real training run (sui_core.linearized.estimate.
     trained_estimate) in place of the linearized ones; the SI forms and groups stay linearized."""
     steps = cfg.training.whole_steps("loo.estimator trained")
-    prepared = cfg.input(paths.PREPARED)
     val = read_split(prepared.file("val.parquet"))
     model = load_model(cfg.input(paths.MODEL).path)[0]
     val_rows = basis.val_rows
@@ -64,12 +66,24 @@ def along_real_run(cfg: Configs, basis: Basis, residual: np.ndarray, train: Spli
         cfg.loo.directions,
         cfg.loo.tol,
         progress="loo along the real run",
+        check=cfg.loo.check_samples,
     )
     print(
         f"loo: trained: {est.directions} output directions ({est.captured:.1%} of the linearized F-SI), "
         f"reverse pass through {steps} steps in {est.seconds:.1f} s"
     )
     record = {"directions": est.directions, "captured": est.captured, "real_train_mse": est.train_mse}
+    if est.check is not None:
+        record["check"] = est.check.record(train.sample_id)
+        ratios = ", ".join(f"{r:.2f}" for r in est.check.ratios())
+        print(f"loo: trained: F-SI / real retraining without the {len(est.check.samples)} top samples: {ratios}")
+        if not est.check.agrees():
+            print(
+                "loo: warning: the trained estimate is off by more than 1.5x from really retraining without "
+                "a top sample: this run does not respond linearly to one sample's weight (a long run, or "
+                "memorized samples); rank with care, and measure with the validate stage",
+                file=sys.stderr,
+            )
     return replace(result, forms=est.forms, fit=est.fit, train_mse=est.train_mse), record, est.seconds
 
 
@@ -78,9 +92,10 @@ def body(cfg: Configs, run: StageRun) -> dict:
         ntk = cfg.input(paths.NTK)
         basis = Basis.load(ntk.file(paths.BASIS_FILE.name))
         targets = read_npz(ntk.file(paths.RESIDUAL_FILE.name), ["sample_id", "residual"])
-        return basis, targets, read_split(cfg.input(paths.PREPARED).file("train.parquet"))
+        prepared = cfg.input(paths.PREPARED)
+        return basis, targets, prepared, read_split(prepared.file("train.parquet"))
 
-    basis, targets, train = dist.run_checked(load)
+    basis, targets, prepared, train = dist.run_checked(load)
     check_aligned(targets["sample_id"], train.sample_id, paths.RESIDUAL_FILE, paths.PREPARED / "train.parquet")
     recipe, loo, (rank, world) = Recipe.from_config(cfg.training), cfg.loo, dist.world()
     if loo.estimator == "trained" and world > 1:
@@ -100,7 +115,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
     result, record, metrics = parts[0], parts[0].record(recipe, n, basis.n_val), {}
     if loo.estimator == "trained":
         result, record["trained"], metrics["trained_seconds"] = along_real_run(
-            cfg, basis, targets["residual"], train, result
+            cfg, basis, targets["residual"], prepared, train, result
         )
     table = forms_table(parts if world > 1 else [result], targets["sample_id"])
     groups = group_table(basis, targets["residual"], train, recipe, loo.groups, table.column("fsi_sum").to_numpy())

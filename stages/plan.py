@@ -9,10 +9,11 @@ projected parameter count), found without running the pipeline:
   Fashion-MNIST is 60k + 10k images);
 - k = 1 for two classes, else the number of classes (`sui_core.network.models.num_outputs`);
 - D: the model is built on the CPU (seeded init; `init_path` is not read: it cannot change shapes that
-  the model stage accepts) and projected with `sui_core.linearized.jacobians.make_projector`; for
-  `jacobian.projection: exact` D is the number of trained parameters, and what a sample stores (its
+  the model stage accepts) and given the jacobians stage's own store (`sui_core.linearized.factors.make_store`);
+  for `jacobian.projection: exact` D is the number of trained parameters, and what a sample stores (its
   layer factors, `sui_core.linearized.factors.factor_layout`) comes from one forward pass of the model
-  on the meta device.
+  on the meta device; `kronecker` projects those factors, so a batch holds them instead of the full
+  per-sample Jacobian.
 
 Peak memory reuses the stages' own `planned_peak_bytes` (sui_core.linearized.ntk, sui_core.linearized.scores; for
 the exact kernel `ntk.planned_kernel_peak_bytes`: the n·k × n·k kernel, its eigenvectors and LAPACK's
@@ -74,6 +75,7 @@ class Shapes:
     jacobian_count: int  # weights the Jacobian is taken against (P less the frozen ones)
     dim: int  # D, projected parameter count
     stored_values: int  # float32 values a sample's shard row holds besides f0: k·D, or its layer factors
+    batch_values: int  # float32 values a sample holds while its batch is extracted (`_values_per_sample`)
     exact: bool  # jacobian.projection exact: layer factors, and the ntk stage builds the n·k × n·k kernel
     source: str  # where n came from: "prepared", "npz headers", or "source"
     # up to SAMPLE_ROWS rows of each split, as prepare writes them (only train from data/prepared;
@@ -246,6 +248,8 @@ def shapes(params: dict[str, Any], prepared: str | Path = PREPARED) -> Shapes:
     with torch.random.fork_rng(devices=[]):
         store = make_store(load_section(params, "jacobian"), model, input_shape)
     exact = store.kind == "exact"
+    jacobian_count = sum(math.prod(shape) for shape in named.values())
+    stored, batch = _values_per_sample(store, k, jacobian_count)
     return Shapes(
         n=n,
         input_shape=tuple(input_shape),
@@ -254,14 +258,31 @@ def shapes(params: dict[str, Any], prepared: str | Path = PREPARED) -> Shapes:
         param_count=sum(p.numel() for p in model.parameters()),
         state_count=sum(t.numel() for t in model.state_dict().values()),
         tensors=len(model.state_dict()),
-        jacobian_count=sum(math.prod(shape) for shape in named.values()),
+        jacobian_count=jacobian_count,
         dim=store.total_dim,
-        stored_values=sum(math.prod(s) for s in store.column_shapes().values()) if exact else k * store.total_dim,
+        stored_values=stored,
+        batch_values=batch,
         exact=exact,
         source=where,
         sample=sample,
         prepared_bytes=held,
     )
+
+
+def _values_per_sample(store: Any, k: int, jacobian_count: int) -> tuple[int, int]:
+    """(float32 values of a sample's shard row besides f0, float32 values a sample holds while its batch
+    is extracted) for the jacobians stage's store: exact its layer factors, held as computed and as
+    concatenated; kronecker Φ (k·D), from its layer factors, Φ's blocks and Φ; the other projections
+    Φ, from the full per-sample Jacobian (k × the trained parameters)."""
+    from sui_core.linearized.factors import KroneckerProjector
+
+    if store.kind == "exact":
+        factors = sum(math.prod(s) for s in store.column_shapes().values())
+        return factors, 2 * factors
+    phi = k * store.total_dim
+    if isinstance(store, KroneckerProjector):
+        return phi, sum(math.prod(s) for s in store.layout.column_shapes().values()) + 2 * phi
+    return phi, k * jacobian_count + phi
 
 
 def _network(params: dict[str, Any], input_shape: tuple, num_classes: int, device: str):
@@ -465,11 +486,12 @@ def ntk_plan(sh: Shapes, shard_rows: int) -> StagePlan:
     n, n_val, k, dim, r = sh.n["train"], sh.n["val"], sh.k, sh.dim, sh.rank
     disk = z_bytes(n, k, r) + 8 * (r + r * r) + 8 * (n + n * k) + 8 * NPZ_ARRAY_BYTES + SMALL_FILES["ntk"]
     if sh.exact:
+        kind, dims = ntk.RECOMMENDED_PROJECTION
         return StagePlan(
             "ntk",
             disk + z_bytes(n_val, k, r) + NPZ_ARRAY_BYTES,
             ntk.planned_kernel_peak_bytes(n, k, n_val, min(shard_rows, n_val), sh.stored_values),
-            "data.max_train, or jacobian.projection: coordinates",
+            f"data.max_train, or jacobian.projection: {kind} with jacobian.dims_per_tensor: {dims}",
             "data.max_train",
             f"Z {n}·{k}·r={r} + W {n_val}·{k}·r float64 + r×r (exact: the {n * k}×{n * k} kernel from layer factors)",
         )
@@ -491,7 +513,7 @@ def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str
     loo = load_section(params, "loo")
     model_cfg = load_section(params, "model")
     n_all = sum(sh.n.values())
-    n, n_val, k, dim, r, p = sh.n["train"], sh.n["val"], sh.k, sh.dim, sh.rank, sh.param_count
+    n, n_val, k, r, p = sh.n["train"], sh.n["val"], sh.k, sh.rank, sh.param_count
     inputs = n_all * sh.features * 4
     n_disk = "data.max_train"  # n: the training rows of loo, score and evaluate
     net_disk = "model.hidden (or a smaller network)"
@@ -527,14 +549,15 @@ def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str
             net_disk,
             f"{p} parameters × 4 bytes",
         ),
-        # one shard of what a sample stores in numpy and as an Arrow table, plus one batch of full
-        # per-sample Jacobians (batch_size × k × P float32) and its projection (exact: the batch's
-        # factors and materialized blocks, as computed and as concatenated); the inputs of one split
+        # one shard of what a sample stores in numpy and as an Arrow table, plus what one batch holds
+        # (`Shapes.batch_values`: its full per-sample Jacobians and their projection; exact: its factors
+        # and materialized blocks, as computed and as concatenated; kronecker: its factors and Φ); the
+        # inputs of one split
         StagePlan(
             "jacobians",
             jacobians_disk,
             2 * jacobian_shard_bytes(min(jac.shard_rows, max(n, n_val)), k, sh.stored_values)
-            + 4 * min(jac.batch_size, max(n, 1)) * (2 * sh.stored_values if sh.exact else k * (sh.jacobian_count + dim))
+            + 4 * min(jac.batch_size, max(n, 1)) * sh.batch_values
             + (n + n_val) * sh.features * 4
             + 8 * p,
             "jacobian.shard_rows or jacobian.batch_size",

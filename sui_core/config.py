@@ -34,7 +34,7 @@ DATA_SOURCES = (
 )
 NAMED_CLASS_SOURCES = ("imagefolder", "parquet")  # sources whose data.classes may be names (strings)
 ARCHS = ("mlp", "cnn")
-PROJECTIONS = ("exact", "none", "coordinates", "gaussian", "rademacher")
+PROJECTIONS = ("exact", "none", "coordinates", "gaussian", "rademacher", "kronecker")
 DYNAMICS = ("discrete", "continuous")
 GROUP_COLUMNS = ("label", "source", "group")
 ESTIMATORS = ("linearized", "trained")  # loo.estimator
@@ -273,11 +273,16 @@ class JacobianConfig:
         "exact",
         "exact (every coordinate, as layer factors: no projection error, no full Jacobian; the ntk stage "
         "holds the n·k × n·k kernel) | none (every coordinate, the full Jacobian materialized) | coordinates "
-        "(the paper: p random coordinates per tensor, rescaled) | gaussian | rademacher (p dense JL rows)",
+        "(the paper: p random coordinates per tensor, rescaled; where exact does not fit, the measured best "
+        "with dims_per_tensor 8000) | gaussian | rademacher (p dense JL rows) | kronecker (each Linear/Conv2d's "
+        "weight+bias block times a Gaussian P_out ⊗ P_in, p_out·p_in ≈ p, from the layer factors: no full "
+        "Jacobian, fast, but less faithful per D than coordinates; docs/results.md)",
         choices=PROJECTIONS,
     )
     dims_per_tensor: int = param(
-        2000, "p: coordinates (or JL rows) kept per parameter tensor (the paper: 2000); unused by exact and none"
+        2000,
+        "p: coordinates (or JL rows) kept per parameter tensor (the paper: 2000); kronecker: per layer, "
+        "weight and bias together; unused by exact and none",
     )
     seed: int = param(0, "seed of the kept coordinates or the JL matrix")
     batch_size: int = param(64, "samples per batch of Jacobian extraction")
@@ -363,12 +368,19 @@ class LooConfig:
         "trained: validation-output directions followed through the real run (the top singular directions of "
         "the linearized changes); each costs about 1.5 training runs",
     )
+    check_samples: int = param(
+        2,
+        "trained: samples of largest F-SI also really left out (one training run each, plus one on all), "
+        "to check the estimate on this run; it warns when one is off by more than 1.5x; 0 = no check",
+    )
 
     def validate(self, section: str) -> None:
         _range(section, "tol", self.tol, 0.0, 1.0, low_open=True, high_open=True)
         for key in ("block_size", "directions"):
             if getattr(self, key) <= 0:
                 raise ParamError(f"{section}.{key}", f"must be > 0, got {getattr(self, key)}")
+        if self.check_samples < 0:
+            raise ParamError(f"{section}.check_samples", f"must be >= 0, got {self.check_samples}")
         _choice(section, "estimator", self.estimator, ESTIMATORS)
         _choice(section, "dtype", self.dtype, ("float64", "float32"))
         for column in self.groups:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from sui_core.config import JacobianConfig
-from sui_core.linearized.factors import Factors, batch_factors, factor_layout, kernel
-from sui_core.linearized.jacobians import jacobian_shapes, make_projector, projected_batches
+from sui_core.linearized.factors import Factors, batch_factors, factor_layout, kernel, model_projector
+from sui_core.linearized.jacobians import jacobian_shapes, projected_batches
 from sui_core.linearized.ntk import Basis, _products, basis_from_kernels, build_basis, val_rows_from_cross
 from sui_core.linearized.scores import (
     loo_quadratic_forms,
@@ -25,6 +25,7 @@ from sui_core.linearized.scores import (
     trained_forms,
 )
 from sui_core.linearized.solver import Recipe
+from sui_core.network.training import predict, train_full_batch
 from sui_core.network.trajectory import loo_along_run
 
 
@@ -43,7 +44,7 @@ def projected_jacobians(
 ) -> tuple[np.ndarray, np.ndarray]:
     """f0 (n, k) float64 and projected Jacobians Φ (n, k, D) at the model's current weights, in `dtype`
     (float32 halves the memory of a large unprojected Φ; build_basis multiplies in float64 anyway)."""
-    projector = make_projector(cfg, jacobian_shapes(model))
+    projector = model_projector(cfg, model, tuple(x.shape[1:]))
     with torch.no_grad():
         f0s, phis = zip(*projected_batches(model, x, projector, 0, len(x), batch_size, dtype))
     return np.concatenate(f0s), np.concatenate(phis)
@@ -152,6 +153,59 @@ class TrainedEstimate:
     captured: float  # share of the linearized Σ‖Δf_val‖² inside their span
     seconds: float  # of the reverse pass through the real run (its forward run included)
     train_mse: float  # ½·mean‖f(x) − y‖² of the real trained network
+    check: RetrainingCheck | None  # real retraining without a few samples (`check_by_retraining`)
+
+
+@dataclass
+class RetrainingCheck:
+    """The F-SI of a few samples by really retraining the network without each, beside both estimates.
+
+    The trained estimate is first order in a sample's weight along the real run: exact where the run
+    responds smoothly and linearly to that weight. A long run of a ReLU network can respond to
+    infinitesimal weight changes in ways that average out for a whole removal (its tangent then differs
+    from the secant), and a memorized sample's removal can be far from linear; this check measures
+    whether that happens on the user's own run, where the estimate is largest."""
+
+    samples: np.ndarray  # (c,) indices into the training set: the largest linearized F-SI
+    real: np.ndarray  # (c,) Σ_j ‖f(x_j) − f₋ᵢ(x_j)‖² of the real network retrained without i
+    trained: np.ndarray  # (c,) the trained estimate of the same
+    linearized: np.ndarray  # (c,) the linearized estimate
+
+    def ratios(self) -> np.ndarray:
+        return self.trained / np.maximum(self.real, np.finfo(float).tiny)
+
+    def agrees(self, factor: float = 1.5) -> bool:
+        """Every checked estimate within `factor` of the real change (either way)."""
+        r = self.ratios()
+        return bool(np.all((r <= factor) & (r >= 1 / factor)))
+
+    def record(self, sample_id: np.ndarray) -> dict:
+        return {
+            "sample_id": [int(s) for s in np.asarray(sample_id)[self.samples]],
+            **{key: [float(v) for v in getattr(self, key)] for key in ("real", "trained", "linearized")},
+        }
+
+
+def check_by_retraining(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_val: torch.Tensor,
+    recipe: Recipe,
+    steps: int,
+    linearized_fsi: np.ndarray,
+    trained_fsi: np.ndarray,
+    count: int,
+) -> RetrainingCheck:
+    """Retrain the real network (the recipe, from w0, in the model's dtype) without each of the `count`
+    samples of largest linearized F-SI, beside one run on all samples: count + 1 training runs."""
+    samples = np.sort(np.argsort(-linearized_fsi, kind="stable")[:count])
+    weights = torch.ones(count + 1, len(x))
+    weights[torch.arange(1, count + 1), torch.as_tensor(samples)] = 0
+    params = train_full_batch(model, x, y, weights, recipe.lr, steps, recipe.weight_decay)
+    out = predict(model, params, x_val).double()
+    real = (out[1:] - out[0]).pow(2).sum((1, 2)).numpy()
+    return RetrainingCheck(samples, real, trained_fsi[samples], linearized_fsi[samples])
 
 
 def trained_estimate(
@@ -169,10 +223,12 @@ def trained_estimate(
     directions: int,
     tol: float = 1e-14,
     progress: bool | str = False,
+    check: int = 0,
 ) -> TrainedEstimate:
     """Leave-one-out F-SI of the real training run: the top `directions` output directions of the
     linearized changes (`output_subspace`), followed through `steps` steps of the real recipe in one
-    reverse pass (`loo_along_run`), the linearized change outside them (`trained_forms`)."""
+    reverse pass (`loo_along_run`), the linearized change outside them (`trained_forms`); with `check`
+    > 0 that many samples are also really left out (`check_by_retraining`)."""
     subspace = output_subspace(basis, val_rows, residual, recipe, directions, tol)
     run = loo_along_run(
         model,
@@ -188,7 +244,14 @@ def trained_estimate(
     real_error = np.asarray(y, dtype=np.float64) - run.train_outputs.double().numpy()
     trained, real_fit = trained_forms(forms, fit, subspace, run.projections.numpy(), real_error)
     train_mse = float(0.5 * np.mean(np.sum(real_error**2, -1)))
-    return TrainedEstimate(trained, real_fit, len(subspace.directions), subspace.captured, run.seconds, train_mse)
+    retrained = None
+    if check > 0:
+        retrained = check_by_retraining(
+            model, x, torch.as_tensor(y), x_val, recipe, steps, forms["fsi_sum"], trained["fsi_sum"], check
+        )
+    return TrainedEstimate(
+        trained, real_fit, len(subspace.directions), subspace.captured, run.seconds, train_mse, retrained
+    )
 
 
 def val_rows_in_basis(phi: np.ndarray, phi_val: np.ndarray, basis: Basis) -> np.ndarray:

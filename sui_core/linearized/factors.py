@@ -39,6 +39,29 @@ a Linear/Conv2d's parameters are used only by its own forward (not also read els
 
 Kernels are computed in float64 from whatever dtype the factors hold, in blocks of samples so that
 memory stays bounded.
+
+Where the n·k × n·k kernel does not fit, projection `kronecker` (`KroneckerProjector`) projects each
+factor layer's Jacobian block from the same factors, never forming it. Write output c's block as the
+matrix M_c = Σ_p δ_cp ã_pᵀ (dout × a_dim: ∂f_c/∂W with ∂f_c/∂b as its last column; its row-major vec
+is the parameters' order). With P_l = P_out ⊗ P_in, P_out (p_out × dout) and P_in (p_in × a_dim),
+
+    P_l vec(M_c) = vec(P_out M_c P_inᵀ) = vec(Σ_p (P_out δ_cp)(P_in ã_p)ᵀ),
+
+which costs per sample k·positions·p_out·(dout + p_in) + positions·p_in·a_dim multiply-adds, not the
+k·dout·a_dim of M_c. The entries of P_out are independent N(0, 1/p_out) and those of P_in N(0, 1/p_in),
+so E[P_lᵀP_l] = E[P_outᵀP_out] ⊗ E[P_inᵀP_in] = I ⊗ I and the projected kernel ⟨P_l vec M_ic, P_l vec
+M_jd⟩ is an unbiased estimate of the layer's block Θ_l[(i,c),(j,d)].
+
+The split of p = dims_per_tensor into p_out·p_in (`kronecker_sides`): for a layer with one position M is
+the outer product δ ãᵀ, so the projected product is ⟨P_out δ, P_out δ'⟩·⟨P_in ã, P_in ã'⟩, a product of
+two independent Gaussian sketches with relative variances ∝ 1/p_out and 1/p_in; their sum at a fixed
+budget p_out·p_in = p is smallest at p_out = p_in = √p. A side of at most √p dimensions is kept whole
+instead (P = I: it adds no error, and the other side gets p / side rows); a block of at most p
+coordinates is kept whole on both sides (exact). The materialized tensors (layers stored as their
+Jacobian block, jacrev fallbacks) keep every column when numel ≤ p, else get the Gaussian JL projection
+of `jacobians.DenseProjector` (p rows). Φ's columns are the blocks in model order (a layer where its
+first parameter is), and block b's matrices come from `jacobians._generator(seed, b, side or chunk)`:
+the same on every batch and run, unrelated across blocks.
 """
 
 from __future__ import annotations
@@ -57,9 +80,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sui_core.config import JacobianConfig
-from sui_core.errors import ArtifactError
+from sui_core.errors import ArtifactError, ParamError
 from sui_core.linearized.jacobians import (
+    DenseProjector,
     Projector,
+    _generator,
+    check_seed,
     iter_shard_columns,
     jacobian_shapes,
     make_projector,
@@ -68,6 +94,7 @@ from sui_core.linearized.jacobians import (
 )
 
 KIND = "exact"  # the manifest's projection kind
+KRONECKER = "kronecker"  # projection of the factor layers by P_out ⊗ P_in
 FACTORS, JACOBIAN = "factors", "jacobian"  # how a layer is stored per sample
 LAYER_TYPES = {nn.Linear: "linear", nn.Conv2d: "conv2d"}  # exact types: a subclass may compute otherwise
 BLOCK_BYTES = 2**28  # float64 temporaries of one block of sample pairs in `kernel`
@@ -293,10 +320,11 @@ def batch_factors(model: nn.Module, x: torch.Tensor, layout: FactorLayout) -> Fa
     if f.shape[1] != layout.k:
         raise ValueError(f"the model gives {f.shape[1]} outputs, the layout {layout.k}")
     zs = [outputs[layer.module] for layer in layout.layers]
-    per_output = [
-        torch.autograd.grad(f[:, c].sum(), zs, retain_graph=c < layout.k - 1, allow_unused=True)
-        for c in range(layout.k if zs else 0)
-    ]
+    with torch.enable_grad():  # also under a caller's no_grad (the in-memory estimate)
+        per_output = [
+            torch.autograd.grad(f[:, c].sum(), zs, retain_graph=c < layout.k - 1, allow_unused=True)
+            for c in range(layout.k if zs else 0)
+        ]
     blocks: dict[str, torch.Tensor] = {}
     pairs = {}
     for i, layer in enumerate(layout.layers):
@@ -323,10 +351,126 @@ def batch_factors(model: nn.Module, x: torch.Tensor, layout: FactorLayout) -> Fa
 
 def make_store(cfg: JacobianConfig, model: nn.Module, input_shape) -> Projector | FactorLayout:
     """What the jacobians stage stores per sample for `cfg.projection`: layer factors for `exact`, else
-    the projected Jacobian."""
+    the projected Jacobian (`model_projector`)."""
     if cfg.projection == KIND:
         return factor_layout(model, input_shape)
+    return model_projector(cfg, model, input_shape)
+
+
+def model_projector(cfg: JacobianConfig, model: nn.Module, input_shape) -> Projector:
+    """The `Projector` of `cfg.projection` for `model` on inputs of `input_shape`: `kronecker` from the
+    model's layer factors, every other kind from its per-tensor Jacobians (`jacobians.make_projector`;
+    `exact` is the full Jacobian there)."""
+    if cfg.projection == KRONECKER:
+        return KroneckerProjector(factor_layout(model, input_shape), cfg.dims_per_tensor, cfg.seed)
     return make_projector(cfg, jacobian_shapes(model))
+
+
+# ---- the Kronecker projection --------------------------------------------------------------------
+
+
+def kronecker_sides(out_dim: int, a_dim: int, p: int) -> tuple[int, int]:
+    """(p_out, p_in) for a block of out_dim × a_dim coordinates and a budget of p (see the module doc):
+    the block whole if it fits, else a side of at most √p whole and the other p // side, else √p each."""
+    if out_dim * a_dim <= p:
+        return out_dim, a_dim
+    small, large = sorted((out_dim, a_dim))
+    p_small = small if small * small <= p else math.isqrt(p)
+    p_large = min(large, p // p_small)
+    return (p_small, p_large) if out_dim <= a_dim else (p_large, p_small)
+
+
+def _side(dim: int, p: int, gen: torch.Generator) -> torch.Tensor | None:
+    """A p × dim factor with N(0, 1/p) entries, or None (the identity) when the side is kept whole."""
+    return None if p == dim else torch.randn(p, dim, generator=gen) / math.sqrt(p)
+
+
+def _apply(x: torch.Tensor, side: torch.Tensor | None) -> torch.Tensor:
+    """x (…, dim) times sideᵀ: (…, p)."""
+    return x if side is None else x @ side.T.to(x)
+
+
+class KroneckerProjector(DenseProjector):
+    """Φ from layer factors: P_out ⊗ P_in on each factor layer's block (weight and bias together), the
+    Gaussian JL projection (or every column) on the materialized tensors (see the module doc).
+
+    Its `shapes` are the blocks of Φ in model order: a factor layer as its matrix (dout, a_dim) under
+    its module's name, a materialized tensor under its own; `project` takes the full Jacobian of those
+    blocks (a layer's with the bias as last column), `jacobians` computes Φ from the layer factors."""
+
+    def __init__(self, layout: FactorLayout, dims_per_tensor: int, seed: int):
+        if dims_per_tensor < 1:
+            raise ParamError("jacobian.dims_per_tensor", f"must be > 0, got {dims_per_tensor}")
+        check_seed(seed)
+        self.layout = layout
+        owner = {p: layer for layer in layout.layers if layer.stored == FACTORS for p in layer.params}
+        blocks: dict[str, torch.Size] = {}
+        for name, shape in layout.shapes.items():
+            layer = owner.get(name)
+            if layer is None:
+                blocks[name] = torch.Size(shape)
+            elif layer.module not in blocks:
+                blocks[layer.module] = torch.Size((layer.out_dim, layer.a_dim))
+        super().__init__(blocks, dims_per_tensor, seed, KRONECKER)
+        self.factor_layers = {layer.module: layer for layer in owner.values()}
+        self.factor_dims: dict[str, tuple[int, int]] = {}  # module -> (p_out, p_in)
+        self.sides: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}  # module -> (P_out, P_in)
+        for index, name in enumerate(self.shapes):
+            if name in self.factor_layers:
+                out_dim, a_dim = self.shapes[name]
+                p_out, p_in = self.factor_dims[name] = kronecker_sides(out_dim, a_dim, dims_per_tensor)
+                self.sides[name] = (
+                    _side(out_dim, p_out, _generator(seed, index, 0)),
+                    _side(a_dim, p_in, _generator(seed, index, 1)),
+                )
+                self.dims[name] = p_out * p_in
+
+    def _project_tensor(self, index: int, name: str, flat: torch.Tensor) -> torch.Tensor:
+        if name in self.sides:
+            p_out, p_in = self.sides[name]
+            matrix = flat.reshape(*flat.shape[:-1], *self.shapes[name])  # (B, k, dout, a_dim)
+            return _apply(_apply(matrix, p_in).transpose(-1, -2), p_out).transpose(-1, -2).flatten(-2)
+        if self.dims[name] == flat.shape[-1]:
+            return flat  # numel ≤ dims_per_tensor: every column
+        return super()._project_tensor(index, name, flat)
+
+    def jacobians(
+        self, model: nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """f0 (B, k) float64 and Φ (B, k, D) in `dtype` of the batch x, from its layer factors
+        (`batch_factors`): Σ_p (P_out δ_cp)(P_in ã_p)ᵀ per factor layer, the projected columns of the
+        materialized tensors."""
+        factors = batch_factors(model, x, self.layout)
+        widths = [math.prod(self.layout.shapes[name]) for name in self.layout.materialized]
+        columns = dict(zip(self.layout.materialized, np.split(factors.phi, np.cumsum(widths)[:-1], axis=2)))
+        blocks = []
+        for index, name in enumerate(self.shapes):
+            if name in self.sides:
+                a, delta = (torch.from_numpy(t) for t in factors.pairs[name])
+                p_out, p_in = self.sides[name]
+                blocks.append(torch.einsum("bcpo,bpi->bcoi", _apply(delta, p_out), _apply(a, p_in)).flatten(2))
+            else:
+                blocks.append(self._project_tensor(index, name, torch.from_numpy(columns[name])))
+        phi = torch.cat(blocks, dim=2).to(dtype)
+        return factors.f0.astype(np.float64), phi.numpy()
+
+    def describe(self) -> dict[str, Any]:
+        """The projectors' record (kind, seed, dims_per_tensor, D, each block's offset and dim), with
+        per block how it is projected: a factor layer's module, parameters, positions and p_out × p_in;
+        a materialized tensor's source (layer or jacrev) and whether it is kept whole or Gaussian."""
+        description = super().describe()
+        for entry in description["tensors"]:
+            name = entry["name"]
+            if name in self.factor_layers:
+                layer, (p_out, p_in) = self.factor_layers[name], self.factor_dims[name]
+                entry.update(
+                    projection=KRONECKER, params=layer.params, positions=layer.positions, p_out=p_out, p_in=p_in
+                )
+            else:
+                kept = self.dims[name] == math.prod(self.shapes[name])
+                via = "jacrev" if name in self.layout.fallback else "layer"
+                entry.update(projection="whole" if kept else "gaussian", via=via)
+        return description
 
 
 # ---- kernels -------------------------------------------------------------------------------------

@@ -143,7 +143,9 @@ class CoordinateProjector(Projector):
 
 
 class DenseProjector(Projector):
-    """Dense Johnson–Lindenstrauss projection per tensor: P (p × numel) with E[PᵀP] = I.
+    """Dense Johnson–Lindenstrauss projection per tensor: P (p × numel) with E[PᵀP] = I, Rademacher entries
+    ±1/sqrt(p) for kind `rademacher`, else Gaussian N(0, 1/p) (kind `gaussian`, and the materialized
+    tensors of `sui_core.linearized.factors.KroneckerProjector`).
 
     P is never held whole (p × numel can be gigabytes): it is regenerated on the CPU, CHUNK_COLS columns at
     a time, each chunk from its own seed (seed, tensor index, chunk index), so it is the same for every
@@ -162,7 +164,7 @@ class DenseProjector(Projector):
     def _chunk(self, index: int, chunk: int, width: int, p: int) -> torch.Tensor:
         """Columns [chunk·CHUNK_COLS, +width) of Pᵀ, as a (width, p) float32 tensor."""
         gen = _generator(self.seed, index, chunk)
-        if self.kind == "gaussian":
+        if self.kind != "rademacher":
             return torch.randn(width, p, generator=gen) / math.sqrt(p)
         signs = torch.randint(0, 2, (width, p), generator=gen, dtype=torch.int8).to(torch.float32)
         return (2 * signs - 1) / math.sqrt(p)
@@ -184,16 +186,27 @@ def make_projector(cfg: JacobianConfig, named_shapes: dict[str, torch.Size]) -> 
 
     `exact` gives the full Jacobian here, the same kernel as its layer factors: what callers that need Φ
     itself in memory (the in-memory estimate) can use; the jacobians stage stores factors instead
-    (`sui_core.linearized.factors.make_store`)."""
-    if cfg.seed < 0:
-        raise ParamError("jacobian.seed", f"must be >= 0, got {cfg.seed}")
+    (`sui_core.linearized.factors.make_store`). `kronecker` projects layer factors, so it needs the
+    network, not only its shapes: `sui_core.linearized.factors.model_projector`."""
+    check_seed(cfg.seed)
     if cfg.projection in ("none", "exact"):
         return IdentityProjector(named_shapes, cfg.dims_per_tensor, cfg.seed)
     if cfg.projection == "coordinates":
         return CoordinateProjector(named_shapes, cfg.dims_per_tensor, cfg.seed)
     if cfg.projection in ("gaussian", "rademacher"):
         return DenseProjector(named_shapes, cfg.dims_per_tensor, cfg.seed, cfg.projection)
+    if cfg.projection == "kronecker":
+        raise ValueError(
+            "projection kronecker projects layer factors and needs the network: "
+            "use sui_core.linearized.factors.model_projector(cfg, model, input_shape)"
+        )
     raise ParamError("jacobian.projection", f"unknown value {cfg.projection!r}")
+
+
+def check_seed(seed: int) -> None:
+    """ParamError unless `seed` can seed the projection (SeedSequence takes non-negative integers)."""
+    if seed < 0:
+        raise ParamError("jacobian.seed", f"must be >= 0, got {seed}")
 
 
 def jacobian_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:

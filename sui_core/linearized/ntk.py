@@ -102,14 +102,21 @@ def planned_kernel_peak_bytes(n: int, k: int, n_val: int, val_rows: int, values_
     return 8 * (4 * nk * nk + (n_val + val_rows) * k * nk) + 4 * values_per_sample * (n + val_rows) + 3 * 2**28
 
 
+RECOMMENDED_PROJECTION = ("coordinates", 8000)  # where the exact kernel does not fit (docs/results.md)
+
+
 def check_kernel_fits(n: int, k: int, peak: int, available: int) -> None:
-    """ParamError (one line) when the exact kernel's planned peak exceeds the available memory."""
+    """ParamError (one line) when the exact kernel's planned peak exceeds the available memory; it
+    recommends `RECOMMENDED_PROJECTION`, the projection measured closest to the exact scores at a cost
+    of seconds (docs/results.md, "Projections when the exact kernel does not fit")."""
     if peak > available:
+        kind, dims = RECOMMENDED_PROJECTION
         raise ParamError(
             "jacobian.projection",
             f"exact: the {n * k}×{n * k} kernel (n·k = {n}·{k}) needs {peak / 2**30:.1f} GiB of memory at its "
-            f"peak, {available / 2**30:.1f} GiB available; use jacobian.projection: coordinates (the paper's "
-            f"p coordinates per tensor: its basis is D × D once n·k > D) or lower data.max_train",
+            f"peak, {available / 2**30:.1f} GiB available; use jacobian.projection: {kind} with "
+            f"jacobian.dims_per_tensor: {dims} (its basis is D × D once n·k > D; lower dims_per_tensor if that "
+            f"does not fit) or lower data.max_train",
         )
 
 
