@@ -161,7 +161,7 @@ def test_sides_split_the_budget():
     assert kronecker_sides(3, 3, 8) == (2, 3)  # never more than a side has
     for out_dim, a_dim, p in [(1024, 785, 500), (7, 1000, 8000), (64, 577, 10), (2, 2, 1)]:
         p_out, p_in = kronecker_sides(out_dim, a_dim, p)
-        assert 1 <= p_out <= out_dim and 1 <= p_in <= a_dim and p_out * p_in <= p
+        assert p_out >= 1 and p_in >= 1 and p_out <= out_dim and p_in <= a_dim and p_out * p_in <= p
 
 
 def test_kernel_is_unbiased():
