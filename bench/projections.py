@@ -9,7 +9,7 @@ standardized as the paper's code does ((x − 0.456)/0.224). Network: `--arch` a
 seed 0, float32): the default MLP 784-1024-1 or the paper's 4-layer CNN. Recipe: full-batch gradient
 descent on the mean loss, lr `--lr`, `--t` steps, no weight decay, discrete (as bench/fidelity.py).
 
-Per projection kind and `dims_per_tensor` (exact once; coordinates and kronecker at each `--dims`;
+Per projection kind and `dims_per_tensor` (exact once; coordinates and khatri_rao at each `--dims`;
 gaussian at `--gaussian-dims`, in batches of `--gaussian-batch-size`):
 `sui_core.linearized.estimate.linearize` (the Jacobians and, for exact, the kernels from layer factors)
 and `Linearization.estimate` (the eigenbasis, then every leave-one-out solve), each timed; F-SI (the
@@ -68,7 +68,7 @@ def main() -> None:
     model, x, y, x_val = load(args.n, args.arch)
     print(f"{args.arch}, n = {len(x)}, n_val = {len(x_val)}, lr {args.lr}, t = {args.t} (lr·t = {args.lr * args.t:g})")
     recipe = Recipe(args.lr, 0.0, args.t, "discrete")
-    runs = [("exact", 0)] + [(kind, p) for p in args.dims for kind in ("coordinates", "kronecker")]
+    runs = [("exact", 0)] + [(kind, p) for p in args.dims for kind in ("coordinates", "khatri_rao")]
     runs += [("gaussian", p) for p in args.gaussian_dims]
     rows, reference = [], None
     for kind, p in runs:

@@ -255,6 +255,20 @@ def top(
         _fail(error_line(exc).removeprefix("error: "))
 
 
+# ---- sui suspects --------------------------------------------------------------------------------
+@app.command()
+def suspects(n: int = typer.Option(20, "--n", "-n", help="How many of the most suspect labels.")) -> None:
+    """Print the training labels most likely wrong (data/suspects), with given and predicted label."""
+    from stages.common import error_line
+    from stages.report import suspects_table
+    from sui_core.errors import SuiError
+
+    try:
+        typer.echo(suspects_table(n))
+    except SuiError as exc:
+        _fail(error_line(exc).removeprefix("error: "))
+
+
 # ---- sui plan ------------------------------------------------------------------------------------
 @app.command()
 def plan(

@@ -11,6 +11,7 @@ NTK = DATA / "ntk"
 LOO = DATA / "loo"
 SCORES = DATA / "scores"
 EVALUATE = DATA / "evaluate"
+SUSPECTS = DATA / "suspects"
 VALIDATE = DATA / "validate"
 METRICS = DATA / "metrics"  # small JSON files DVC tracks in git as metrics
 
@@ -20,6 +21,7 @@ FORMS_FILE = LOO / "forms.parquet"
 GROUPS_FILE = LOO / "groups.parquet"
 SCORES_FILE = SCORES / "scores.parquet"
 GROUP_SCORES_FILE = SCORES / "groups.parquet"
+SUSPECTS_FILE = SUSPECTS / "suspects.parquet"
 
 DVC_YAML = Path("dvc.yaml")
 PROVENANCE = Path(".sui") / "provenance"  # what code made each stage's outputs (not an output: see stages/common.py)

@@ -12,7 +12,7 @@ projected parameter count), found without running the pipeline:
   the model stage accepts) and given the jacobians stage's own store (`sui_core.linearized.factors.make_store`);
   for `jacobian.projection: exact` D is the number of trained parameters, and what a sample stores (its
   layer factors, `sui_core.linearized.factors.factor_layout`) comes from one forward pass of the model
-  on the meta device; `kronecker` projects those factors, so a batch holds them instead of the full
+  on the meta device; `khatri_rao` projects those factors, so a batch holds them instead of the full
   per-sample Jacobian.
 
 Peak memory reuses the stages' own `planned_peak_bytes` (sui_core.linearized.ntk, sui_core.linearized.scores; for
@@ -82,6 +82,7 @@ class Shapes:
     # None for npz headers: no rows read)
     sample: dict[str, Any] | None = None
     prepared_bytes: int | None = None  # what data/prepared holds, when the shapes came from it
+    store_values: int = 0  # float32 values the store holds besides a batch (khatri_rao: its `held_values`)
 
     @property
     def features(self) -> int:
@@ -239,14 +240,15 @@ def data_shapes(
 def shapes(params: dict[str, Any], prepared: str | Path = PREPARED) -> Shapes:
     import torch
 
-    from sui_core.linearized.factors import make_store
+    from sui_core.linearized.factors import KhatriRaoProjector, make_store
     from sui_core.linearized.jacobians import jacobian_shapes
 
     n, input_shape, num_classes, where, sample, held = data_shapes(params, prepared)
     model, k = _network(params, input_shape, num_classes, device="meta")
     named = jacobian_shapes(model)
+    jac = load_section(params, "jacobian")
     with torch.random.fork_rng(devices=[]):
-        store = make_store(load_section(params, "jacobian"), model, input_shape)
+        store = make_store(jac, model, input_shape)
     exact = store.kind == "exact"
     jacobian_count = sum(math.prod(shape) for shape in named.values())
     stored, batch = _values_per_sample(store, k, jacobian_count)
@@ -266,21 +268,26 @@ def shapes(params: dict[str, Any], prepared: str | Path = PREPARED) -> Shapes:
         source=where,
         sample=sample,
         prepared_bytes=held,
+        store_values=(
+            store.held_values(min(jac.batch_size, max(n["train"], n["val"], 1)))
+            if isinstance(store, KhatriRaoProjector)
+            else 0
+        ),
     )
 
 
 def _values_per_sample(store: Any, k: int, jacobian_count: int) -> tuple[int, int]:
     """(float32 values of a sample's shard row besides f0, float32 values a sample holds while its batch
     is extracted) for the jacobians stage's store: exact its layer factors, held as computed and as
-    concatenated; kronecker Φ (k·D), from its layer factors, Φ's blocks and Φ; the other projections
+    concatenated; khatri_rao Φ (k·D), from its layer factors, Φ's blocks and Φ; the other projections
     Φ, from the full per-sample Jacobian (k × the trained parameters)."""
-    from sui_core.linearized.factors import KroneckerProjector
+    from sui_core.linearized.factors import KhatriRaoProjector
 
     if store.kind == "exact":
         factors = sum(math.prod(s) for s in store.column_shapes().values())
         return factors, 2 * factors
     phi = k * store.total_dim
-    if isinstance(store, KroneckerProjector):
+    if isinstance(store, KhatriRaoProjector):
         return phi, sum(math.prod(s) for s in store.layout.column_shapes().values()) + 2 * phi
     return phi, k * jacobian_count + phi
 
@@ -319,6 +326,7 @@ SMALL_FILES = {
     "loo": 8 << 10,
     "score": 64 << 10,
     "evaluate": 112 << 10,
+    "suspects": 64 << 10,  # its gallery and meta.json (the calibration record of every copy)
     "validate": 512,
 }
 NOT_PLANNED = 0  # the peak memory of a stage the plan has no model of (shown as "-")
@@ -329,6 +337,7 @@ TORCH_TENSOR_BYTES = 640  # torch.save's record per tensor
 MANIFEST_SHARD_BYTES = 128  # a shard's entry in the Jacobian manifest (name, rows, sha256)
 SCORE_COLUMNS = 12  # 8-byte values per sample in scores.parquet (ids, labels, 4 scores, rank, fit)
 EVALUATE_COLUMNS = 13  # and in evaluate's detection_scores.parquet (ids, the detectors' scores)
+SUSPECTS_ROW_BYTES = 80  # a row of suspects.parquet and suspects.csv together (measured: 34 + 42 B)
 
 
 def jacobian_shard_bytes(rows: int, k: int, values: int) -> int:
@@ -551,13 +560,14 @@ def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str
         ),
         # one shard of what a sample stores in numpy and as an Arrow table, plus what one batch holds
         # (`Shapes.batch_values`: its full per-sample Jacobians and their projection; exact: its factors
-        # and materialized blocks, as computed and as concatenated; kronecker: its factors and Φ); the
-        # inputs of one split
+        # and materialized blocks, as computed and as concatenated; khatri_rao: its factors and Φ, and
+        # its rows U, V with one chunk of products); the inputs of one split
         StagePlan(
             "jacobians",
             jacobians_disk,
             2 * jacobian_shard_bytes(min(jac.shard_rows, max(n, n_val)), k, sh.stored_values)
             + 4 * min(jac.batch_size, max(n, 1)) * sh.batch_values
+            + 4 * sh.store_values
             + (n + n_val) * sh.features * 4
             + 8 * p,
             "jacobian.shard_rows or jacobian.batch_size",
@@ -572,7 +582,8 @@ def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str
             "loo",
             8 * n * (1 + len(FORMS) + len(FIT)) + SMALL_FILES["loo"],
             scores.planned_peak_bytes(n, k, r, loo.block_size) + 8 * (r * r + n * k),
-            "loo.block_size or data.max_train",
+            # r = D once n·k > D: then a smaller projection shrinks Z and the r×r matrices
+            ("" if r == n * k else "jacobian.dims_per_tensor, ") + "loo.block_size or data.max_train",
             n_disk,
             f"{n} × ({len(FORMS)} forms + {len(FIT)} fit)",
         ),
@@ -593,6 +604,15 @@ def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str
             n_disk,
             n_disk,
             f"{n} × {EVALUATE_COLUMNS} values + plots",
+        ),
+        StagePlan(
+            "suspects",
+            SUSPECTS_ROW_BYTES * n + SMALL_FILES["suspects"],
+            # one leave-one-out solve at a time, as the loo stage's, on the same basis
+            scores.planned_peak_bytes(n, k, r, loo.block_size) + 8 * (r * r + n * k),
+            "loo.block_size or data.max_train",
+            n_disk,
+            f"{n} rows (Parquet + CSV) + a gallery",
         ),
         StagePlan(
             "validate",

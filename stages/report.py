@@ -1,4 +1,4 @@
-"""`sui top`: the most and least informative training samples of the latest scores, as a table."""
+"""`sui top` and `sui suspects`: the latest scores and suspected labels, as tables."""
 
 from __future__ import annotations
 
@@ -46,3 +46,29 @@ def top_table(n: int, score: str = "fsi") -> str:
                 + (f"  {_short(texts[i])}" if texts is not None else "")
             )
     return "\n".join(lines[1:])
+
+
+def suspects_table(n: int) -> str:
+    """The n most suspect labels of the latest suspects stage, with how they were chosen."""
+    if n <= 0:
+        raise SuiError(f"--n: must be > 0, got {n}")
+    out = open_output(paths.SUSPECTS, stage="suspects")
+    table = read_parquet(out.file(paths.SUSPECTS_FILE.name)).slice(0, n).to_pydict()
+    cal = out.meta["calibration"]
+    precision = "-" if cal["estimated_precision"] is None else f"{cal['estimated_precision']:.2f}"
+    texts = table.get("text")
+    w = max([9, *(len(str(v)) for v in table["label"] + table["predicted"])])
+    lines = [
+        f"{cal['flagged']} of the labels flagged (estimated precision {precision}, recall "
+        f"{cal['estimated_recall']:.2f}, target precision {cal['target_precision']}); estimated share of wrong labels "
+        f"{cal['estimated_error_rate']:.3f}; detector {cal['chosen']}, chosen on {len(cal['copies'])} flipped copies",
+        f"{'rank':>5} {'sample_id':>9} {'label':>{w}} {'predicted':>{w}} {'flagged':>7} {'suspicion':>11}"
+        + ("  text" if texts is not None else ""),
+    ]
+    for i in range(len(table["rank"])):
+        lines.append(
+            f"{table['rank'][i]:>5} {table['sample_id'][i]:>9} {table['label'][i]:>{w}} {table['predicted'][i]:>{w}} "
+            f"{'yes' if table['flagged'][i] else '':>7} {table['suspicion'][i]:>11.4e}"
+            + (f"  {_short(texts[i])}" if texts is not None else "")
+        )
+    return "\n".join(lines)

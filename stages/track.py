@@ -22,6 +22,7 @@ METRIC_SOURCES: dict[str, tuple[Path, str | None]] = {
     "ntk": (paths.NTK / "meta.json", None),
     "loo": (paths.LOO / "meta.json", None),
     "evaluate": (paths.METRICS / "evaluate.json", None),
+    "suspects": (paths.METRICS / "suspects.json", None),
     "validate": (paths.METRICS / "validate.json", None),
 }
 

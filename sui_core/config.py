@@ -34,7 +34,7 @@ DATA_SOURCES = (
 )
 NAMED_CLASS_SOURCES = ("imagefolder", "parquet")  # sources whose data.classes may be names (strings)
 ARCHS = ("mlp", "cnn")
-PROJECTIONS = ("exact", "none", "coordinates", "gaussian", "rademacher", "kronecker")
+PROJECTIONS = ("exact", "none", "coordinates", "gaussian", "rademacher", "khatri_rao")
 DYNAMICS = ("discrete", "continuous")
 GROUP_COLUMNS = ("label", "source", "group")
 ESTIMATORS = ("linearized", "trained")  # loo.estimator
@@ -273,16 +273,16 @@ class JacobianConfig:
         "exact",
         "exact (every coordinate, as layer factors: no projection error, no full Jacobian; the ntk stage "
         "holds the n·k × n·k kernel) | none (every coordinate, the full Jacobian materialized) | coordinates "
-        "(the paper: p random coordinates per tensor, rescaled; where exact does not fit, the measured best "
-        "with dims_per_tensor 8000) | gaussian | rademacher (p dense JL rows) | kronecker (each Linear/Conv2d's "
-        "weight+bias block times a Gaussian P_out ⊗ P_in, p_out·p_in ≈ p, from the layer factors: no full "
-        "Jacobian, fast, but less faithful per D than coordinates; docs/results.md)",
+        "(the paper: p random coordinates per tensor, rescaled) | gaussian | rademacher (p dense JL rows) | "
+        "khatri_rao (p rank-one Gaussian rows (u ⊗ v)/√p on each Linear/Conv2d's weight+bias block, from the "
+        "layer factors: no full Jacobian; where exact does not fit, the recommended kind, with "
+        "dims_per_tensor 8000; docs/results.md)",
         choices=PROJECTIONS,
     )
     dims_per_tensor: int = param(
         2000,
-        "p: coordinates (or JL rows) kept per parameter tensor (the paper: 2000); kronecker: per layer, "
-        "weight and bias together; unused by exact and none",
+        "p: coordinates (or JL rows) kept per parameter tensor (the paper: 2000); khatri_rao: rows per layer, "
+        "weight and bias together (a block of at most p coordinates kept whole); unused by exact and none",
     )
     seed: int = param(0, "seed of the kept coordinates or the JL matrix")
     batch_size: int = param(64, "samples per batch of Jacobian extraction")
@@ -460,6 +460,45 @@ class DetectionConfig:
 
 
 SUMMARIZATION_STRATEGIES = ("fsi_bottom", "fsi_top", "random", "fsi_bottom_iterative", "el2n", "grand")
+
+
+FLIP_KINDS = ("uniform", "confusion")  # suspects.flips
+
+
+@dataclass(frozen=True)
+class SuspectsConfig:
+    """Label errors in the training data as given (the suspects stage, `sui suspects`): the detector and
+    its threshold are chosen on copies with seeded synthetic flips, never on known errors
+    (sui_core.studies.suspects)."""
+
+    copies: int = param(8, "flipped copies per flip kind (seeds seed, seed + 1, …); each costs one leave-one-out solve")
+    flip_fraction: float = param(0.05, "share of the samples flipped in each copy, in (0, 0.5)")
+    flips: list[str] = param(
+        ["uniform", "confusion"],
+        "flip kinds of the copies: uniform (a random other class) | confusion (the class the leave-one-out "
+        "prediction ranks highest among the others; only with more than two classes)",
+        choices=FLIP_KINDS,
+    )
+    precision: float = param(0.8, "flag the largest top set whose estimated precision reaches this, in (0, 1]")
+    seed: int = param(0, "seed of the first copy's flips")
+    gallery_size: int = param(20, "top suspects in the gallery (image data)")
+
+    def validate(self, section: str) -> None:
+        for key in ("copies", "gallery_size"):
+            if getattr(self, key) <= 0:
+                raise ParamError(f"{section}.{key}", f"must be > 0, got {getattr(self, key)}")
+        _range(section, "flip_fraction", self.flip_fraction, 0.0, 0.5, low_open=True, high_open=True)
+        _range(section, "precision", self.precision, 0.0, 1.0, low_open=True)
+        if not self.flips or "uniform" not in self.flips:
+            raise ParamError(f"{section}.flips", f"must include uniform (the threshold is set on it), got {self.flips}")
+        for kind in self.flips:
+            _choice(section, "flips", kind, FLIP_KINDS)
+        if self.seed < 0:
+            raise ParamError(f"{section}.seed", f"must be >= 0, got {self.seed}")
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.copies))
 
 
 @dataclass(frozen=True)
@@ -646,6 +685,7 @@ SECTIONS: dict[str, type] = {
     "score": ScoreConfig,
     "evaluate": EvaluateConfig,
     "detection": DetectionConfig,
+    "suspects": SuspectsConfig,
     "summarization": SummarizationConfig,
     "robustness": RobustnessConfig,
     "pretrain": PretrainConfig,

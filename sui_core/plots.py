@@ -60,6 +60,31 @@ def gallery(
     _save(fig, path)
 
 
+def suspects_gallery(
+    images: np.ndarray,
+    order: np.ndarray,
+    given: np.ndarray,
+    predicted: np.ndarray,
+    flagged: np.ndarray,
+    path: str | Path,
+    size: int,
+) -> None:
+    """The `size` first samples of `order` (most suspect first), each titled with its rank, its given
+    label and the label its leave-one-out prediction gives; flagged ones in red."""
+    idx = order[:size]
+    cols = min(10, max(len(idx), 1))
+    rows = max(1, -(-len(idx) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.75 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for rank, (ax, i) in enumerate(zip(axes.flat, idx), start=1):
+        ax.imshow(_as_image(images[i]), cmap="gray")
+        color = "tab:red" if flagged[i] else "black"
+        ax.set_title(f"#{rank}\ngiven {given[i]}\npredicted {predicted[i]}", fontsize=7, color=color)
+    fig.suptitle("Most suspect labels: given label vs the leave-one-out prediction (red: flagged)", fontsize=9)
+    _save(fig, path)
+
+
 def is_image(input_shape: list[int]) -> bool:
     return len(input_shape) == 3 and input_shape[0] in (1, 3) and min(input_shape[1:]) >= 4
 

@@ -17,6 +17,19 @@ SMALL = {
     "jacobian": {"projection": "coordinates", "dims_per_tensor": 150, "batch_size": 32},
     "training": {"lr": 0.05, "t": 300},
 }
+# every stage of dvc.yaml that writes outputs, in the order `dvc repro` runs them (track comes last)
+ALL_STAGES = [
+    "prepare",
+    "pretrain",
+    "model",
+    "jacobians",
+    "ntk",
+    "loo",
+    "score",
+    "evaluate",
+    "suspects",
+    "validate",
+]
 
 
 def tracked_files() -> list[str]:

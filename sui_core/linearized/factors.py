@@ -40,28 +40,35 @@ a Linear/Conv2d's parameters are used only by its own forward (not also read els
 Kernels are computed in float64 from whatever dtype the factors hold, in blocks of samples so that
 memory stays bounded.
 
-Where the n·k × n·k kernel does not fit, projection `kronecker` (`KroneckerProjector`) projects each
+Where the n·k × n·k kernel does not fit, projection `khatri_rao` (`KhatriRaoProjector`) projects each
 factor layer's Jacobian block from the same factors, never forming it. Write output c's block as the
-matrix M_c = Σ_p δ_cp ã_pᵀ (dout × a_dim: ∂f_c/∂W with ∂f_c/∂b as its last column; its row-major vec
-is the parameters' order). With P_l = P_out ⊗ P_in, P_out (p_out × dout) and P_in (p_in × a_dim),
+matrix M_c = Σ_q δ_cq ã_qᵀ (dout × a_dim, q the positions: ∂f_c/∂W with ∂f_c/∂b as its last column;
+its row-major vec is the parameters' order). Row s of the layer's projection P_l (p × dout·a_dim) is
+(u_s ⊗ v_s)/√p, u_s ∈ R^{dout} and v_s ∈ R^{a_dim} independent standard Gaussian: P_l is the row-wise
+Kronecker (Khatri–Rao, "face-splitting") product of U (p × dout) and V (p × a_dim), divided by √p, so
 
-    P_l vec(M_c) = vec(P_out M_c P_inᵀ) = vec(Σ_p (P_out δ_cp)(P_in ã_p)ᵀ),
+    (P_l vec M_c)_s = u_sᵀ M_c v_s / √p = Σ_q (u_s·δ_cq)(v_s·ã_q) / √p,
 
-which costs per sample k·positions·p_out·(dout + p_in) + positions·p_in·a_dim multiply-adds, not the
-k·dout·a_dim of M_c. The entries of P_out are independent N(0, 1/p_out) and those of P_in N(0, 1/p_in),
-so E[P_lᵀP_l] = E[P_outᵀP_out] ⊗ E[P_inᵀP_in] = I ⊗ I and the projected kernel ⟨P_l vec M_ic, P_l vec
-M_jd⟩ is an unbiased estimate of the layer's block Θ_l[(i,c),(j,d)].
+which costs per sample positions·p·(k·dout + a_dim) multiply-adds (and k·positions·p for the
+products), not the k·dout·a_dim of M_c. E[(u⊗v)(u⊗v)ᵀ] = E[uuᵀ] ⊗ E[vvᵀ] = I, so E[P_lᵀP_l] = I and
+the projected kernel ⟨P_l vec M_ic, P_l vec M_jd⟩ is an unbiased estimate of the layer's block
+Θ_l[(i,c),(j,d)] = ⟨M_ic, M_jd⟩_F.
 
-The split of p = dims_per_tensor into p_out·p_in (`kronecker_sides`): for a layer with one position M is
-the outer product δ ãᵀ, so the projected product is ⟨P_out δ, P_out δ'⟩·⟨P_in ã, P_in ã'⟩, a product of
-two independent Gaussian sketches with relative variances ∝ 1/p_out and 1/p_in; their sum at a fixed
-budget p_out·p_in = p is smallest at p_out = p_in = √p. A side of at most √p dimensions is kept whole
-instead (P = I: it adds no error, and the other side gets p / side rows); a block of at most p
-coordinates is kept whole on both sides (exact). The materialized tensors (layers stored as their
-Jacobian block, jacrev fallbacks) keep every column when numel ≤ p, else get the Gaussian JL projection
-of `jacobians.DenseProjector` (p rows). Φ's columns are the blocks in model order (a layer where its
-first parameter is), and block b's matrices come from `jacobians._generator(seed, b, side or chunk)`:
-the same on every batch and run, unrelated across blocks.
+Why its variance falls like 1/p: the projected product is the mean over s of X_s = (u_sᵀ M v_s)(u_sᵀ M'
+v_s), and the p rows are independent, so Var = Var(X)/p. Var(X) is finite (fourth moments of Gaussians)
+and does not depend on p: for one position (M = δ ãᵀ, rank one) E[X] = (δ·δ')(ã·ã') and E[X²] =
+(|δ|²|δ'|² + 2(δ·δ')²)(|ã|²|ã'|² + 2(ã·ã')²), so a diagonal entry has relative variance 8/p (a dense
+Gaussian row: 2/p). The Kronecker sketch P_out ⊗ P_in with p_out·p_in = p rows draws only p_out + p_in
+vectors: its rows are not independent, and on a rank-one block its product ⟨P_out δ, P_out δ'⟩·⟨P_in ã,
+P_in ã'⟩ is two sketches of about √p rows each, whose variance falls like 1/√p only.
+
+A block of at most p coordinates (dout·a_dim ≤ p) is kept whole (exact, Σ_q δ_cq ã_qᵀ). The
+materialized tensors (layers stored as their Jacobian block, jacrev fallbacks) keep every column when
+numel ≤ p, else get the Gaussian JL projection of `jacobians.DenseProjector` (p rows). Φ's columns are
+the blocks in model order (a layer where its first parameter is); block b's U and V come from
+`jacobians._generator(seed, b, 0)` and `(seed, b, 1)` (a materialized tensor's chunks from (seed, b,
+chunk)): the same on every batch and run, unrelated across blocks. Over many positions the products
+(B, k, positions, p) are formed CHUNK_VALUES numbers at a time (chunks of rows s).
 """
 
 from __future__ import annotations
@@ -94,10 +101,11 @@ from sui_core.linearized.jacobians import (
 )
 
 KIND = "exact"  # the manifest's projection kind
-KRONECKER = "kronecker"  # projection of the factor layers by P_out ⊗ P_in
+KHATRI_RAO = "khatri_rao"  # projection of the factor layers by rank-one rows (u_s ⊗ v_s)/√p
 FACTORS, JACOBIAN = "factors", "jacobian"  # how a layer is stored per sample
 LAYER_TYPES = {nn.Linear: "linear", nn.Conv2d: "conv2d"}  # exact types: a subclass may compute otherwise
 BLOCK_BYTES = 2**28  # float64 temporaries of one block of sample pairs in `kernel`
+CHUNK_VALUES = 2**24  # numbers of one chunk of products (B, k + 1, positions, rows) in `KhatriRaoProjector`
 
 
 @dataclass(frozen=True)
@@ -358,41 +366,20 @@ def make_store(cfg: JacobianConfig, model: nn.Module, input_shape) -> Projector 
 
 
 def model_projector(cfg: JacobianConfig, model: nn.Module, input_shape) -> Projector:
-    """The `Projector` of `cfg.projection` for `model` on inputs of `input_shape`: `kronecker` from the
+    """The `Projector` of `cfg.projection` for `model` on inputs of `input_shape`: `khatri_rao` from the
     model's layer factors, every other kind from its per-tensor Jacobians (`jacobians.make_projector`;
     `exact` is the full Jacobian there)."""
-    if cfg.projection == KRONECKER:
-        return KroneckerProjector(factor_layout(model, input_shape), cfg.dims_per_tensor, cfg.seed)
+    if cfg.projection == KHATRI_RAO:
+        return KhatriRaoProjector(factor_layout(model, input_shape), cfg.dims_per_tensor, cfg.seed)
     return make_projector(cfg, jacobian_shapes(model))
 
 
-# ---- the Kronecker projection --------------------------------------------------------------------
+# ---- the Khatri–Rao projection ------------------------------------------------------------------
 
 
-def kronecker_sides(out_dim: int, a_dim: int, p: int) -> tuple[int, int]:
-    """(p_out, p_in) for a block of out_dim × a_dim coordinates and a budget of p (see the module doc):
-    the block whole if it fits, else a side of at most √p whole and the other p // side, else √p each."""
-    if out_dim * a_dim <= p:
-        return out_dim, a_dim
-    small, large = sorted((out_dim, a_dim))
-    p_small = small if small * small <= p else math.isqrt(p)
-    p_large = min(large, p // p_small)
-    return (p_small, p_large) if out_dim <= a_dim else (p_large, p_small)
-
-
-def _side(dim: int, p: int, gen: torch.Generator) -> torch.Tensor | None:
-    """A p × dim factor with N(0, 1/p) entries, or None (the identity) when the side is kept whole."""
-    return None if p == dim else torch.randn(p, dim, generator=gen) / math.sqrt(p)
-
-
-def _apply(x: torch.Tensor, side: torch.Tensor | None) -> torch.Tensor:
-    """x (…, dim) times sideᵀ: (…, p)."""
-    return x if side is None else x @ side.T.to(x)
-
-
-class KroneckerProjector(DenseProjector):
-    """Φ from layer factors: P_out ⊗ P_in on each factor layer's block (weight and bias together), the
-    Gaussian JL projection (or every column) on the materialized tensors (see the module doc).
+class KhatriRaoProjector(DenseProjector):
+    """Φ from layer factors: p rank-one rows (u_s ⊗ v_s)/√p on each factor layer's block (weight and bias
+    together), the Gaussian JL projection (or every column) on the materialized tensors (see the module doc).
 
     Its `shapes` are the blocks of Φ in model order: a factor layer as its matrix (dout, a_dim) under
     its module's name, a materialized tensor under its own; `project` takes the full Jacobian of those
@@ -411,44 +398,80 @@ class KroneckerProjector(DenseProjector):
                 blocks[name] = torch.Size(shape)
             elif layer.module not in blocks:
                 blocks[layer.module] = torch.Size((layer.out_dim, layer.a_dim))
-        super().__init__(blocks, dims_per_tensor, seed, KRONECKER)
+        super().__init__(blocks, dims_per_tensor, seed, KHATRI_RAO)
         self.factor_layers = {layer.module: layer for layer in owner.values()}
-        self.factor_dims: dict[str, tuple[int, int]] = {}  # module -> (p_out, p_in)
-        self.sides: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}  # module -> (P_out, P_in)
-        for index, name in enumerate(self.shapes):
-            if name in self.factor_layers:
-                out_dim, a_dim = self.shapes[name]
-                p_out, p_in = self.factor_dims[name] = kronecker_sides(out_dim, a_dim, dims_per_tensor)
-                self.sides[name] = (
-                    _side(out_dim, p_out, _generator(seed, index, 0)),
-                    _side(a_dim, p_in, _generator(seed, index, 1)),
-                )
-                self.dims[name] = p_out * p_in
+        # the factor layers projected by rows (the others are kept whole), and their U, V once drawn
+        self.projected = [n for n in self.factor_layers if self.dims[n] < self.shapes[n].numel()]
+        self._drawn: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U (p × dout), V (p × a_dim)) of the projected factor layer `name`, standard Gaussian float32,
+        drawn on first use from (seed, block index, 0) and (seed, block index, 1), then held."""
+        if name not in self._drawn:
+            index, (out_dim, a_dim), p = list(self.shapes).index(name), self.shapes[name], self.dims[name]
+            self._drawn[name] = (
+                torch.randn(p, out_dim, generator=_generator(self.seed, index, 0)),
+                torch.randn(p, a_dim, generator=_generator(self.seed, index, 1)),
+            )
+        return self._drawn[name]
+
+    def _chunk_rows(self, batch: int, positions: int) -> int:
+        """Rows s per chunk of products (B, k + 1, positions, rows) for a batch of `batch` samples."""
+        return max(1, CHUNK_VALUES // (batch * (self.layout.k + 1) * positions))
+
+    def held_values(self, batch: int) -> int:
+        """Numbers held besides a batch's factors and Φ for batches of `batch` samples: every U and V,
+        and the largest chunk of products (at most CHUNK_VALUES, unless one row's alone exceeds it)."""
+        rows = sum(self.dims[name] * sum(self.shapes[name]) for name in self.projected)
+        chunks = [
+            batch
+            * (self.layout.k + 1)
+            * layer.positions
+            * min(self.dims[name], self._chunk_rows(batch, layer.positions))
+            for name, layer in self.factor_layers.items()
+            if name in self.projected
+        ]
+        return rows + max(chunks, default=0)
 
     def _project_tensor(self, index: int, name: str, flat: torch.Tensor) -> torch.Tensor:
-        if name in self.sides:
-            p_out, p_in = self.sides[name]
+        if name in self.projected:
+            u, v = (t.to(flat) for t in self.rows(name))
             matrix = flat.reshape(*flat.shape[:-1], *self.shapes[name])  # (B, k, dout, a_dim)
-            return _apply(_apply(matrix, p_in).transpose(-1, -2), p_out).transpose(-1, -2).flatten(-2)
+            return ((matrix @ v.T) * u.T).sum(dim=-2) / math.sqrt(len(u))  # u_sᵀ M v_s / √p
         if self.dims[name] == flat.shape[-1]:
             return flat  # numel ≤ dims_per_tensor: every column
         return super()._project_tensor(index, name, flat)
+
+    def _project_factors(self, name: str, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """(B, k, p) of a factor layer from ã (B, P, a_dim) and δ (B, k, P, dout): Σ_q (u_s·δ_cq)(v_s·ã_q)/√p,
+        in chunks of rows s of at most CHUNK_VALUES products (B, k + 1, P, rows); a block kept whole:
+        Σ_q δ_cq ã_qᵀ flattened."""
+        if name not in self.projected:
+            return torch.einsum("bcqo,bqi->bcoi", delta, a).flatten(2)
+        u, v = (t.to(a) for t in self.rows(name))
+        (batch, k, positions, _), p = delta.shape, len(u)
+        step = min(p, self._chunk_rows(batch, positions))
+        out = a.new_empty(batch, k, p)
+        for lo in range(0, p, step):
+            du = delta @ u[lo : lo + step].T  # (B, k, P, rows)
+            av = a @ v[lo : lo + step].T  # (B, P, rows)
+            out[..., lo : lo + step] = du.mul_(av.unsqueeze(1)).sum(dim=2)
+        return out / math.sqrt(p)
 
     def jacobians(
         self, model: nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float32
     ) -> tuple[np.ndarray, np.ndarray]:
         """f0 (B, k) float64 and Φ (B, k, D) in `dtype` of the batch x, from its layer factors
-        (`batch_factors`): Σ_p (P_out δ_cp)(P_in ã_p)ᵀ per factor layer, the projected columns of the
+        (`batch_factors`): the rank-one rows of each factor layer, the projected columns of the
         materialized tensors."""
         factors = batch_factors(model, x, self.layout)
         widths = [math.prod(self.layout.shapes[name]) for name in self.layout.materialized]
         columns = dict(zip(self.layout.materialized, np.split(factors.phi, np.cumsum(widths)[:-1], axis=2)))
         blocks = []
         for index, name in enumerate(self.shapes):
-            if name in self.sides:
+            if name in self.factor_layers:
                 a, delta = (torch.from_numpy(t) for t in factors.pairs[name])
-                p_out, p_in = self.sides[name]
-                blocks.append(torch.einsum("bcpo,bpi->bcoi", _apply(delta, p_out), _apply(a, p_in)).flatten(2))
+                blocks.append(self._project_factors(name, a, delta))
             else:
                 blocks.append(self._project_tensor(index, name, torch.from_numpy(columns[name])))
         phi = torch.cat(blocks, dim=2).to(dtype)
@@ -456,16 +479,16 @@ class KroneckerProjector(DenseProjector):
 
     def describe(self) -> dict[str, Any]:
         """The projectors' record (kind, seed, dims_per_tensor, D, each block's offset and dim), with
-        per block how it is projected: a factor layer's module, parameters, positions and p_out × p_in;
-        a materialized tensor's source (layer or jacrev) and whether it is kept whole or Gaussian."""
+        per block how it is projected: a factor layer's module, parameters, positions and whether its
+        rows are rank-one (khatri_rao) or the block is whole; a materialized tensor's source (layer or
+        jacrev) and whether it is kept whole or Gaussian."""
         description = super().describe()
         for entry in description["tensors"]:
             name = entry["name"]
             if name in self.factor_layers:
-                layer, (p_out, p_in) = self.factor_layers[name], self.factor_dims[name]
-                entry.update(
-                    projection=KRONECKER, params=layer.params, positions=layer.positions, p_out=p_out, p_in=p_in
-                )
+                layer = self.factor_layers[name]
+                projection = KHATRI_RAO if name in self.projected else "whole"
+                entry.update(projection=projection, via="factors", params=layer.params, positions=layer.positions)
             else:
                 kept = self.dims[name] == math.prod(self.shapes[name])
                 via = "jacrev" if name in self.layout.fallback else "layer"

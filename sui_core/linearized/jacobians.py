@@ -145,7 +145,7 @@ class CoordinateProjector(Projector):
 class DenseProjector(Projector):
     """Dense Johnson–Lindenstrauss projection per tensor: P (p × numel) with E[PᵀP] = I, Rademacher entries
     ±1/sqrt(p) for kind `rademacher`, else Gaussian N(0, 1/p) (kind `gaussian`, and the materialized
-    tensors of `sui_core.linearized.factors.KroneckerProjector`).
+    tensors of `sui_core.linearized.factors.KhatriRaoProjector`).
 
     P is never held whole (p × numel can be gigabytes): it is regenerated on the CPU, CHUNK_COLS columns at
     a time, each chunk from its own seed (seed, tensor index, chunk index), so it is the same for every
@@ -186,7 +186,7 @@ def make_projector(cfg: JacobianConfig, named_shapes: dict[str, torch.Size]) -> 
 
     `exact` gives the full Jacobian here, the same kernel as its layer factors: what callers that need Φ
     itself in memory (the in-memory estimate) can use; the jacobians stage stores factors instead
-    (`sui_core.linearized.factors.make_store`). `kronecker` projects layer factors, so it needs the
+    (`sui_core.linearized.factors.make_store`). `khatri_rao` projects layer factors, so it needs the
     network, not only its shapes: `sui_core.linearized.factors.model_projector`."""
     check_seed(cfg.seed)
     if cfg.projection in ("none", "exact"):
@@ -195,9 +195,9 @@ def make_projector(cfg: JacobianConfig, named_shapes: dict[str, torch.Size]) -> 
         return CoordinateProjector(named_shapes, cfg.dims_per_tensor, cfg.seed)
     if cfg.projection in ("gaussian", "rademacher"):
         return DenseProjector(named_shapes, cfg.dims_per_tensor, cfg.seed, cfg.projection)
-    if cfg.projection == "kronecker":
+    if cfg.projection == "khatri_rao":
         raise ValueError(
-            "projection kronecker projects layer factors and needs the network: "
+            "projection khatri_rao projects layer factors and needs the network: "
             "use sui_core.linearized.factors.model_projector(cfg, model, input_shape)"
         )
     raise ParamError("jacobian.projection", f"unknown value {cfg.projection!r}")

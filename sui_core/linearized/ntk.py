@@ -102,7 +102,7 @@ def planned_kernel_peak_bytes(n: int, k: int, n_val: int, val_rows: int, values_
     return 8 * (4 * nk * nk + (n_val + val_rows) * k * nk) + 4 * values_per_sample * (n + val_rows) + 3 * 2**28
 
 
-RECOMMENDED_PROJECTION = ("coordinates", 8000)  # where the exact kernel does not fit (docs/results.md)
+RECOMMENDED_PROJECTION = ("khatri_rao", 8000)  # where the exact kernel does not fit (docs/results.md)
 
 
 def check_kernel_fits(n: int, k: int, peak: int, available: int) -> None:

@@ -46,6 +46,7 @@ class LooResult:
     fit: dict[str, np.ndarray]  # FIT, each (n,)
     plan: SolverPlan
     train_mse: float  # ½·mean‖f_t(x_i) − y_i‖² of the linearized model trained on all samples
+    loo_error: np.ndarray  # (n, k) y_i − f₋ᵢ(x_i): the leave-one-out model's error on the sample left out
 
     def record(self, recipe: Recipe, n: int, n_val: int) -> dict:
         """What the forms were solved with, for their meta.json: the solver plan, both recipes, the fit."""
@@ -146,6 +147,7 @@ def loo_quadratic_forms(
     train_error = residual - np.einsum("nkr,r->nk", basis.z, c)  # y − f_t(x)
     forms = {name: np.empty(len(samples)) for name in FORMS}
     fit = {name: np.empty(len(samples)) for name in FIT}
+    loo_errors = np.empty((len(samples), basis.z.shape[1]))
     with tqdm(total=len(samples), desc="leave-one-out", unit="sample", disable=not progress) as bar:
         for start, delta in blocks:
             sl = slice(start - samples.start, start - samples.start + len(delta))
@@ -154,13 +156,13 @@ def loo_quadratic_forms(
             forms["dv_sq"][sl] = np.einsum("br,br->b", delta, delta)
             forms["dv_hess"][sl] = np.einsum("br,r,br->b", delta, h_mean, delta)
             forms["dv_sgd"][sl] = np.einsum("br,br->b", delta @ sgd_prec, delta)
-            loo_error = error + np.einsum("bkr,br->bk", zb, delta)  # y − f₋ᵢ(x) = y − f_t(x) + Φ_iΔv_i
-            fit["loo_loss"][sl] = 0.5 * (loo_error**2).sum(1)
+            loo_errors[sl] = error + np.einsum("bkr,br->bk", zb, delta)  # y − f₋ᵢ(x) = y − f_t(x) + Φ_iΔv_i
+            fit["loo_loss"][sl] = 0.5 * (loo_errors[sl] ** 2).sum(1)
             fit["train_loss"][sl] = 0.5 * (error**2).sum(1)
             fit["leverage"][sl] = np.einsum("bkr,r,bkr->b", zb, factor, zb)
             bar.update(len(delta))
     train_mse = float(0.5 * np.mean(np.sum(train_error**2, -1)))
-    return LooResult(forms, fit, plan, train_mse)
+    return LooResult(forms, fit, plan, train_mse, loo_errors)
 
 
 def group_quadratic_forms(

@@ -322,7 +322,7 @@ def test_the_exact_kernel_of_20000_rows_fits_a_24_gib_machine():
         check_kernel_fits(40_000, 1, planned_kernel_peak_bytes(40_000, 1, 10_000, 2048, 2835), 20 * 2**30)
     message = str(err.value)
     assert message.startswith("jacobian.projection: exact: the 40000×40000 kernel") and "\n" not in message
-    assert "use jacobian.projection: coordinates with jacobian.dims_per_tensor: 8000" in message
+    assert "use jacobian.projection: khatri_rao with jacobian.dims_per_tensor: 8000" in message
 
 
 # ---- the ntk stage: exact against none -----------------------------------------------------------

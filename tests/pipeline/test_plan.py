@@ -140,7 +140,7 @@ def test_the_exact_kernel_that_does_not_fit_is_refused_alike_by_plan_and_ntk(pro
     assert result.exit_code == 1
     line = result.stderr.strip()
     assert line.startswith("error: params.yaml: jacobian.projection: exact: the 120×120 kernel") and "\n" not in line
-    assert "0.0 GiB available; use jacobian.projection: coordinates" in line
+    assert "0.0 GiB available; use jacobian.projection: khatri_rao" in line
     stage = CliRunner().invoke(importlib.import_module("stages.ntk").app, [])
     assert stage.exit_code == 1 and stage.stderr.strip() == line
     assert not Path("data/ntk").exists()

@@ -8,11 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from pipeline_project import ROOT, env_for, make_project, run, stages_ran
+from pipeline_project import ALL_STAGES, ROOT, env_for, make_project, run, stages_ran
 
 from stages import track, tracking
-
-ALL_STAGES = ["prepare", "pretrain", "model", "jacobians", "ntk", "loo", "score", "evaluate", "validate"]
 
 
 @pytest.fixture()

@@ -1,7 +1,7 @@
-"""The `kronecker` projection (sui_core.linearized.factors.KroneckerProjector): Φ computed from layer
-factors against the explicit matrix P_out ⊗ P_in (and the Gaussian or identity columns of the other
-tensors) applied to the jacrev per-sample Jacobian, unbiasedness of its kernel, its params, determinism,
-its shards and the in-memory estimate."""
+"""The `khatri_rao` projection (sui_core.linearized.factors.KhatriRaoProjector): Φ computed from layer
+factors against the explicit matrix of rank-one rows (u_s ⊗ v_s)/√p (and the Gaussian or identity
+columns of the other tensors) applied to the jacrev per-sample Jacobian, unbiasedness of its kernel, its
+params, determinism, its shards and the in-memory estimate."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from sui_core.errors import ParamError
 from sui_core.io import file_sha256
 from sui_core.linearized.estimate import linearize
 from sui_core.linearized.factors import (
+    CHUNK_VALUES,
     FACTORS,
     JACOBIAN,
-    KroneckerProjector,
+    KhatriRaoProjector,
     batch_factors,
     factor_layout,
     kernel,
-    kronecker_sides,
     make_store,
     model_projector,
 )
@@ -43,8 +43,8 @@ from sui_core.network.models import build_model
 RTOL = 1e-10  # max |Φ − Φ_ref| / max |Φ_ref|, float64 throughout
 
 
-def kronecker(dims: int, seed: int = 0) -> JacobianConfig:
-    return JacobianConfig(projection="kronecker", dims_per_tensor=dims, seed=seed)
+def khatri_rao(dims: int, seed: int = 0) -> JacobianConfig:
+    return JacobianConfig(projection="khatri_rao", dims_per_tensor=dims, seed=seed)
 
 
 def mlp(k: int) -> nn.Module:
@@ -56,7 +56,7 @@ def normed(k: int = 2) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(12, 30), nn.LayerNorm(30), nn.Tanh(), nn.Linear(30, k))
 
 
-def block_jacobians(projector: KroneckerProjector, jac: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def block_jacobians(projector: KhatriRaoProjector, jac: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The jacrev Jacobian per block of Φ: a factor layer's weight columns (dout, din) with the bias as
     one more column, (B, k, dout, a_dim); a materialized tensor's (B, k, numel)."""
     blocks = {}
@@ -72,16 +72,13 @@ def block_jacobians(projector: KroneckerProjector, jac: dict[str, torch.Tensor])
     return blocks
 
 
-def explicit_matrix(projector: KroneckerProjector, index: int, name: str) -> torch.Tensor:
-    """Block `name`'s projection as one explicit (dim × numel) float64 matrix: torch.kron(P_out, P_in)
-    with I for a side kept whole, I for a tensor kept whole, else the DenseProjector's Gaussian rows."""
+def explicit_matrix(projector: KhatriRaoProjector, index: int, name: str) -> torch.Tensor:
+    """Block `name`'s projection as one explicit (dim × numel) float64 matrix: a projected factor layer's
+    rows torch.kron(u_s, v_s)/√p, I for a block kept whole, else the DenseProjector's Gaussian rows."""
     numel = math.prod(projector.shapes[name])
-    if name in projector.sides:
-        sides = [
-            torch.eye(dim, dtype=torch.float64) if side is None else side.double()
-            for side, dim in zip(projector.sides[name], projector.shapes[name])
-        ]
-        return torch.kron(*sides)
+    if name in projector.projected:
+        u, v = (t.double() for t in projector.rows(name))
+        return torch.stack([torch.kron(u_s, v_s) for u_s, v_s in zip(u, v)]) / math.sqrt(len(u))
     if projector.dims[name] == numel:
         return torch.eye(numel, dtype=torch.float64)
     chunks = range(0, numel, projector.CHUNK_COLS)
@@ -93,12 +90,12 @@ def explicit_matrix(projector: KroneckerProjector, index: int, name: str) -> tor
     ).T.double()
 
 
-def assert_matches_explicit(model: nn.Module, x: torch.Tensor, dims: int) -> KroneckerProjector:
+def assert_matches_explicit(model: nn.Module, x: torch.Tensor, dims: int) -> KhatriRaoProjector:
     """Φ from the factors, and `project` of the jacrev block Jacobians, both equal the explicit
     projection matrices applied to the jacrev per-sample Jacobian."""
     model, x = model.double().eval(), x.double()
-    projector = make_store(kronecker(dims, seed=7), model, tuple(x.shape[1:]))
-    assert isinstance(projector, KroneckerProjector)
+    projector = make_store(khatri_rao(dims, seed=7), model, tuple(x.shape[1:]))
+    assert isinstance(projector, KhatriRaoProjector)
     f0, phi = projector.jacobians(model, x, torch.float64)
     ref_f0, jac = per_sample_jacobians(model, x)
     blocks = block_jacobians(projector, jac)
@@ -118,18 +115,30 @@ def assert_matches_explicit(model: nn.Module, x: torch.Tensor, dims: int) -> Kro
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_mlp_phi_is_the_explicit_kronecker_projection(k):
+def test_mlp_phi_is_the_explicit_khatri_rao_projection(k):
     torch.manual_seed(0)
     projector = assert_matches_explicit(mlp(k), torch.randn(5, 3, 4), dims=20)
-    # 9 × 13 → 4 × 5 (both random); 7 × 10 → 4 × 5; the head: k = 1 its 7 + 1 columns whole (stored as
-    # a Jacobian block), k = 3 as factors 3 × 8 → 3 (whole) × 6
-    expected = {"1": (4, 5), "3": (4, 5), **({"5": (3, 6)} if k == 3 else {})}
-    assert projector.factor_dims == expected
-    assert projector.sides["1"][0] is not None and projector.sides["1"][1] is not None
-    if k == 3:
-        assert projector.sides["5"][0] is None and projector.sides["5"][1] is not None
-    else:
+    # 9 × 13 → 20 rows; 7 × 10 → 20 rows; the head: k = 1 its 7 + 1 columns whole (stored as a Jacobian
+    # block), k = 3 as factors 3 × 8 → 20 rows (24 coordinates); each layer's U and V as drawn
+    assert projector.projected == ["1", "3"] + (["5"] if k == 3 else [])
+    for name, shape in [("1", (9, 13)), ("3", (7, 10)), ("5", (3, 8))][: len(projector.projected)]:
+        u, v = projector.rows(name)
+        assert projector.dims[name] == 20 and (u.shape, v.shape) == ((20, shape[0]), (20, shape[1]))
+    if k == 1:
         assert projector.dims["5.weight"] == 7 and projector.dims["5.bias"] == 1
+    drawn = sum(t.numel() for name in projector.projected for t in projector.rows(name))
+    # what `sui plan` counts for the jacobians stage: U, V and one chunk of products, (B, k + 1, 1, p)
+    assert projector.held_values(5) == drawn + 5 * (k + 1) * 20
+    assert projector.held_values(CHUNK_VALUES) == drawn + CHUNK_VALUES * (k + 1)  # one row at a time
+
+
+def test_a_block_of_at_most_p_coordinates_is_kept_whole():
+    """p = 30: the head's 3 × 8 block is every coordinate (no rows drawn), the 9 × 13 and 7 × 10 get rows."""
+    torch.manual_seed(5)
+    projector = assert_matches_explicit(mlp(3), torch.randn(4, 3, 4), dims=30)
+    assert projector.projected == ["1", "3"] and projector.dims["5"] == 24
+    entries = {e["name"]: e["projection"] for e in projector.describe()["tensors"]}
+    assert entries == {"1": "khatri_rao", "3": "khatri_rao", "5": "whole"}
 
 
 def test_fallback_tensors_get_gaussian_rows_or_stay_whole():
@@ -138,30 +147,22 @@ def test_fallback_tensors_get_gaussian_rows_or_stay_whole():
     assert projector.layout.fallback == ("2.weight", "2.bias")
     entries = {e["name"]: e for e in projector.describe()["tensors"]}
     assert entries["2.weight"]["projection"] == "gaussian" and entries["2.weight"]["via"] == "jacrev"
-    whole = make_store(kronecker(30), normed(), (12,))
+    whole = make_store(khatri_rao(30), normed(), (12,))
     assert {e["name"]: e["projection"] for e in whole.describe()["tensors"]}["2.bias"] == "whole"
 
 
-def test_paper_cnn_phi_is_the_explicit_kronecker_projection():
+def test_paper_cnn_phi_is_the_explicit_khatri_rao_projection(monkeypatch):
     """Convolutions over 25 and 9 positions as factors, the first (100 positions) as its Jacobian block,
-    whose weight (512 columns) gets Gaussian rows."""
+    whose weight (512 columns) gets Gaussian rows. CHUNK_VALUES small: the products are formed a few
+    rows at a time."""
+    monkeypatch.setattr("sui_core.linearized.factors.CHUNK_VALUES", 1000)
     model = build_model(ModelConfig(arch="cnn", init_seed=3), (1, 20, 20), 1)
     x = torch.rand(3, 1, 20, 20, generator=torch.Generator().manual_seed(0))
     projector = assert_matches_explicit(model, x, dims=64)
     stored = {layer.module: layer.stored for layer in projector.layout.layers}
     assert stored["0"] == JACOBIAN and stored["2"] == stored["4"] == FACTORS
-    assert projector.factor_dims["2"] == (8, 8) and projector.dims["0.weight"] == 64
-
-
-def test_sides_split_the_budget():
-    assert kronecker_sides(1024, 785, 2000) == (45, 44)  # √2000 ≈ 44.7 each
-    assert kronecker_sides(3, 1025, 2000) == (3, 666)  # the short side whole
-    assert kronecker_sides(1025, 3, 2000) == (666, 3)
-    assert kronecker_sides(40, 50, 2000) == (40, 50)  # the whole block fits
-    assert kronecker_sides(3, 3, 8) == (2, 3)  # never more than a side has
-    for out_dim, a_dim, p in [(1024, 785, 500), (7, 1000, 8000), (64, 577, 10), (2, 2, 1)]:
-        p_out, p_in = kronecker_sides(out_dim, a_dim, p)
-        assert p_out >= 1 and p_in >= 1 and p_out <= out_dim and p_in <= a_dim and p_out * p_in <= p
+    assert "2" in projector.projected and projector.dims["2"] == 64 and projector.dims["0.weight"] == 64
+    assert projector._chunk_rows(len(x), 25) == 6  # layer 2's 64 rows in 11 chunks
 
 
 def test_kernel_is_unbiased():
@@ -175,7 +176,7 @@ def test_kernel_is_unbiased():
     seeds = 200
     kernels = []
     for seed in range(seeds):
-        _, phi = KroneckerProjector(layout, 25, seed).jacobians(model, x, torch.float64)
+        _, phi = KhatriRaoProjector(layout, 25, seed).jacobians(model, x, torch.float64)
         rows = phi.reshape(-1, phi.shape[2])
         kernels.append(rows @ rows.T)
     kernels = np.stack(kernels)
@@ -194,17 +195,17 @@ def test_kernel_is_unbiased():
 def test_bad_params_are_param_errors():
     model = mlp(1)
     for raw, key in [
-        ({"projection": "kronecker", "dims_per_tensor": 0}, "jacobian.dims_per_tensor"),
-        ({"projection": "kroneker"}, "jacobian.projection"),
+        ({"projection": "khatri_rao", "dims_per_tensor": 0}, "jacobian.dims_per_tensor"),
+        ({"projection": "kronecker"}, "jacobian.projection"),
     ]:
         with pytest.raises(ParamError, match=key):
             load_section({"jacobian": raw}, "jacobian")
     with pytest.raises(ParamError, match="jacobian.dims_per_tensor"):
-        make_store(kronecker(0), model, (12,))
+        make_store(khatri_rao(0), model, (12,))
     with pytest.raises(ParamError, match="jacobian.seed"):
-        make_store(kronecker(20, seed=-1), model, (12,))
+        make_store(khatri_rao(20, seed=-1), model, (12,))
     with pytest.raises(ValueError, match="model_projector"):
-        make_projector(kronecker(20), {n: p.shape for n, p in model.named_parameters()})
+        make_projector(khatri_rao(20), {n: p.shape for n, p in model.named_parameters()})
 
 
 def test_same_seed_same_bytes_other_seed_other_phi(tmp_path):
@@ -216,7 +217,7 @@ def test_same_seed_same_bytes_other_seed_other_phi(tmp_path):
 
     def shards(seed: int, out) -> tuple[list[dict], bytes]:
         out.mkdir()
-        store = make_store(kronecker(20, seed), model, (3, 4))
+        store = make_store(khatri_rao(20, seed), model, (3, 4))
         entries = extract(model, x, ids, store, out, "train", batch_size=3, shard_rows=4, progress=False)
         return entries, store.jacobians(model, torch.from_numpy(x))[1].tobytes()
 
@@ -229,18 +230,18 @@ def test_same_seed_same_bytes_other_seed_other_phi(tmp_path):
 
 
 def test_shards_and_manifest_are_those_of_a_projection(tmp_path):
-    """The ntk stage reads kronecker shards as any projection's: a phi column (k, D) and the manifest's
-    kind, seed, D and p_out × p_in per layer."""
+    """The ntk stage reads khatri_rao shards as any projection's: a phi column (k, D) and the manifest's
+    kind, seed, D and per factor layer its rows."""
     model = build_model(ModelConfig(arch="cnn"), (1, 20, 20), 3)
     x = np.random.default_rng(1).random((5, 1, 20, 20)).astype(np.float32)
-    store = make_store(kronecker(50, seed=4), model, (1, 20, 20))
+    store = make_store(khatri_rao(50, seed=4), model, (1, 20, 20))
     entries = extract(model, x, np.arange(5), store, tmp_path, "train", batch_size=2, shard_rows=3, progress=False)
     write_manifest(tmp_path, store, 3, {"train": entries}, "m" * 64, "d" * 64)
     manifest = read_manifest(tmp_path)
     description = manifest["projection"]
-    assert (description["kind"], description["seed"], description["D"]) == ("kronecker", 4, store.total_dim)
-    layers = {e["name"]: (e["p_out"], e["p_in"]) for e in description["tensors"] if e["projection"] == "kronecker"}
-    assert layers == store.factor_dims
+    assert (description["kind"], description["seed"], description["D"]) == ("khatri_rao", 4, store.total_dim)
+    layers = {e["name"]: e["dim"] for e in description["tensors"] if e["projection"] == "khatri_rao"}
+    assert layers == {name: 50 for name in store.projected}
     assert set(layers) == {layer.module for layer in store.layout.layers if layer.stored == FACTORS}
     assert "columns" not in description and manifest["D"] == store.total_dim
     ids, f0, phi = load_split(tmp_path, "train")
@@ -251,27 +252,27 @@ def test_shards_and_manifest_are_those_of_a_projection(tmp_path):
 
 
 def test_blocks_kept_whole_give_the_exact_estimate():
-    """With p at least every block (every side and tensor the identity), the in-memory estimate of
-    `kronecker` is that of the exact kernel."""
+    """With p at least every block (every block and tensor kept whole), the in-memory estimate of
+    `khatri_rao` is that of the exact kernel."""
     torch.manual_seed(4)
     model = mlp(2).double()
     x, x_val = torch.randn(12, 3, 4, dtype=torch.float64), torch.randn(5, 3, 4, dtype=torch.float64)
     y = np.random.default_rng(0).normal(size=(12, 2))
-    projector = model_projector(kronecker(200), model, (3, 4))
-    assert all(side is None for sides in projector.sides.values() for side in sides)
+    projector = model_projector(khatri_rao(200), model, (3, 4))
+    assert projector.projected == [] and projector.held_values(64) == 0
     assert projector.total_dim == factor_layout(model, (3, 4)).total_dim
     recipe = Recipe(0.05, 0.0, 300, "discrete")
-    whole = linearize(model, x, x_val, kronecker(200)).estimate(y, recipe)
+    whole = linearize(model, x, x_val, khatri_rao(200)).estimate(y, recipe)
     exact = linearize(model, x, x_val, JacobianConfig(projection="exact")).estimate(y, recipe)
     np.testing.assert_allclose(whole.forms["fsi_sum"], exact.forms["fsi_sum"], rtol=1e-8)
-    projected = linearize(model, x, x_val, kronecker(6)).estimate(y, recipe)
+    projected = linearize(model, x, x_val, khatri_rao(6)).estimate(y, recipe)
     assert not np.allclose(projected.forms["fsi_sum"], exact.forms["fsi_sum"], rtol=1e-3)
 
 
 def test_dense_projector_keeps_its_gaussian_and_rademacher_entries():
-    """DenseProjector draws Rademacher signs only for kind rademacher (kronecker's tensors are Gaussian)."""
+    """DenseProjector draws Rademacher signs only for kind rademacher (khatri_rao's tensors are Gaussian)."""
     shapes = {"w": torch.Size([50])}
     signs = DenseProjector(shapes, 4, 0, "rademacher")._chunk(0, 0, 50, 4)
     assert set(torch.unique(signs * 2).tolist()) == {-1.0, 1.0}
-    gaussian = DenseProjector(shapes, 4, 0, "kronecker")._chunk(0, 0, 50, 4)
+    gaussian = DenseProjector(shapes, 4, 0, "khatri_rao")._chunk(0, 0, 50, 4)
     assert torch.equal(gaussian, DenseProjector(shapes, 4, 0, "gaussian")._chunk(0, 0, 50, 4))
