@@ -338,6 +338,7 @@ MANIFEST_SHARD_BYTES = 128  # a shard's entry in the Jacobian manifest (name, ro
 SCORE_COLUMNS = 12  # 8-byte values per sample in scores.parquet (ids, labels, 4 scores, rank, fit)
 EVALUATE_COLUMNS = 13  # and in evaluate's detection_scores.parquet (ids, the detectors' scores)
 SUSPECTS_ROW_BYTES = 80  # a row of suspects.parquet and suspects.csv together (measured: 34 + 42 B)
+SUSPECTS_BASELINE_ROW_BYTES = 40  # and per suspects.baselines entry: its score and flag, Parquet + CSV
 
 
 def jacobian_shard_bytes(rows: int, k: int, values: int) -> int:
@@ -530,6 +531,7 @@ def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str
     prepared_disk, prepared_detail = prepared_bytes(sh)
     jacobians_disk, jacobians_detail = jacobian_bytes(sh, params)
     validate = load_section(params, "validate")
+    suspects = load_section(params, "suspects")
     stages = [
         # memory: the source as float64, as float32, and Arrow's copy
         StagePlan(
@@ -607,8 +609,9 @@ def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str
         ),
         StagePlan(
             "suspects",
-            SUSPECTS_ROW_BYTES * n + SMALL_FILES["suspects"],
-            # one leave-one-out solve at a time, as the loo stage's, on the same basis
+            (SUSPECTS_ROW_BYTES + SUSPECTS_BASELINE_ROW_BYTES * len(suspects.baselines)) * n + SMALL_FILES["suspects"],
+            # one leave-one-out solve at a time, as the loo stage's, on the same basis (the real network's
+            # trainings of suspects.baselines, as evaluate's, are not planned)
             scores.planned_peak_bytes(n, k, r, loo.block_size) + 8 * (r * r + n * k),
             "loo.block_size or data.max_train",
             n_disk,

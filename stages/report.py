@@ -57,18 +57,21 @@ def suspects_table(n: int) -> str:
     cal = out.meta["calibration"]
     precision = "-" if cal["estimated_precision"] is None else f"{cal['estimated_precision']:.2f}"
     texts = table.get("text")
+    known = table.get("known_error")  # only where the data carries known wrong labels
     w = max([9, *(len(str(v)) for v in table["label"] + table["predicted"])])
     lines = [
         f"{cal['flagged']} of the labels flagged (estimated precision {precision}, recall "
         f"{cal['estimated_recall']:.2f}, target precision {cal['target_precision']}); estimated share of wrong labels "
         f"{cal['estimated_error_rate']:.3f}; detector {cal['chosen']}, chosen on {len(cal['copies'])} flipped copies",
         f"{'rank':>5} {'sample_id':>9} {'label':>{w}} {'predicted':>{w}} {'flagged':>7} {'suspicion':>11}"
+        + (f" {'known':>5}" if known is not None else "")
         + ("  text" if texts is not None else ""),
     ]
     for i in range(len(table["rank"])):
         lines.append(
             f"{table['rank'][i]:>5} {table['sample_id'][i]:>9} {table['label'][i]:>{w}} {table['predicted'][i]:>{w}} "
             f"{'yes' if table['flagged'][i] else '':>7} {table['suspicion'][i]:>11.4e}"
+            + (f" {'wrong' if known[i] else '':>5}" if known is not None else "")
             + (f"  {_short(texts[i])}" if texts is not None else "")
         )
     return "\n".join(lines)

@@ -2,8 +2,10 @@
 flips needed (sui_core.studies.suspects): every sample's suspicion, given and predicted label and flag,
 the detector and threshold chosen on seeded flipped copies, a gallery of the top suspects.
 
-Where the prepared data carries known flips (`data.label_noise` > 0, or the user's own flags), they are
-never used for the choice, only to report how the flagged set measures against them (`measured_*`)."""
+With `suspects.baselines`, the real network's loss, EL2N and cleanlab are scored beside it, on the same
+samples. Where the prepared data carries known flips (`data.label_noise` > 0, or the user's own flags),
+they are never used for the choice, only to report how each flagged set measures against them
+(`measured_*` for sui's, `<baseline>_measured_*`)."""
 
 import numpy as np
 import pyarrow as pa
@@ -17,25 +19,11 @@ from sui_core.data.splits import read_split
 from sui_core.io import atomic_dir, read_npz, write_json, write_parquet
 from sui_core.linearized.ntk import Basis
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import targets
-from sui_core.studies.evaluation import detection_metrics
-from sui_core.studies.suspects import suspects
+from sui_core.network.models import load_model, targets
+from sui_core.studies.baselines import real_network_scores
+from sui_core.studies.suspects import against_known, baseline_flags, suspects
 
 METRICS_FILE = paths.METRICS / "suspects.json"
-
-
-def measured(flagged: np.ndarray, suspicion: np.ndarray, noisy: np.ndarray) -> dict:
-    """The flagged set and the ranking against known flips (reported only, never used to choose)."""
-    if not noisy.any() or noisy.all():
-        return {}
-    found = detection_metrics(suspicion, noisy, [])
-    return {
-        "measured_ap": found["ap"],
-        "measured_auroc": found["auroc"],
-        "measured_precision": float(noisy[flagged].mean()) if flagged.any() else float("nan"),
-        "measured_recall": float(noisy[flagged].sum() / noisy.sum()),
-        "known_flips": int(noisy.sum()),
-    }
 
 
 def body(cfg: Configs, run: StageRun) -> dict:
@@ -58,6 +46,21 @@ def body(cfg: Configs, run: StageRun) -> dict:
         s.precision,
         cfg.loo.tol,
     )
+    baselines, issues = {}, None
+    if s.baselines:
+        model, info = load_model(cfg.input(paths.MODEL).path)
+        baselines, issues = real_network_scores(
+            model,
+            info,
+            train.x,
+            train.label,
+            train.num_classes,
+            s.baselines,
+            cfg.training,
+            cfg.detection,
+            "suspects.baselines",
+        )
+    flags = {"sui": columns["flagged"], **baseline_flags(baselines, issues, calibration.flagged)}
     order = np.argsort(-columns["suspicion"], kind="stable")
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(1, len(order) + 1)
@@ -70,6 +73,11 @@ def body(cfg: Configs, run: StageRun) -> dict:
         "predicted": names[columns["predicted"]],
         "flagged": columns["flagged"],
     }
+    for name, score in baselines.items():
+        table[name] = score
+        table[f"{name}_flagged"] = flags[name]
+    if train.noisy.any():
+        table["known_error"] = train.noisy
     if train.text is not None:
         table["text"] = train.text
     table = pa.table(table).take(pa.array(order))
@@ -85,7 +93,21 @@ def body(cfg: Configs, run: StageRun) -> dict:
     )
     metrics = {key: value for key, value in record.items() if key not in ("copies", "mean_ap", "threshold")}
     metrics |= {f"copies_ap_{name}": value for name, value in record["mean_ap"].items()}
-    metrics |= measured(columns["flagged"], columns["suspicion"], train.noisy)
+    metrics |= {f"{name}_flagged": int(flag.sum()) for name, flag in flags.items() if name != "sui"}
+    known = {
+        name: against_known(flag, columns["suspicion"] if name == "sui" else baselines[name], train.noisy)
+        for name, flag in flags.items()
+    }
+    if known["sui"]:
+        metrics["known_flips"] = int(train.noisy.sum())
+        print(f"suspects: against the {int(train.noisy.sum())} known wrong labels (never used to choose):")
+        for name, found in known.items():
+            print(
+                f"  {name:<9} AP {found['ap']:.3f}, flagged {int(flags[name].sum())}: precision "
+                f"{found['precision']:.2f}, recall {found['recall']:.2f}"
+            )
+            prefix = "measured" if name == "sui" else f"{name}_measured"
+            metrics |= {f"{prefix}_{key}": value for key, value in found.items()}
     with atomic_dir(paths.SUSPECTS) as out:
         write_parquet(out / paths.SUSPECTS_FILE.name, table)
         pacsv.write_csv(table, out / "suspects.csv")
@@ -109,7 +131,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
     return finite_numbers(metrics)
 
 
-app = stage_app("suspects", __doc__, body, sections=["suspects", "training", "loo"])
+app = stage_app("suspects", __doc__, body, sections=["suspects", "training", "loo", "detection"])
 
 if __name__ == "__main__":
     app()

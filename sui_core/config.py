@@ -482,6 +482,12 @@ class SuspectsConfig:
     precision: float = param(0.8, "flag the largest top set whose estimated precision reaches this, in (0, 1]")
     seed: int = param(0, "seed of the first copy's flips")
     gallery_size: int = param(20, "top suspects in the gallery (image data)")
+    baselines: list[str] = param(
+        [],
+        "real-network baselines beside the suspicion, on the same samples (minutes; EL2N and cleanlab take "
+        "their settings from detection): loss | el2n | cleanlab",
+        choices=DETECTION_BASELINES,
+    )
 
     def validate(self, section: str) -> None:
         for key in ("copies", "gallery_size"):
@@ -493,6 +499,8 @@ class SuspectsConfig:
             raise ParamError(f"{section}.flips", f"must include uniform (the threshold is set on it), got {self.flips}")
         for kind in self.flips:
             _choice(section, "flips", kind, FLIP_KINDS)
+        for name in self.baselines:
+            _choice(section, "baselines", name, DETECTION_BASELINES)
         if self.seed < 0:
             raise ParamError(f"{section}.seed", f"must be >= 0, got {self.seed}")
 

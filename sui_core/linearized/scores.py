@@ -121,41 +121,49 @@ def loo_quadratic_forms(
     progress: bool = True,
     samples: range | None = None,
     all_reduce: Callable[[np.ndarray], np.ndarray] | None = None,
+    wanted: tuple[str, ...] = FORMS,
 ) -> LooResult:
     """Solve the leave-one-out problems of `samples` (default all) exactly and keep the quadratic
-    forms behind each score; `forms` arrays are indexed like `samples`.
+    forms `wanted` (default all FORMS) behind each score, and the fit; arrays are indexed like `samples`.
 
     A distributed worker passes its own `samples` and `all_reduce` (a sum over workers): the SGD
     smoothing's gradient covariance, a sum over all samples, is then summed over the workers' shares
-    (without `all_reduce` every worker sums it over all samples itself)."""
+    (without `all_reduce` every worker sums it over all samples itself). Without dv_sgd in `wanted`
+    that covariance and its r×r eigendecomposition are skipped (most of a solve's time at small n)."""
     n = basis.z.shape[0]
     samples = samples if samples is not None else range(n)
     full, left = recipe.full(n), recipe.left_out(n)
     plan, blocks = loo_deltas(basis.s, basis.z, residual, full, left, tol, block_size, dtype, samples)
     c = trained_coefficients(basis.s, basis.z, residual, full)
-    sgd_prec = sgd_precision(
-        basis,
-        residual,
-        recipe,
-        batch_size or n,
-        c,
-        samples=samples if all_reduce is not None else None,
-        all_reduce=all_reduce,
-    )
+    if "dv_sgd" in wanted:
+        sgd_prec = sgd_precision(
+            basis,
+            residual,
+            recipe,
+            batch_size or n,
+            c,
+            samples=samples if all_reduce is not None else None,
+            all_reduce=all_reduce,
+        )
     h_mean = basis.s / n + recipe.weight_decay
     factor = full.factor(basis.s)
     train_error = residual - np.einsum("nkr,r->nk", basis.z, c)  # y − f_t(x)
-    forms = {name: np.empty(len(samples)) for name in FORMS}
+    forms = {name: np.empty(len(samples)) for name in wanted}
     fit = {name: np.empty(len(samples)) for name in FIT}
     loo_errors = np.empty((len(samples), basis.z.shape[1]))
     with tqdm(total=len(samples), desc="leave-one-out", unit="sample", disable=not progress) as bar:
         for start, delta in blocks:
             sl = slice(start - samples.start, start - samples.start + len(delta))
             zb, error = basis.z[start : start + len(delta)], train_error[start : start + len(delta)]
-            forms["fsi_sum"][sl] = np.einsum("br,br->b", delta @ basis.gram_val, delta)
-            forms["dv_sq"][sl] = np.einsum("br,br->b", delta, delta)
-            forms["dv_hess"][sl] = np.einsum("br,r,br->b", delta, h_mean, delta)
-            forms["dv_sgd"][sl] = np.einsum("br,br->b", delta @ sgd_prec, delta)
+            for name in wanted:
+                if name == "fsi_sum":
+                    forms[name][sl] = np.einsum("br,br->b", delta @ basis.gram_val, delta)
+                elif name == "dv_sq":
+                    forms[name][sl] = np.einsum("br,br->b", delta, delta)
+                elif name == "dv_hess":
+                    forms[name][sl] = np.einsum("br,r,br->b", delta, h_mean, delta)
+                else:
+                    forms[name][sl] = np.einsum("br,br->b", delta @ sgd_prec, delta)
             loo_errors[sl] = error + np.einsum("bkr,br->bk", zb, delta)  # y − f₋ᵢ(x) = y − f_t(x) + Φ_iΔv_i
             fit["loo_loss"][sl] = 0.5 * (loo_errors[sl] ** 2).sum(1)
             fit["train_loss"][sl] = 0.5 * (error**2).sum(1)

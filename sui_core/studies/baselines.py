@@ -14,7 +14,9 @@ All three use the pipeline's loss ½‖f_w(x) − y‖² on the regression targe
   over the trained (requires_grad) parameters, at w0 or after `steps` early steps. Low = pruned first.
 
 A model builder `build(seed) -> nn.Module` gives the network at w0 for an init seed (`seeded_builder`
-makes one from a ModelConfig); every score is a float64 numpy array (n,).
+makes one from a ModelConfig); every score is a float64 numpy array (n,). `real_network_scores` runs the
+chosen ones (and cleanlab's confident learning, `sui_core.studies.detection`) for the evaluate and
+suspects stages.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
-from sui_core.config import ModelConfig
-from sui_core.network.models import build_model
+from sui_core.config import DetectionConfig, ModelConfig, TrainingConfig
+from sui_core.errors import ParamError
+from sui_core.network.models import architecture, build_model, targets
 from sui_core.network.training import Params, constants, predict, train_full_batch, trainable, unstack
 
 Builder = Callable[[int], nn.Module]
@@ -141,3 +144,49 @@ def grand(
         return gradient_norms(model, params, xs, ys, batch_size)
 
     return _mean_over_seeds("grand", build, x, y, seeds, progress, norms)
+
+
+def real_network_scores(
+    model: nn.Module,
+    info: dict,
+    x: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    which: Sequence[str],
+    training: TrainingConfig,
+    detection: DetectionConfig,
+    param: str,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The mislabel baselines `which` (loss | el2n | cleanlab) of the real network (`model` at w0, `info`
+    its model.json) trained by the `training` recipe on (x, labels), higher = more suspect; and cleanlab's
+    own issue set (None without cleanlab). EL2N and the cleanlab folds take their settings from `detection`.
+    `param` names the setting that asked for them in the error for an unbounded training.t."""
+    if not np.isfinite(training.t):
+        raise ParamError(param, "real-network baselines need a finite training.t (steps to train)")
+    steps = round(training.t)  # continuous dynamics: gradient flow for time lr·t ≈ t steps of lr
+    from sui_core.studies import detection as cl  # detection's docstring derives the cleanlab baseline
+
+    x = torch.as_tensor(x)
+    y = torch.as_tensor(targets(labels, num_classes))
+    lr, wd = training.lr, training.weight_decay
+    found, issues = {}, None
+    if "loss" in which:
+        found["loss"] = training_loss(model, x, y, lr, steps, wd)
+    if "el2n" in which:
+        build = seeded_builder(architecture(info), info["input_shape"], info["num_outputs"])
+        found["el2n"] = el2n(build, x, y, detection.el2n_seeds, lr, detection.el2n_steps, wd, progress=True)
+    if "cleanlab" in which:
+        found["cleanlab"], issues = cl.out_of_fold_confident_learning(
+            model,
+            x,
+            y,
+            labels,
+            num_classes,
+            detection.folds,
+            detection.selection_seed,
+            lr,
+            steps,
+            wd,
+            progress="cleanlab folds",
+        )
+    return found, issues

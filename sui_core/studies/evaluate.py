@@ -30,7 +30,7 @@ from sui_core.config import (
     TrainingConfig,
 )
 from sui_core.data.splits import Split
-from sui_core.errors import ArtifactError, ParamError
+from sui_core.errors import ArtifactError
 from sui_core.io import atomic_path, write_parquet
 from sui_core.linearized.ntk import Basis
 from sui_core.linearized.scores import FIT, SCORES
@@ -178,41 +178,22 @@ def mislabel_detection(settings: Settings, inputs: Inputs, table: pa.Table, out:
 def real_network_baselines(
     settings: Settings, inputs: Inputs, sample_id: np.ndarray
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """The real network (its w0, the training recipe) on the noisy training labels: training
-    loss, EL2N, cleanlab's confident learning; and cleanlab's own issue set (None without it)."""
-    if not np.isfinite(settings.training.t):
-        raise ParamError("detection.baselines", "real-network baselines need a finite training.t (steps to train)")
-    steps = round(settings.training.t)  # continuous dynamics: gradient flow for time lr·t ≈ t steps of lr
+    """`baselines.real_network_scores` of `detection.baselines` on the noisy training labels."""
     train, _, _ = inputs.splits()
     if not np.array_equal(train.sample_id, sample_id):
         raise ArtifactError("the prepared training split's samples do not match the scores' (rerun the pipeline)")
     model, info = inputs.model()
-    x = torch.as_tensor(train.x)
-    y = torch.as_tensor(targets(train.label, train.num_classes))
-    lr, wd = settings.training.lr, settings.training.weight_decay
-    found, issues = {}, None
-    if "loss" in settings.detection.baselines:
-        found["loss"] = baselines.training_loss(model, x, y, lr, steps, wd)
-    if "el2n" in settings.detection.baselines:
-        build = baselines.seeded_builder(architecture(info), info["input_shape"], info["num_outputs"])
-        found["el2n"] = baselines.el2n(
-            build, x, y, settings.detection.el2n_seeds, lr, settings.detection.el2n_steps, wd, progress=True
-        )
-    if "cleanlab" in settings.detection.baselines:
-        found["cleanlab"], issues = detection.out_of_fold_confident_learning(
-            model,
-            x,
-            y,
-            train.label,
-            train.num_classes,
-            settings.detection.folds,
-            settings.detection.selection_seed,
-            lr,
-            steps,
-            wd,
-            progress="cleanlab folds",
-        )
-    return found, issues
+    return baselines.real_network_scores(
+        model,
+        info,
+        train.x,
+        train.label,
+        train.num_classes,
+        settings.detection.baselines,
+        settings.training,
+        settings.detection,
+        "detection.baselines",
+    )
 
 
 def why_fsi_is_less_precise(fsi: np.ndarray, fit: dict[str, np.ndarray], noisy: np.ndarray) -> dict:

@@ -39,6 +39,15 @@ equations give T and F at every τ, the flagged set's precision π̂T/q and reca
 is every sample scoring ≥ τ* for the lowest τ* whose estimated precision reaches `precision` (none
 if no τ does).
 
+**Baselines beside it** (`suspects.baselines`: the real network's loss, EL2N, cleanlab): scored on the
+same samples and written beside the suspicion, but never candidates of the choice: judging them on a
+flipped copy takes a real training per copy (cleanlab one per fold), 8–16× the detection's cost where
+the target is ≤ 3× (the linearized candidates reuse the basis). Their flagged sets (`baseline_flags`):
+cleanlab's own `find_label_issues` set; the loss and EL2N, which have no threshold of their own, their
+top samples, as many as sui flagged, so both are compared at the same budget. Against known wrong
+labels (injected, or the user's own flags) every flagged set gets its measured precision and recall
+(`against_known`), reported only.
+
 What the estimate assumes (docs/decisions.md): the user's wrong labels score like injected uniform
 flips; a copy's flips change the other samples' scores little (hence a small `flip_fraction`); the
 top scores hold almost no right labels; π < ½.
@@ -57,6 +66,7 @@ from sui_core.linearized.scores import loo_quadratic_forms
 from sui_core.linearized.solver import Recipe
 from sui_core.network.models import num_outputs, targets
 from sui_core.studies import detection
+from sui_core.studies.evaluation import detection_metrics
 
 # the detectors of sui_core.studies.detection that need only the leave-one-out solution at the recipe's t
 CANDIDATES = (
@@ -85,7 +95,7 @@ def detectors(
 ) -> Detectors:
     """The candidates for `labels` (n,), from one leave-one-out solve in `basis` (f0: outputs at w0)."""
     y = targets(labels, num_classes)
-    result = loo_quadratic_forms(basis, y - f0, recipe, None, tol, progress=False)
+    result = loo_quadratic_forms(basis, y - f0, recipe, None, tol, progress=False, wanted=("fsi_sum",))
     fsi = result.forms["fsi_sum"]
     found = detection.sui_detectors(fsi, result.fit)
     scores = {name: found[name] if name in found else result.fit[name] for name in CANDIDATES}
@@ -254,3 +264,31 @@ def suspects(
         "flagged": score >= calibration.threshold,
     }
     return columns, calibration
+
+
+def baseline_flags(scores: dict[str, np.ndarray], issues: np.ndarray | None, count: int) -> dict[str, np.ndarray]:
+    """The flagged set of each baseline score (module doc): cleanlab's own issue set `issues`, else the
+    top `count` samples by the score (ties in sample order)."""
+    flags = {}
+    for name, score in scores.items():
+        if name == "cleanlab" and issues is not None:
+            flags[name] = np.asarray(issues, bool)
+            continue
+        mask = np.zeros(len(score), bool)
+        mask[np.argsort(-score, kind="stable")[:count]] = True
+        flags[name] = mask
+    return flags
+
+
+def against_known(flagged: np.ndarray, score: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
+    """A flagged set and the ranking by `score` measured against known wrong labels `noisy`: AP, AUROC,
+    precision (nan when nothing is flagged) and recall; {} without both wrong and right labels."""
+    if not noisy.any() or noisy.all():
+        return {}
+    found = detection_metrics(score, noisy, [])
+    return {
+        "ap": found["ap"],
+        "auroc": found["auroc"],
+        "precision": float(noisy[flagged].mean()) if flagged.any() else float("nan"),
+        "recall": float(noisy[flagged].sum() / noisy.sum()),
+    }

@@ -165,9 +165,10 @@ def test_rare_subgroup_report():
 
 
 @pytest.mark.slow
-def test_evaluate_stage_end_to_end(tmp_path, monkeypatch):
-    """Small real data with flips, a rare subclass and FGSM images; every baseline on. The reported
-    metrics are recomputed from the per-sample scores the stage writes, fold by fold."""
+def test_evaluate_and_suspects_stages_end_to_end(tmp_path, monkeypatch):
+    """Small real data with flips, a rare subclass and FGSM images; every baseline on, in evaluate and
+    beside the suspects. The reported metrics are recomputed from the per-sample scores the stages write,
+    fold by fold, and each flagged set from its scores and the prepared flips."""
     import pyarrow.parquet as pq
     import yaml
     from typer.testing import CliRunner
@@ -188,9 +189,10 @@ def test_evaluate_stage_end_to_end(tmp_path, monkeypatch):
         "training": {"lr": 0.05, "t": 150},
         "loo": {"groups": ["label", "group"]},
         "detection": {"baselines": ["loss", "el2n", "cleanlab"], "folds": 3, "el2n_steps": 20, "el2n_seeds": [0, 1]},
+        "suspects": {"baselines": ["loss", "el2n", "cleanlab"], "copies": 2},
     }
     Path("params.yaml").write_text(yaml.safe_dump(params))
-    for name in ("prepare", "model", "jacobians", "ntk", "loo", "score", "evaluate"):
+    for name in ("prepare", "model", "jacobians", "ntk", "loo", "score", "evaluate", "suspects"):
         result = CliRunner().invoke(importlib.import_module(f"stages.{name}").app, [])
         assert result.exit_code == 0, f"stage {name} failed:\n{result.output}\n{result.exception!r}"
     metrics = json.loads(Path("data/metrics/evaluate.json").read_text())
@@ -228,6 +230,26 @@ def test_evaluate_stage_end_to_end(tmp_path, monkeypatch):
     for plot in ("detection", "fsi_by_group", "fsi_adversarial", "group_fsi", "sui_best_clean_vs_noisy"):
         assert Path(f"data/evaluate/plots/{plot}.png").stat().st_size > 0
     assert Path("data/evaluate/detection.md").read_text().count("\n") == 2 + 14  # header + 14 methods
+    # suspects: the same real-network baselines beside the suspicion, each flagged set measured on the flips
+    found = json.loads(Path("data/metrics/suspects.json").read_text())
+    table = pq.read_table("data/suspects/suspects.parquet").to_pydict()
+    order = np.argsort(table["sample_id"])
+    column = {name: np.array(values)[order] for name, values in table.items()}
+    np.testing.assert_array_equal(column["sample_id"], per_sample["sample_id"])
+    np.testing.assert_array_equal(column["known_error"], noisy)
+    for name in ("loss", "el2n", "cleanlab"):
+        np.testing.assert_allclose(column[name], per_sample[name], rtol=1e-6)
+        flags = column[f"{name}_flagged"]
+        if name == "cleanlab":
+            assert flags.sum() == metrics["cleanlab_issues"]
+        else:  # as many as sui flagged, the highest scores
+            assert flags.sum() == found["flagged"] and column[name][flags].min() >= column[name][~flags].max()
+        assert found[f"{name}_measured_precision"] == pytest.approx(noisy[flags].mean())
+        assert found[f"{name}_measured_recall"] == pytest.approx(noisy[flags].sum() / noisy.sum())
+        assert found[f"{name}_measured_ap"] == pytest.approx(detection_metrics(column[name], noisy, [])["ap"])
+    sui_flags = column["flagged"]
+    assert found["measured_precision"] == pytest.approx(noisy[sui_flags].mean())
+    assert found["known_flips"] == noisy.sum()
 
 
 @pytest.mark.parametrize(
