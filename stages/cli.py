@@ -28,7 +28,19 @@ from typer.core import TyperGroup
 # ---- stage commands ------------------------------------------------------------------------------
 # To add a stage: write stages/<name>.py with a module-level typer `app` holding one command (see
 # stages/common.py: `app = stage_app(...)`) and list <name> here, in pipeline order.
-STAGE_MODULES = ["prepare", "pretrain", "model", "jacobians", "ntk", "loo", "score", "evaluate", "validate", "track"]
+STAGE_MODULES = [
+    "prepare",
+    "pretrain",
+    "model",
+    "jacobians",
+    "ntk",
+    "loo",
+    "score",
+    "evaluate",
+    "attribute",
+    "validate",
+    "track",
+]
 
 
 def _module_name(name: str) -> str:
@@ -265,6 +277,24 @@ def suspects(n: int = typer.Option(20, "--n", "-n", help="How many of the most s
 
     try:
         typer.echo(suspects_table(n))
+    except SuiError as exc:
+        _fail(error_line(exc).removeprefix("error: "))
+
+
+# ---- sui explain ---------------------------------------------------------------------------------
+@app.command()
+def explain(
+    sample_id: int = typer.Argument(..., help="A validation sample id explained by the attribute stage."),
+    n: int = typer.Option(10, "--n", "-n", help="How many proponents and opponents."),
+) -> None:
+    """Print which training samples made this validation prediction (data/attribution): its top
+    proponents and opponents, each with the exact change of the prediction without it."""
+    from stages.common import error_line
+    from stages.report import explain_table
+    from sui_core.errors import SuiError
+
+    try:
+        typer.echo(explain_table(sample_id, n))
     except SuiError as exc:
         _fail(error_line(exc).removeprefix("error: "))
 

@@ -28,9 +28,9 @@ from sui_core.artifacts import Output, check_aligned
 from sui_core.data.splits import Split, read_split
 from sui_core.errors import ParamError
 from sui_core.io import atomic_dir, read_npz, write_parquet
-from sui_core.linearized.estimate import trained_estimate, val_rows_in_basis
+from sui_core.linearized.estimate import trained_estimate
 from sui_core.linearized.jacobians import contiguous_range, load_split
-from sui_core.linearized.ntk import Basis
+from sui_core.linearized.ntk import Basis, val_rows_in_basis
 from sui_core.linearized.scores import LooResult, forms_table, group_table, loo_quadratic_forms, planned_peak_bytes
 from sui_core.linearized.solver import Recipe
 from sui_core.network.models import load_model, targets

@@ -12,6 +12,7 @@ LOO = DATA / "loo"
 SCORES = DATA / "scores"
 EVALUATE = DATA / "evaluate"
 SUSPECTS = DATA / "suspects"
+ATTRIBUTION = DATA / "attribution"
 VALIDATE = DATA / "validate"
 METRICS = DATA / "metrics"  # small JSON files DVC tracks in git as metrics
 
@@ -22,6 +23,8 @@ GROUPS_FILE = LOO / "groups.parquet"
 SCORES_FILE = SCORES / "scores.parquet"
 GROUP_SCORES_FILE = SCORES / "groups.parquet"
 SUSPECTS_FILE = SUSPECTS / "suspects.parquet"
+INFLUENCES_FILE = ATTRIBUTION / "influences.parquet"
+EFFECTS_FILE = ATTRIBUTION / "effects.parquet"
 
 DVC_YAML = Path("dvc.yaml")
 PROVENANCE = Path(".sui") / "provenance"  # what code made each stage's outputs (not an output: see stages/common.py)

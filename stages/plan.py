@@ -327,10 +327,12 @@ SMALL_FILES = {
     "score": 64 << 10,
     "evaluate": 112 << 10,
     "suspects": 64 << 10,  # its gallery and meta.json (the calibration record of every copy)
+    "attribute": 512,
     "validate": 512,
 }
 NOT_PLANNED = 0  # the peak memory of a stage the plan has no model of (shown as "-")
 VALIDATE_FILES = 96 << 10  # its scatter plot and tables, when validate.enabled
+ATTRIBUTE_FILES = 96 << 10  # its gallery, when attribute.enabled
 VALIDATE_ROW_BYTES = 128  # and a row of its tables per left-out sample
 NPZ_ARRAY_BYTES = 256  # an array's .npy header and its zip entries
 TORCH_TENSOR_BYTES = 640  # torch.save's record per tensor
@@ -338,6 +340,7 @@ MANIFEST_SHARD_BYTES = 128  # a shard's entry in the Jacobian manifest (name, ro
 SCORE_COLUMNS = 12  # 8-byte values per sample in scores.parquet (ids, labels, 4 scores, rank, fit)
 EVALUATE_COLUMNS = 13  # and in evaluate's detection_scores.parquet (ids, the detectors' scores)
 SUSPECTS_ROW_BYTES = 80  # a row of suspects.parquet and suspects.csv together (measured: 34 + 42 B)
+INFLUENCE_ROW_BYTES = 64  # a row of influences.parquet beyond its lists: id, label and predicted names
 SUSPECTS_BASELINE_ROW_BYTES = 40  # and per suspects.baselines entry: its score and flag, Parquet + CSV
 
 
@@ -515,6 +518,29 @@ def ntk_plan(sh: Shapes, shard_rows: int) -> StagePlan:
     )
 
 
+def attribute_plan(params: dict[str, Any], n: int, n_val: int, k: int, r: int, block_size: int) -> StagePlan:
+    """influences.parquet (a row per target: ids and supports of its proponents and opponents, k-vectors),
+    the effect matrix when it is within attribute.matrix_limit_mb, a gallery; in memory the loo solve's
+    peak, the targets' rows in the basis, the matrix and one block of effects."""
+    from sui_core.linearized import scores
+
+    a = load_section(params, "attribute")
+    if not a.enabled:
+        return StagePlan(
+            "attribute", SMALL_FILES["attribute"], NOT_PLANNED, "-", "-", "nothing (attribute.enabled is false)"
+        )
+    m = len(a.targets) or n_val
+    matrix = 4 * n * m * k if 4 * n * m * k <= a.matrix_limit_mb * 2**20 else 0
+    return StagePlan(
+        "attribute",
+        INFLUENCE_ROW_BYTES * m + 32 * a.top * m + 24 * k * m + matrix + ATTRIBUTE_FILES + SMALL_FILES["attribute"],
+        scores.planned_peak_bytes(n, k, r, block_size) + 8 * (n_val * k * r + block_size * m * k) + matrix,
+        "attribute.targets, attribute.matrix_limit_mb or data.max_train",
+        "attribute.targets, attribute.matrix_limit_mb or attribute.top",
+        f"{m} targets × {a.top} proponents and opponents" + (f" + the {n} × {m} × {k} matrix" if matrix else ""),
+    )
+
+
 def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str | Path = ".") -> Plan:
     from sui_core.linearized import scores
 
@@ -617,6 +643,7 @@ def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str
             n_disk,
             f"{n} rows (Parquet + CSV) + a gallery",
         ),
+        attribute_plan(params, n, sh.n["val"], k, r, loo.block_size),
         StagePlan(
             "validate",
             (VALIDATE_FILES + VALIDATE_ROW_BYTES * validate.samples if validate.enabled else 0)

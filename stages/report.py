@@ -1,4 +1,4 @@
-"""`sui top` and `sui suspects`: the latest scores and suspected labels, as tables."""
+"""`sui top`, `sui suspects` and `sui explain`: the latest scores, suspected labels and attributions, as tables."""
 
 from __future__ import annotations
 
@@ -74,4 +74,38 @@ def suspects_table(n: int) -> str:
             + (f" {'wrong' if known[i] else '':>5}" if known is not None else "")
             + (f"  {_short(texts[i])}" if texts is not None else "")
         )
+    return "\n".join(lines)
+
+
+def explain_table(sample_id: int, n: int) -> str:
+    """One validation target of the latest attribute stage: its prediction, its n top proponents and
+    opponents with their labels and support, and how far the single-sample effects add up."""
+    if n <= 0:
+        raise SuiError(f"--n: must be > 0, got {n}")
+    out = open_output(paths.ATTRIBUTION, stage="attribute")
+    if not out.meta.get("enabled"):
+        raise SuiError(f"{paths.ATTRIBUTION}: the attribute stage is off (set attribute.enabled: true, then dvc repro)")
+    table = read_parquet(out.file(paths.INFLUENCES_FILE.name)).to_pydict()
+    if sample_id not in table["target_id"]:
+        shown = ", ".join(map(str, table["target_id"][:5]))
+        raise SuiError(f"sample {sample_id}: not among the {len(table['target_id'])} targets explained ({shown}, …)")
+    t = table["target_id"].index(sample_id)
+    train = read_parquet(open_output(paths.PREPARED, stage="prepare").file("train.parquet"), ["sample_id", "label"])
+    names = [str(c) for c in open_output(paths.PREPARED, stage="prepare").meta["summary"]["class_names"]]
+    label_of = dict(zip(train.column("sample_id").to_pylist(), train.column("label").to_pylist()))
+    prediction = ", ".join(f"{v:.3f}" for v in table["prediction"][t])
+    ratio = ", ".join(f"{v:.3f}" for v in table["additivity"][t])
+    lines = [
+        f"validation sample {sample_id}: label {table['label'][t]}, predicted {table['predicted'][t]} "
+        f"(outputs {prediction}); Σ of single-sample effects / all removed at once: {ratio}",
+        "support: how far the prediction moves away from its class when the sample is left out "
+        "(exact, linearized model; < 0: towards it)",
+    ]
+    for title, ids, values in (
+        ("proponents", table["proponent_id"][t], table["proponent_support"][t]),
+        ("opponents", table["opponent_id"][t], table["opponent_support"][t]),
+    ):
+        lines += ["", f"{min(n, len(ids))} top {title}", f"{'rank':>5} {'sample_id':>9} {'label':>9} {'support':>11}"]
+        for rank, (i, v) in enumerate(zip(ids[:n], values[:n]), start=1):
+            lines.append(f"{rank:>5} {i:>9} {names[label_of[i]]:>9} {v:>11.4e}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ METRIC_SOURCES: dict[str, tuple[Path, str | None]] = {
     "loo": (paths.LOO / "meta.json", None),
     "evaluate": (paths.METRICS / "evaluate.json", None),
     "suspects": (paths.METRICS / "suspects.json", None),
+    "attribute": (paths.METRICS / "attribute.json", None),
     "validate": (paths.METRICS / "validate.json", None),
 }
 

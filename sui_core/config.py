@@ -510,6 +510,30 @@ class SuspectsConfig:
 
 
 @dataclass(frozen=True)
+class AttributeConfig:
+    """Which training samples made each validation prediction (the attribute stage, `sui explain`): the
+    exact change of every target prediction when each training sample is left out
+    (sui_core.studies.attribution). Off by default."""
+
+    enabled: bool = param(False, "true: the attribute stage computes the train × target effects")
+    targets: list[int] = param([], "validation sample ids to explain; [] = every validation sample")
+    top: int = param(10, "proponents and opponents kept per target")
+    matrix_limit_mb: int = param(
+        512, "also store the whole train × target × output effect matrix (float32) when it is at most this large"
+    )
+    gallery_targets: int = param(6, "targets in the gallery (image data), the first ones explained")
+
+    def validate(self, section: str) -> None:
+        for key in ("top", "gallery_targets"):
+            if getattr(self, key) <= 0:
+                raise ParamError(f"{section}.{key}", f"must be > 0, got {getattr(self, key)}")
+        if self.matrix_limit_mb < 0:
+            raise ParamError(f"{section}.matrix_limit_mb", f"must be >= 0, got {self.matrix_limit_mb}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ParamError(f"{section}.targets", "lists a sample id twice")
+
+
+@dataclass(frozen=True)
 class SummarizationConfig:
     """Data summarization in the evaluate stage (paper Fig. 2c): remove a fraction of the training set
     by each strategy, retrain the real network (the `training` recipe, from each seed's w0) on what
@@ -694,6 +718,7 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "detection": DetectionConfig,
     "suspects": SuspectsConfig,
+    "attribute": AttributeConfig,
     "summarization": SummarizationConfig,
     "robustness": RobustnessConfig,
     "pretrain": PretrainConfig,

@@ -85,6 +85,42 @@ def suspects_gallery(
     _save(fig, path)
 
 
+def attribution_gallery(
+    target_images: np.ndarray,
+    target_titles: list[str],
+    train_images: np.ndarray,
+    proponents: np.ndarray,
+    opponents: np.ndarray,
+    proponent_titles: list[list[str]],
+    opponent_titles: list[list[str]],
+    path: str | Path,
+    per_side: int = 4,
+) -> None:
+    """One row per target: the target image, its `per_side` top proponents (training rows, green
+    titles) and its top opponents (red titles)."""
+    rows = max(1, len(target_images))
+    cols = 1 + 2 * per_side
+    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols, 1.6 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r in range(len(target_images)):
+        axes[r, 0].imshow(_as_image(target_images[r]), cmap="gray")
+        axes[r, 0].set_title(target_titles[r], fontsize=7, fontweight="bold")
+        for side, (rows_of, titles, color) in enumerate(
+            ((proponents, proponent_titles, "tab:green"), (opponents, opponent_titles, "tab:red"))
+        ):
+            for j, i in enumerate(rows_of[r][:per_side]):
+                ax = axes[r, 1 + side * per_side + j]
+                ax.imshow(_as_image(train_images[i]), cmap="gray")
+                ax.set_title(titles[r][j], fontsize=6, color=color)
+    fig.suptitle(
+        "Each validation target, its top proponents (green: without them the prediction loses most) and "
+        "opponents (red)",
+        fontsize=9,
+    )
+    _save(fig, path)
+
+
 def is_image(input_shape: list[int]) -> bool:
     return len(input_shape) == 3 and input_shape[0] in (1, 3) and min(input_shape[1:]) >= 4
 

@@ -28,6 +28,7 @@ ALL_STAGES = [
     "score",
     "evaluate",
     "suspects",
+    "attribute",
     "validate",
 ]
 

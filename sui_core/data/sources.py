@@ -1,8 +1,9 @@
 """A user's own data and torchvision's datasets: `imagefolder`, `parquet`, `torchvision_*`.
 
 Each loader returns `(parts, input_shape)` as the built-in loaders in `sui_core.data.splits` do (`Loaded`):
-`parts` maps train/val/test to a `Part` (sample ids, x, y, and optionally source, group, text), with `y` the
-original labels (folder names, label-column values, dataset targets) restricted to `data.classes`. Splits a
+`parts` maps train/val/test to a `Part` (sample ids, x, y, and optionally source, group, text, and parquet's
+known label errors clean_y, noisy), with `y` the original labels (folder names, label-column values, dataset
+targets) restricted to `data.classes`. Splits a
 source brings along (train/val[/test] folders, a `split` column, torchvision's train/test files) are
 kept; otherwise the pool is split with the seed as for the built-in sources.
 """
@@ -23,7 +24,8 @@ from sui_core.errors import DataError, ParamError
 
 SPLITS = ("train", "val", "test")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # as ImageFolder
-RESERVED = ("split", "source", "group")  # parquet columns that are never features
+RESERVED = ("split", "source", "group", "clean_label", "noisy")  # parquet columns that are never features
+FLAGS = ("clean_label", "noisy")  # parquet columns of known label errors (never features)
 
 # source -> (torchvision class name, folder under root torchvision reads, files it expects there)
 _IDX = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -139,7 +141,11 @@ def _read_images(paths: list[Path], cfg: DataConfig, root: Path) -> tuple[np.nda
 
 
 def load_parquet(cfg: DataConfig) -> Loaded:
-    """A table of features (numeric columns or one fixed-length list column) and labels; sample id = row."""
+    """A table of features (numeric columns or one fixed-length list column) and labels; sample id = row.
+
+    Optional known label errors, for the rows of every split (only the training split's are used
+    downstream): `clean_label` (the clean label, same type and values as the label column) and/or
+    `noisy` (bool, no nulls); the rules are those of `sui_core.data.splits._known_errors`."""
     path = Path(str(cfg.parquet_path)).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: parquet file not found (data.parquet_path)")
@@ -156,6 +162,7 @@ def load_parquet(cfg: DataConfig) -> Loaded:
     else:
         (x, _), text = _parquet_features(path, table, cfg), None
     y = _parquet_labels(path, label, table.column(label))
+    clean, noisy = _parquet_flags(path, table, label, y)
     n = table.num_rows
     source = _string_column(path, table, "source", "parquet")
     group = _string_column(path, table, "group", None)
@@ -176,10 +183,42 @@ def load_parquet(cfg: DataConfig) -> Loaded:
                 raise DataError(f"{path}: column 'split' has no {name} rows (for the chosen classes)")
     ids = np.arange(n)
     parts = {
-        name: Part(ids[idx], x[idx], y[idx], source[idx], group[idx], None if text is None else text[idx])
+        name: Part(
+            ids[idx],
+            x[idx],
+            y[idx],
+            source[idx],
+            group[idx],
+            None if text is None else text[idx],
+            None if clean is None else clean[idx],
+            None if noisy is None else noisy[idx],
+        )
         for name, idx in index.items()
     }
     return parts, [x.shape[1]]
+
+
+def _parquet_flags(
+    path: Path, table: pa.Table, label: str, y: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The optional columns `clean_label` (as the labels `y`: int64 or str) and `noisy` (bool); None when absent."""
+    clean = noisy = None
+    if "clean_label" in table.column_names and label != "clean_label":
+        clean = _parquet_labels(path, "clean_label", table.column("clean_label"), "column")
+        if clean.dtype != y.dtype:
+            kinds = {np.dtype(object): "strings", np.dtype(np.int64): "integers"}
+            raise DataError(
+                f"{path}: column 'clean_label' must hold {kinds[y.dtype]} as the label column {label!r} does, "
+                f"got {table.schema.field('clean_label').type}"
+            )
+    if "noisy" in table.column_names:
+        col = table.column("noisy")
+        if not pa.types.is_boolean(col.type):
+            raise DataError(f"{path}: column 'noisy' must hold bools, got {col.type}")
+        if col.null_count:
+            raise DataError(f"{path}: column 'noisy' holds {col.null_count} null values")
+        noisy = col.to_numpy(zero_copy_only=False).astype(bool)
+    return clean, noisy
 
 
 def _parquet_text(path: Path, table: pa.Table, name: str) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -235,6 +274,8 @@ def _parquet_features(path: Path, table: pa.Table, cfg: DataConfig) -> tuple[np.
                 f"{path}: no feature column {missing[0]!r} (data.feature_columns); columns: {', '.join(columns)}"
             )
         for c in names:
+            if c in FLAGS:
+                raise DataError(f"{path}: column {c!r} flags known label errors, not a feature (data.feature_columns)")
             if not _numeric(table.schema.field(c).type):
                 raise DataError(f"{path}: feature column {c!r} is not numeric ({table.schema.field(c).type})")
     else:
@@ -259,10 +300,10 @@ def _numeric(kind: pa.DataType) -> bool:
     return pa.types.is_integer(kind) or pa.types.is_floating(kind)
 
 
-def _parquet_labels(path: Path, name: str, col: pa.ChunkedArray) -> np.ndarray:
+def _parquet_labels(path: Path, name: str, col: pa.ChunkedArray, what: str = "label column") -> np.ndarray:
     """int64 for integer (or integer-valued float) labels, an object array of str for string labels."""
     if col.null_count:
-        raise DataError(f"{path}: label column {name!r} holds {col.null_count} null values")
+        raise DataError(f"{path}: {what} {name!r} holds {col.null_count} null values")
     kind = col.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return np.array(col.to_pylist(), dtype=object)
@@ -272,7 +313,7 @@ def _parquet_labels(path: Path, name: str, col: pa.ChunkedArray) -> np.ndarray:
         y = col.to_numpy()
         if np.all(np.isfinite(y)) and np.all(y == np.round(y)):
             return y.astype(np.int64)
-    raise DataError(f"{path}: label column {name!r} must hold integers or strings, got {kind}")
+    raise DataError(f"{path}: {what} {name!r} must hold integers or strings, got {kind}")
 
 
 def _string_column(path: Path, table: pa.Table, name: str, fill: str | None) -> np.ndarray:

@@ -70,6 +70,7 @@ class RawData:
     train: Split
     val: Split
     test: Split
+    known_errors: str = "none"  # where `noisy` comes from: "user" (the data's own flags), "injected", "none"
 
     @property
     def splits(self) -> dict[str, Split]:
@@ -79,7 +80,10 @@ class RawData:
 @dataclass
 class Part:
     """One split of a source as loaded, before labels are mapped: sample ids, inputs, original labels,
-    and the optional per-sample columns (None: every sample is of the source itself / no groups / no text)."""
+    and the optional per-sample columns (None: every sample is of the source itself / no groups / no text /
+    no known label errors). `clean_y` (original label values, as `y`) and `noisy` (bool) are the user's own
+    known label errors (npz y_train_clean/noisy, parquet columns clean_label/noisy); `load_source` applies
+    the rules of `_known_errors`."""
 
     ids: np.ndarray
     x: np.ndarray
@@ -87,6 +91,8 @@ class Part:
     source: np.ndarray | None = None
     group: np.ndarray | None = None
     text: np.ndarray | None = None
+    clean_y: np.ndarray | None = None
+    noisy: np.ndarray | None = None
 
 
 Loaded = tuple[dict[str, Part], list[int]]  # the parts by split name, and the input shape of one sample
@@ -127,7 +133,11 @@ SOURCES: dict[str, Callable[[DataConfig], Loaded]] = {
 
 def load_source(cfg: DataConfig) -> RawData:
     """Load `cfg.source`, keep `cfg.classes` (merging `cfg.subclass` into its class), split (built-in
-    sources only), replace training images by adversarial ones (`cfg.adversarial`) and corrupt training labels."""
+    sources only), replace training images by adversarial ones (`cfg.adversarial`) and corrupt training labels.
+
+    Known label errors the data brings (npz `y_train_clean`/`noisy`, parquet columns `clean_label`/`noisy`)
+    set `clean_label`/`noisy` instead of injected noise (`_known_errors`); with them `data.label_noise`
+    must be 0 (ParamError)."""
     if cfg.source not in SOURCES:
         raise ParamError("data.source", f"unknown source {cfg.source!r}")
     if cfg.subclass is not None and cfg.source not in NAMED_CLASS_SOURCES:  # load the added class, then merge it
@@ -135,19 +145,28 @@ def load_source(cfg: DataConfig) -> RawData:
         parts, input_shape = _merge_subclass(*loaded, cfg)
     else:
         parts, input_shape = SOURCES[cfg.source](cfg)
+    flags = _flag_names(cfg, parts)
+    if flags and cfg.label_noise > 0:
+        raise ParamError(
+            "data.label_noise",
+            f"must be 0: {_where(cfg)} carries its own known label errors ({flags}); set "
+            "label_noise: 0 (injected flips on top would mix known and synthetic errors)",
+        )
     if cfg.source == "imagefolder" and cfg.classes is not None:  # folder names are strings
         cfg = dataclasses.replace(cfg, classes=[str(c) for c in cfg.classes])
     classes = _classes(cfg, parts)
-    splits = {}
+    splits, disagree = {}, []
     for name, part in parts.items():
         label = _map_labels(f"{_where(cfg)}: y_{name}", part.y, classes)
         n = len(part.y)
+        clean_label, noisy, wrong = _known_errors(part, label, classes)
+        disagree.append(part.ids[wrong])
         splits[name] = Split(
             sample_id=part.ids.astype(np.int64),
             x=normalize(part.x.astype(np.float32).reshape((n, *input_shape)), cfg),
             label=label,
-            clean_label=label.copy(),
-            noisy=np.zeros(n, bool),
+            clean_label=clean_label,
+            noisy=noisy,
             source=np.full(n, cfg.source, dtype=object) if part.source is None else part.source,
             input_shape=tuple(input_shape),
             num_classes=len(classes),
@@ -155,7 +174,13 @@ def load_source(cfg: DataConfig) -> RawData:
             group=part.group,
             text=part.text,
         )
-    present = set(splits["train"].clean_label.tolist())
+    disagree = np.concatenate(disagree)
+    if len(disagree):
+        raise DataError(
+            f"{_where(cfg)}: {flags} disagree on {len(disagree)} rows (first: sample id {int(disagree.min())}); "
+            "noisy must be exactly where the clean label differs from the label"
+        )
+    present = set(splits["train"].label.tolist())  # = clean_label unless the data flags its own errors
     missing = [c for i, c in enumerate(classes) if i not in present]
     if missing:
         raise DataError(f"{_where(cfg)}: no training samples of class {missing}")
@@ -175,7 +200,42 @@ def load_source(cfg: DataConfig) -> RawData:
             cfg.seed,
         )
     _corrupt(splits["train"], cfg.label_noise, cfg.seed)
-    return RawData(**splits)
+    known = "user" if flags else "injected" if cfg.label_noise > 0 else "none"
+    return RawData(**splits, known_errors=known)
+
+
+def _flag_names(cfg: DataConfig, parts: dict[str, Part]) -> str:
+    """How messages name the known-error flags the data brings ("": it brings none)."""
+    npz = cfg.source == "npz"
+    fields = {"clean_y": "y_train_clean" if npz else "'clean_label'", "noisy": "noisy" if npz else "'noisy'"}
+    names = [name for field, name in fields.items() if any(getattr(p, field) is not None for p in parts.values())]
+    kind = ("array" if npz else "column") + ("s" if len(names) > 1 else "")
+    return f"{kind} {' and '.join(names)}" if names else ""
+
+
+def _known_errors(part: Part, label: np.ndarray, classes: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(clean_label, noisy, the rows where the given clean labels and noisy disagree) of one split: the given
+    label and no flags, unless the data brings its own.
+
+    `clean_label` is the clean label where known, else the given label. Only clean labels given: noisy =
+    label != clean label; a clean label that is not one of the classes (data.classes chose a subset) makes
+    the sample noisy with clean_label = the given label. Only `noisy` given: with 2 classes the clean label
+    of a noisy sample is the other class, with more it is unknown (= the given label). Both given: they must
+    agree on every row (`load_source` raises a DataError naming the file, the count and the first sample id)."""
+    n = len(label)
+    none = np.zeros(0, np.int64)
+    if part.clean_y is None and part.noisy is None:
+        return label.copy(), np.zeros(n, bool), none
+    if part.clean_y is not None:
+        lookup = {c: i for i, c in enumerate(classes)}
+        known = np.array([lookup.get(v, -1) for v in part.clean_y.tolist()], dtype=np.int64).reshape(n)
+        noisy = known != label
+        wrong = none if part.noisy is None else np.flatnonzero(noisy != part.noisy)
+        return np.where(known < 0, label, known), noisy, wrong
+    noisy = np.asarray(part.noisy, bool).copy()
+    if len(classes) == 2:
+        return np.where(noisy, 1 - label, label), noisy, none
+    return label.copy(), noisy, none
 
 
 def _merge_subclass(parts: dict[str, Part], input_shape: list[int], cfg: DataConfig) -> Loaded:
@@ -191,12 +251,15 @@ def _merge_subclass(parts: dict[str, Part], input_shape: list[int], cfg: DataCon
         want = min(len(added), round(fraction / (1 - fraction) * np.count_nonzero(y == into)))
         keep = np.sort(np.concatenate([np.flatnonzero(y != add), rng.choice(added, want, replace=False)]))
         source = None if part.source is None else part.source[keep]
+        clean = None if part.clean_y is None else part.clean_y[keep]
         merged[name] = Part(
             part.ids[keep],
             part.x[keep],
             np.where(y[keep] == add, into, y[keep]),
             source,
             y[keep].astype(str).astype(object),
+            clean_y=None if clean is None else np.where(clean == add, into, clean),
+            noisy=None if part.noisy is None else part.noisy[keep],
         )
     return merged, input_shape
 
@@ -459,7 +522,9 @@ def _stratified_split(y: np.ndarray, keep: np.ndarray, cfg: DataConfig) -> dict[
 
 
 def _load_npz(path: str | None) -> Loaded:
-    """A user's own splits, used as given; sample ids run on across train, val, test."""
+    """A user's own splits, used as given; sample ids run on across train, val, test. Optional known label
+    errors of the training samples: `y_train_clean` (their clean labels, values as y_train) and/or `noisy`
+    (bool or 0/1 integers), one per training sample."""
     p = Path(str(path))
     if not p.is_file():
         raise DataError(f"{p}: npz file not found (data.npz_path)")
@@ -496,6 +561,17 @@ def _load_npz(path: str | None) -> Loaded:
             raise DataError(f"{p}: X_{name} holds {bad} NaN/Inf values")
         parts[name] = Part(offset + np.arange(len(y)), x, _integer_labels(p, name, y))
         offset += len(y)
+    n = len(parts["train"].y)
+    for key in ("y_train_clean", "noisy"):
+        if key in arrays and (arrays[key].ndim != 1 or len(arrays[key]) != n):
+            raise DataError(f"{p}: length mismatch: y_train has {n} samples, {key} has shape {arrays[key].shape}")
+    if "y_train_clean" in arrays:
+        parts["train"].clean_y = _integer_labels(p, "train_clean", arrays["y_train_clean"])
+    if "noisy" in arrays:
+        noisy = arrays["noisy"]
+        if not (noisy.dtype == bool or (np.issubdtype(noisy.dtype, np.integer) and np.isin(noisy, [0, 1]).all())):
+            raise DataError(f"{p}: noisy must be bool or 0/1 integers, one per training sample (dtype {noisy.dtype})")
+        parts["train"].noisy = noisy.astype(bool)
     shape = list(feature_shape)
     return parts, [1, *shape] if len(shape) == 2 else shape
 
@@ -606,7 +682,9 @@ def read_split(path: str | Path) -> Split:
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Load, split and write the data; return counts per split and class, and the number of flips."""
+    """Load, split and write the data; return counts per split and class (of clean_label), the number of
+    noisy training samples, and `known_errors`: "user" (the data's own flags), "injected" (data.label_noise)
+    or "none"."""
     raw = load_source(cfg)
     write_splits(raw, out_dir)
     summary: dict[str, Any] = {
@@ -614,6 +692,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
         "class_names": raw.train.class_names,
         "input_shape": list(raw.train.input_shape),
         "noisy": int(raw.train.noisy.sum()),
+        "known_errors": raw.known_errors,
     }
     for name, split in raw.splits.items():
         summary[f"n_{name}"] = len(split)

@@ -17,7 +17,7 @@ from torch import nn
 from sui_core.config import JacobianConfig
 from sui_core.linearized.factors import Factors, batch_factors, factor_layout, kernel, model_projector
 from sui_core.linearized.jacobians import jacobian_shapes, projected_batches
-from sui_core.linearized.ntk import Basis, _products, basis_from_kernels, build_basis, val_rows_from_cross
+from sui_core.linearized.ntk import Basis, basis_from_kernels, build_basis
 from sui_core.linearized.scores import (
     loo_quadratic_forms,
     output_subspace,
@@ -252,11 +252,3 @@ def trained_estimate(
     return TrainedEstimate(
         trained, real_fit, len(subspace.directions), subspace.captured, run.seconds, train_mse, retrained
     )
-
-
-def val_rows_in_basis(phi: np.ndarray, phi_val: np.ndarray, basis: Basis) -> np.ndarray:
-    """The validation rows W (n_val, k, r) in the basis (`val_rows_from_cross`) from in-memory Φ (n, k, D)
-    and Φ_val (n_val, k, D)."""
-    n, k, _ = basis.z.shape
-    cross = _products(phi_val.reshape(-1, phi.shape[-1]), phi.reshape(n * k, -1))
-    return val_rows_from_cross(cross, basis.z, basis.s)

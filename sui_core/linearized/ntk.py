@@ -128,6 +128,14 @@ def val_rows_from_cross(cross: np.ndarray, z: np.ndarray, s: np.ndarray) -> np.n
     return (cross @ z.reshape(n * k, r) / s).reshape(-1, k, r)
 
 
+def val_rows_in_basis(phi: np.ndarray, phi_val: np.ndarray, basis: Basis) -> np.ndarray:
+    """The validation rows W (n_val, k, r) in the basis (`val_rows_from_cross`) from in-memory Φ (n, k, D)
+    and Φ_val (n_val, k, D)."""
+    n, k, _ = basis.z.shape
+    cross = _products(phi_val.reshape(-1, phi.shape[-1]), phi.reshape(n * k, -1))
+    return val_rows_from_cross(cross, basis.z, basis.s)
+
+
 def basis_from_kernels(
     k_train: np.ndarray,
     k_val_train: np.ndarray | Iterable[np.ndarray],

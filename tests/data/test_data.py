@@ -98,7 +98,7 @@ def test_write_read_round_trip(raw, tmp_path):
 def test_prepare_summary(tmp_path):
     summary = prepare(DIGITS, tmp_path)
     back = {n: read_split(tmp_path / f"{n}.parquet") for n in ("train", "val", "test")}
-    assert summary["noisy"] == back["train"].noisy.sum()
+    assert summary["noisy"] == back["train"].noisy.sum() and summary["known_errors"] == "injected"
     for name, split in back.items():
         assert summary[f"n_{name}"] == len(split)
         assert summary[f"per_class_{name}"]["5"] == (split.clean_label == 1).sum()

@@ -13,8 +13,8 @@ from sui_core.linearized.estimate import (
     estimate_from_jacobians,
     projected_jacobians,
     trained_estimate,
-    val_rows_in_basis,
 )
+from sui_core.linearized.ntk import val_rows_in_basis
 from sui_core.linearized.scores import output_subspace
 from sui_core.linearized.solver import Recipe
 from sui_core.network.training import predict, train_full_batch
