@@ -286,15 +286,17 @@ def suspects(n: int = typer.Option(20, "--n", "-n", help="How many of the most s
 def explain(
     sample_id: int = typer.Argument(..., help="A validation sample id explained by the attribute stage."),
     n: int = typer.Option(10, "--n", "-n", help="How many proponents and opponents."),
+    verify: bool = typer.Option(False, "--verify", help="Retrain the real network without the top proponent."),
 ) -> None:
     """Print which training samples made this validation prediction (data/attribution): its top
-    proponents and opponents, each with the exact change of the prediction without it."""
+    proponents and opponents, each with the exact change of the prediction without it (linearized);
+    --verify retrains the real network once without the top proponent (the recipe's t steps)."""
     from stages.common import error_line
     from stages.report import explain_table
     from sui_core.errors import SuiError
 
     try:
-        typer.echo(explain_table(sample_id, n))
+        typer.echo(explain_table(sample_id, n, verify))
     except SuiError as exc:
         _fail(error_line(exc).removeprefix("error: "))
 

@@ -77,9 +77,10 @@ def suspects_table(n: int) -> str:
     return "\n".join(lines)
 
 
-def explain_table(sample_id: int, n: int) -> str:
+def explain_table(sample_id: int, n: int, verify: bool = False) -> str:
     """One validation target of the latest attribute stage: its prediction, its n top proponents and
-    opponents with their labels and support, and how far the single-sample effects add up."""
+    opponents with their labels and support, and how far the single-sample effects add up; with `verify`
+    the top proponent's support by really retraining the network without it (the recorded recipe)."""
     if n <= 0:
         raise SuiError(f"--n: must be > 0, got {n}")
     out = open_output(paths.ATTRIBUTION, stage="attribute")
@@ -108,4 +109,38 @@ def explain_table(sample_id: int, n: int) -> str:
         lines += ["", f"{min(n, len(ids))} top {title}", f"{'rank':>5} {'sample_id':>9} {'label':>9} {'support':>11}"]
         for rank, (i, v) in enumerate(zip(ids[:n], values[:n]), start=1):
             lines.append(f"{rank:>5} {i:>9} {names[label_of[i]]:>9} {v:>11.4e}")
+    if verify:
+        lines += ["", verify_line(out, table, t, names)]
     return "\n".join(lines)
+
+
+def verify_line(out, table: dict, t: int, names: list[str]) -> str:
+    """The top proponent of target row t really left out: one retraining of the network without it."""
+    from sui_core.config import TrainingConfig
+    from sui_core.data.splits import read_split
+    from sui_core.network.models import load_model, targets
+    from sui_core.studies.attribution import retrained_support
+
+    training = TrainingConfig(**out.meta["params"]["training"])
+    steps = training.whole_steps("sui explain --verify")
+    prepared = open_output(paths.PREPARED, stage="prepare")
+    train, val = (read_split(prepared.file(f"{name}.parquet")) for name in ("train", "val"))
+    target = int(np.flatnonzero(val.sample_id == table["target_id"][t])[0])
+    proponent = table["proponent_id"][t][0]
+    row = int(np.flatnonzero(train.sample_id == proponent)[0])
+    real = retrained_support(
+        load_model(open_output(paths.MODEL, stage="model").path)[0],
+        train.x,
+        targets(train.label, train.num_classes),
+        val.x[target],
+        names.index(table["predicted"][t]),
+        row,
+        training.lr,
+        steps,
+        training.weight_decay,
+    )
+    estimate = table["proponent_support"][t][0]
+    return (
+        f"verify: the real network retrained without {proponent} ({steps} steps): support {real:.4e}, "
+        f"linearized estimate {estimate:.4e} (ratio {estimate / real if real else float('nan'):.3f})"
+    )

@@ -142,3 +142,23 @@ def test_attribute_stage_matches_retraining_the_linearized_network(tmp_path, mon
     assert lines[5].split()[:2] == ["1", str(table["proponent_id"][0][0])]
     missing = CliRunner().invoke(cli, ["explain", "999999"])
     assert missing.exit_code == 1 and "not among the" in missing.output
+
+    # --verify: the real network without the top proponent, against a plain loop of the recipe's steps
+    verified = CliRunner().invoke(cli, ["explain", str(target), "--n", "1", "--verify"])
+    assert verified.exit_code == 0, verified.output
+    line = verified.output.splitlines()[-1]
+    assert line.startswith(f"verify: the real network retrained without {table['proponent_id'][0][0]} ({t} steps)")
+    real = float(line.split("support ")[1].split(",")[0])
+    x, y = torch.as_tensor(train.x, dtype=torch.float64), torch.as_tensor(targets(train.label, 2))
+    outputs = []
+    for keep in (every, every & (np.arange(len(train)) != row[table["proponent_id"][0][0]])):
+        w = {name: p.clone().requires_grad_(True) for name, p in weights.items()}
+        for _ in range(t):  # SGD on ½·mean‖f − y‖² over the kept samples, weight decay towards w0
+            loss = 0.5 * ((functional_call(model, w, (x[keep],)) - y[keep]) ** 2).sum(1).mean()
+            grads = torch.autograd.grad(loss, list(w.values()))
+            with torch.no_grad():
+                for (name, p), g in zip(w.items(), grads):
+                    p -= lr * (g + wd * (p - weights[name]))
+        outputs.append(functional_call(model, w, (torch.as_tensor(val.x[:1], dtype=torch.float64),)).detach()[0, 0])
+    sign = 1.0 if table["predicted"][0] == str(train.class_names[1]) else -1.0
+    assert abs(real) > 1e-3 and real == pytest.approx(sign * float(outputs[0] - outputs[1]), rel=0.02)  # f32 vs f64
