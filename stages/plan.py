@@ -334,6 +334,8 @@ NOT_PLANNED = 0  # the peak memory of a stage the plan has no model of (shown as
 VALIDATE_FILES = 96 << 10  # its scatter plot and tables, when validate.enabled
 ATTRIBUTE_FILES = 96 << 10  # its gallery, when attribute.enabled
 VALIDATE_ROW_BYTES = 128  # and a row of its tables per left-out sample
+LDS_ROW_BYTES = 40  # and a row of lds.parquet per subset and validation target (2 ids, 3 outputs)
+LDS_MEMBER_BYTES = 16  # and a row of lds_subsets.parquet per sample a subset keeps
 NPZ_ARRAY_BYTES = 256  # an array's .npy header and its zip entries
 TORCH_TENSOR_BYTES = 640  # torch.save's record per tensor
 MANIFEST_SHARD_BYTES = 128  # a shard's entry in the Jacobian manifest (name, rows, sha256)
@@ -646,12 +648,19 @@ def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str
         attribute_plan(params, n, sh.n["val"], k, r, loo.block_size),
         StagePlan(
             "validate",
-            (VALIDATE_FILES + VALIDATE_ROW_BYTES * validate.samples if validate.enabled else 0)
+            (
+                VALIDATE_FILES
+                + VALIDATE_ROW_BYTES * validate.samples
+                + validate.lds_subsets * (LDS_ROW_BYTES * n_val + LDS_MEMBER_BYTES * round(validate.lds_fraction * n))
+                if validate.enabled
+                else 0
+            )
             + SMALL_FILES["validate"],
             NOT_PLANNED,
             "validate.samples",
-            "validate.samples",
-            f"{validate.samples} × {VALIDATE_ROW_BYTES} B + a plot"
+            "validate.samples or validate.lds_subsets",
+            f"{validate.samples} × {VALIDATE_ROW_BYTES} B + {validate.lds_subsets} × {n_val} × {LDS_ROW_BYTES} B"
+            " + plots"
             if validate.enabled
             else "nothing (validate.enabled is false)",
         ),

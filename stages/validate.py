@@ -1,5 +1,6 @@
 """DVC stage `validate`: sui's estimates and influence functions against really retraining the network
-without each of m sampled training samples (the paper's Table 1). Off by default (validate.enabled):
+without each of m sampled training samples (the paper's Table 1), and the linear datamodeling score over
+random training subsets. Off by default (validate.enabled):
 then it writes a small "disabled" record at once."""
 
 from stages import paths
@@ -8,6 +9,7 @@ from sui_core import artifacts
 from sui_core.data.splits import read_split
 from sui_core.io import atomic_dir, read_parquet, write_json
 from sui_core.network.models import load_model
+from sui_core.studies import datamodels
 from sui_core.studies.validation import changes_from_forms, validate_splits, write_report
 
 METRICS_FILE = paths.METRICS / "validate.json"
@@ -30,6 +32,8 @@ def body(cfg: Configs, run: StageRun) -> dict:
         rows, metrics = write_report(
             truth, estimates, train.sample_id[result.left_out], train.noisy[result.left_out], out
         )
+        if result.datamodels is not None:
+            metrics.update(datamodels.write_report(result.datamodels, train.sample_id, val.sample_id, out))
         cfg.publish(
             out,
             enabled=True,
@@ -46,6 +50,12 @@ def body(cfg: Configs, run: StageRun) -> dict:
     write_json(METRICS_FILE, {"enabled": True, **metrics})
     run.log_artifacts(paths.VALIDATE / "plots", "plots")
     run.log_artifact(paths.VALIDATE / "table.md")
+    if result.datamodels is not None:
+        run.log_artifact(paths.VALIDATE / "lds.md")
+        print(
+            f"validate: LDS over {metrics['lds_subsets']} subsets, {metrics['lds_targets']} targets: exact group "
+            f"removal {metrics['lds_group']:.3f}, sum of leave-one-out effects {metrics['lds_additive']:.3f}"
+        )
     for row in rows:
         print(
             f"validate: {row['method']:>15}: weights Pearson {row['pearson_weights']:.3f} Spearman "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -449,8 +450,7 @@ class DetectionConfig:
         _range(section, "selection_fraction", self.selection_fraction, 0.0, 1.0, low_open=True, high_open=True)
         if not self.t_factors or any(not (0 < f and math.isfinite(f)) for f in self.t_factors):
             raise ParamError(f"{section}.t_factors", f"need one or more finite factors > 0, got {self.t_factors}")
-        for name in self.baselines:
-            _choice(section, "baselines", name, DETECTION_BASELINES)
+        _baselines(section, self.baselines)
         if self.folds < 2:
             raise ParamError(f"{section}.folds", f"must be >= 2, got {self.folds}")
         if not self.el2n_seeds:
@@ -499,8 +499,7 @@ class SuspectsConfig:
             raise ParamError(f"{section}.flips", f"must include uniform (the threshold is set on it), got {self.flips}")
         for kind in self.flips:
             _choice(section, "flips", kind, FLIP_KINDS)
-        for name in self.baselines:
-            _choice(section, "baselines", name, DETECTION_BASELINES)
+        _baselines(section, self.baselines)
         if self.seed < 0:
             raise ParamError(f"{section}.seed", f"must be >= 0, got {self.seed}")
 
@@ -671,6 +670,12 @@ class ValidateConfig:
         "output directions of the trained estimator (loo.estimator trained) compared here, with exact "
         "Jacobians; 0 = not compared",
     )
+    lds_subsets: int = param(
+        20,
+        "m random training subsets for the linear datamodeling score (LDS), one real training each "
+        "(on lds_fraction of the samples); 0 = no LDS",
+    )
+    lds_fraction: float = param(0.5, "share of the training samples each LDS subset keeps (the usual 0.5)")
 
     def validate(self, section: str) -> None:
         if not isinstance(self.enabled, bool):
@@ -680,6 +685,9 @@ class ValidateConfig:
                 raise ParamError(f"{section}.{key}", f"must be > 0, got {getattr(self, key)}")
         if self.trained_directions < 0:
             raise ParamError(f"{section}.trained_directions", f"must be >= 0, got {self.trained_directions}")
+        if self.lds_subsets < 0 or self.lds_subsets == 1:
+            raise ParamError(f"{section}.lds_subsets", f"must be 0 (off) or >= 2 subsets, got {self.lds_subsets}")
+        _range(section, "lds_fraction", self.lds_fraction, 0.0, 1.0, low_open=True, high_open=True)
         _choice(section, "dtype", self.dtype, ("float32", "float64"))
         for kind in self.influence:
             _choice(section, "influence", kind, ("exact", "lissa"))
@@ -833,6 +841,18 @@ def as_dict(cfg: Any) -> dict[str, Any]:
 def _choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ParamError(f"{section}.{key}", f"unknown value {value!r} (choose one of {', '.join(choices)})")
+
+
+def _baselines(section: str, names: list[str]) -> None:
+    """Known baseline names; cleanlab is a peer sui does not depend on, so say how to get it before minutes of work."""
+    for name in names:
+        _choice(section, "baselines", name, DETECTION_BASELINES)
+    if "cleanlab" in names and importlib.util.find_spec("cleanlab") is None:
+        raise ParamError(
+            f"{section}.baselines",
+            "cleanlab is not installed (a peer, not a dependency of sui): "
+            ".venv/bin/pip install -r requirements-baselines.lock, or leave cleanlab out",
+        )
 
 
 def _range(

@@ -207,3 +207,18 @@ def scatter_grid(
     fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)
+
+
+def paired(a: np.ndarray, b: np.ndarray, path: str | Path, xlabel: str, ylabel: str, title: str = "") -> None:
+    """One point per item with its two values (e.g. a score under two methods) and the diagonal: points
+    above it are where the second method is higher."""
+    fig, ax = plt.subplots(figsize=(4.4, 4.2))
+    ax.scatter(a, b, s=8, alpha=0.6)
+    finite = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)]])
+    lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    _save(fig, path)

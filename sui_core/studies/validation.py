@@ -49,10 +49,11 @@ from sui_core.config import JacobianConfig, TrainingConfig, ValidateConfig
 from sui_core.data.splits import Split
 from sui_core.errors import ArtifactError, ParamError
 from sui_core.io import write_parquet
-from sui_core.linearized.estimate import linearize, trained_estimate
+from sui_core.linearized.estimate import Estimate, linearize, trained_estimate
 from sui_core.linearized.solver import Recipe
 from sui_core.network.models import targets
 from sui_core.network.training import Params, constants, flat, predict, train_full_batch
+from sui_core.studies.datamodels import DatamodelScore, datamodel_score
 
 EXACT_KERNEL = JacobianConfig(projection="exact")
 
@@ -84,6 +85,7 @@ class Validation:
     spectrum: dict[str, np.ndarray]  # eigenvalues of the mean-loss NTK at w0 (and at the checkpoint)
     checkpoint_step: int | None
     notes: list[str] = field(default_factory=list)  # methods skipped, and why
+    datamodels: DatamodelScore | None = None  # the LDS comparison, when asked for
 
     def table(self) -> list[dict]:
         return [{"method": name, **agreement(self.truth.changes, est)} for name, est in self.estimates.items()]
@@ -159,11 +161,11 @@ def linearized(
     recipe: Recipe,
     left_out: np.ndarray,
     trained_directions: int = 0,
-) -> tuple[Changes, np.ndarray, Changes | None]:
+) -> tuple[Changes, Estimate, Changes | None]:
     """sui's closed-form leave-one-out changes of the network linearized at its current weights (exact
-    kernel; every sample is solved, the sampled ones are kept), the eigenvalues of the mean-loss
-    NTK there (the stability bound is lr·max < 2; weight decay regularizes the directions below it),
-    and with `trained_directions` > 0 the trained estimator's changes (its F-SI from the real run; its
+    kernel; every sample is solved, the sampled ones are kept), the estimate they come from (its basis'
+    eigenvalues / n are those of the mean-loss NTK: the stability bound is lr·max < 2), and with
+    `trained_directions` > 0 the trained estimator's changes (its F-SI from the real run; its
     weights part stays linearized), timed with the linearized part it builds on."""
     started = time.perf_counter()
     est = linearize(model, x, x_val, EXACT_KERNEL).estimate(y, recipe)
@@ -171,14 +173,14 @@ def linearized(
     seconds = time.perf_counter() - started
     changes = Changes(est.forms["dv_sq"][left_out], est.forms["fsi_sum"][left_out], seconds)
     if not trained_directions:
-        return changes, basis.s / len(x), None
+        return changes, est, None
     steps = int(recipe.t)
     trained = trained_estimate(
         model, x, y, x_val, recipe, steps, basis, basis.val_rows, residual, est.forms, est.fit, trained_directions
     )
     forms = trained.forms
     elapsed = time.perf_counter() - started
-    return changes, basis.s / len(x), Changes(forms["dv_sq"][left_out], forms["fsi_sum"][left_out], elapsed)
+    return changes, est, Changes(forms["dv_sq"][left_out], forms["fsi_sum"][left_out], elapsed)
 
 
 def with_params(model: nn.Module, params: Params) -> nn.Module:
@@ -302,10 +304,15 @@ def validate(
     lissa_batch_size: int = 32,
     checkpoint_fraction: float | None = None,
     trained_directions: int = 0,
+    lds_subsets: int = 0,
+    lds_fraction: float = 0.5,
+    val_label: np.ndarray | None = None,
     progress: bool = False,
 ) -> Validation:
     """The whole comparison for one network and data set: m sampled samples, retrained ground truth,
-    sui at w0 (and at a checkpoint), influence functions. Computed in the model's dtype."""
+    sui at w0 (and at a checkpoint), influence functions, and with `lds_subsets` > 0 the linear
+    datamodeling score over that many random subsets keeping `lds_fraction` (sui_core.studies.datamodels;
+    `val_label` picks each validation target's output for k > 1). Computed in the model's dtype."""
     if recipe.dynamics != "discrete" or not np.isfinite(recipe.t):
         raise ValueError("validation retrains with a whole number of gradient steps (discrete dynamics, finite t)")
     steps = int(recipe.t)
@@ -317,9 +324,8 @@ def validate(
     if t0 is not None and not 0 < t0 < steps:
         raise ValueError(f"checkpoint step {t0} must lie strictly between 0 and t = {steps}")
     estimates, spectrum = {}, {}
-    estimates["sui"], spectrum["w0"], trained = linearized(
-        model, x, np.asarray(y), x_val, recipe, left_out, trained_directions
-    )
+    estimates["sui"], at_w0, trained = linearized(model, x, np.asarray(y), x_val, recipe, left_out, trained_directions)
+    spectrum["w0"] = at_w0.basis.s / len(x)
     if trained is not None:
         estimates["sui_trained"] = trained
     if recipe.lr * (spectrum["w0"][0] + recipe.weight_decay) >= 2:  # before minutes of retraining
@@ -331,9 +337,10 @@ def validate(
     truth = retrain(model, x, y_t, x_val, left_out, recipe.lr, steps, recipe.weight_decay, t0, progress)
     if t0 is not None:
         later = Recipe(recipe.lr, recipe.weight_decay, steps - t0, recipe.dynamics)
-        estimates["sui_checkpoint"], spectrum["checkpoint"], _ = linearized(
+        estimates["sui_checkpoint"], at_checkpoint, _ = linearized(
             with_params(model, truth.checkpoint), x, np.asarray(y), x_val, later, left_out
         )
+        spectrum["checkpoint"] = at_checkpoint.basis.s / len(x)
         estimates["sui_checkpoint"].seconds += truth.changes.seconds * t0 / steps / (m + 1)  # its share of one run
     w0 = {name: p.detach() for name, p in model.named_parameters() if name in truth.params}
     net = FlatNetwork(model, truth.params, w0, recipe.weight_decay)
@@ -358,7 +365,23 @@ def validate(
             seed,
             progress,
         )
-    return Validation(left_out, truth, estimates, spectrum, t0, notes)
+    datamodels = None
+    if lds_subsets:
+        datamodels = datamodel_score(
+            model,
+            x,
+            np.asarray(y),
+            x_val,
+            val_label,
+            at_w0.basis,
+            np.asarray(y, dtype=np.float64).reshape(at_w0.f0.shape) - at_w0.f0,
+            recipe,
+            lds_subsets,
+            lds_fraction,
+            seed,
+            progress,
+        )
+    return Validation(left_out, truth, estimates, spectrum, t0, notes, datamodels)
 
 
 def validate_splits(
@@ -388,6 +411,9 @@ def validate_splits(
         s.lissa_batch_size,
         s.checkpoint_fraction,
         s.trained_directions,
+        s.lds_subsets,
+        s.lds_fraction,
+        val.label,
         progress=True,
     )
 

@@ -199,6 +199,7 @@ SMALLER = {
     "jacobian.dims_per_tensor": 50,
     "model.hidden": [8],
     "validate.samples": 10,
+    "validate.lds_subsets": 2,
 }
 MEMORY_ONLY = {"jacobian.shard_rows": 32, "jacobian.batch_size": 8, "loo.block_size": 16}
 
