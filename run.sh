@@ -6,8 +6,9 @@
 #   bash run.sh test -m "not slow"          quick run: skip the end-to-end tests marked slow
 #
 # Setup: a virtual environment in .venv (created with `python3 -m venv` when missing), filled from
-# requirements.lock plus this package (editable). It is reused as long as the sha256 of
-# requirements.lock + pyproject.toml matches the one stored in .venv/.sui-lock-sha256. `dvc exp run`
+# requirements.lock plus this package (editable); `test` also installs requirements-baselines.lock
+# (cleanlab, a peer the tests compare against, never a runtime dependency). It is reused as long as the
+# sha256 of those lock files + pyproject.toml matches the one stored in .venv/.sui-lock-sha256. `dvc exp run`
 # needs a git identity: when git has none, a repo-local one (sui <sui@localhost>) is set.
 # Best effort: when Fashion-MNIST (Debian package dataset-fashion-mnist) is missing and we are root
 # with apt-get, it is installed; if that fails setup goes on and the tests that need it skip. The same
@@ -33,16 +34,20 @@ usage() {
 
 lock_hash() {
   if command -v sha256sum >/dev/null 2>&1; then
-    cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1
+    cat "$@" pyproject.toml | sha256sum | cut -d' ' -f1
   else
     python3 -c 'import hashlib,sys; h=hashlib.sha256()
 for p in sys.argv[1:]: h.update(open(p,"rb").read())
-print(h.hexdigest())' requirements.lock pyproject.toml
+print(h.hexdigest())' "$@" pyproject.toml
   fi
 }
 
 setup_venv() {
-  [[ -f requirements.lock ]] || die "requirements.lock not found in $ROOT"
+  # $@: the lock files to install (requirements.lock, and for the tests the baselines' peer too)
+  local lock
+  for lock in "$@"; do
+    [[ -f "$lock" ]] || die "$lock not found in $ROOT"
+  done
   [[ -f pyproject.toml ]] || die "pyproject.toml not found in $ROOT"
   if [[ ! -x "$VENV/bin/python" ]]; then
     command -v python3 >/dev/null 2>&1 || die "python3 not found (need Python >= 3.11)"
@@ -53,15 +58,16 @@ setup_venv() {
     || die "$VENV has Python $("$VENV/bin/python" -V 2>&1); need >= 3.11 (remove .venv and rerun)"
 
   local want have=""
-  want="$(lock_hash)"
+  want="$(lock_hash "$@")"
   [[ -f "$STAMP" ]] && have="$(cat "$STAMP")"
   if [[ "$want" == "$have" && -x "$VENV/bin/sui" ]]; then
     return 0
   fi
-  echo "run.sh: installing requirements.lock into $VENV (first run or lock changed)" >&2
+  echo "run.sh: installing $* into $VENV (first run or lock changed)" >&2
   rm -f "$STAMP"
-  "$VENV/bin/python" -m pip install -r requirements.lock \
-    || die "pip install -r requirements.lock failed (see the pip output above)"
+  for lock in "$@"; do
+    "$VENV/bin/python" -m pip install -r "$lock" || die "pip install -r $lock failed (see the pip output above)"
+  done
   "$VENV/bin/python" -m pip install --no-deps -e . \
     || die "pip install --no-deps -e . failed (see the pip output above)"
   echo "$want" > "$STAMP"
@@ -123,7 +129,7 @@ npm_data() {
 }
 
 setup() {
-  setup_venv
+  setup_venv "$@"
   activate
   git_identity
   debian_data dataset-fashion-mnist /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
@@ -135,14 +141,14 @@ cmd="${1:-}"
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
   repro)
-    setup
+    setup requirements.lock
     [[ -f dvc.yaml ]] || die "dvc.yaml not found in $ROOT"
     rc=0
     dvc repro "$@" || rc=$?
     [[ $rc -eq 0 ]] || die "dvc repro failed (exit $rc)"
     ;;
   test)
-    setup
+    setup requirements.lock requirements-baselines.lock
     debian_data chromium /usr/bin/chromium  # the headless browser of tests/pipeline/test_ui_browser.py (MLflow UI)
     # lint and format first (ruff, configured in pyproject.toml): a style error fails like a test
     ruff check . || die "ruff check failed (fix, or \`ruff check --fix .\`)"

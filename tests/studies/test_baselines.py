@@ -76,3 +76,21 @@ def test_bad_arguments_are_refused():
         grand(build, x, y, [0], lr=0.1, steps=-1)
     with pytest.raises(ValueError, match="samples"):
         training_loss(build(0), x, y[:4], lr=0.1, steps=1)
+
+
+@pytest.mark.parametrize("cls, section", [("DetectionConfig", "detection"), ("SuspectsConfig", "suspects")])
+def test_cleanlab_missing_is_a_param_error_naming_the_install(monkeypatch, cls, section):
+    """cleanlab is a peer, not a dependency: asking for it without it fails at once, saying how to get it."""
+    import importlib.util
+
+    from sui_core import config
+    from sui_core.errors import ParamError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cleanlab" else real(name, *a))
+    with pytest.raises(ParamError, match=rf"{section}\.baselines.*requirements-baselines\.lock"):
+        config.from_dict(getattr(config, cls), {"baselines": ["loss", "cleanlab"]}, section)
+    assert config.from_dict(getattr(config, cls), {"baselines": ["loss", "el2n"]}, section).baselines == [
+        "loss",
+        "el2n",
+    ]
