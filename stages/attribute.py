@@ -1,4 +1,4 @@
-"""DVC stage `attribute`: which training samples made each validation prediction — the exact change of
+"""DVC stage `attribute`: which training samples made each validation (or test) prediction — the exact change of
 every target prediction when each training sample is left out (sui_core.studies.attribution), the top
 proponents and opponents of each target's predicted class, a gallery, and the whole train × target
 effect matrix when it is at most `attribute.matrix_limit_mb`. `sui explain <id>` prints one target.
@@ -15,6 +15,7 @@ from sui_core.artifacts import check_aligned
 from sui_core.data.splits import read_split
 from sui_core.errors import ParamError
 from sui_core.io import atomic_dir, read_npz, write_json, write_parquet
+from sui_core.linearized.estimate import rows_in_basis
 from sui_core.linearized.jacobians import load_split
 from sui_core.linearized.ntk import Basis, val_rows_in_basis
 from sui_core.linearized.solver import Recipe
@@ -24,17 +25,17 @@ from sui_core.studies.attribution import attribute
 METRICS_FILE = paths.METRICS / "attribute.json"
 
 
-def target_index(wanted: list[int], val_ids: np.ndarray) -> np.ndarray:
-    """Positions in the validation split of the ids `wanted` (all when empty); ParamError for an unknown id."""
+def target_index(wanted: list[int], ids: np.ndarray, split: str = "val") -> np.ndarray:
+    """Positions in the split of the ids `wanted` (all when empty); ParamError for an unknown id."""
     if not wanted:
-        return np.arange(len(val_ids))
-    position = {int(v): i for i, v in enumerate(val_ids)}
+        return np.arange(len(ids))
+    position = {int(v): i for i, v in enumerate(ids)}
     missing = [i for i in wanted if i not in position]
     if missing:
         raise ParamError(
             "attribute.targets",
-            f"sample ids {missing[:5]} are not in the validation split ({len(val_ids)} samples; "
-            f"`sui top` and data/prepared/val.parquet list its ids)",
+            f"sample ids {missing[:5]} are not in the {split} split ({len(ids)} samples; "
+            f"data/prepared/{split}.parquet lists its ids)",
         )
     return np.array([position[i] for i in wanted], dtype=np.int64)
 
@@ -50,18 +51,26 @@ def body(cfg: Configs, run: StageRun) -> dict:
     basis = Basis.load(ntk.file(paths.BASIS_FILE.name))
     residual = read_npz(ntk.file(paths.RESIDUAL_FILE.name), ["sample_id", "residual"])
     prepared = cfg.input(paths.PREPARED)
-    train, val = (read_split(prepared.file(f"{name}.parquet")) for name in ("train", "val"))
+    train, explained = (read_split(prepared.file(f"{name}.parquet")) for name in ("train", a.split))
     check_aligned(residual["sample_id"], train.sample_id, paths.RESIDUAL_FILE, paths.PREPARED / "train.parquet")
-    idx = target_index(a.targets, val.sample_id)
-    val_rows = basis.val_rows
-    if val_rows is None:  # a projected Φ: the validation rows in the basis from the checked shards
-        cfg.input(paths.JACOBIANS)
-        (train_ids, _, phi), (val_ids, _, phi_val) = (load_split(paths.JACOBIANS, s) for s in ("train", "val"))
-        check_aligned(val_ids, val.sample_id, paths.JACOBIANS, paths.PREPARED / "val.parquet")
-        val_rows = val_rows_in_basis(phi, phi_val, basis)
+    idx = target_index(a.targets, explained.sample_id, a.split)
     model = load_model(cfg.input(paths.MODEL).path)[0].eval()
+    phi = None
+    if basis.val_rows is None:  # a projected Φ: the rows in the basis from the checked shards
+        cfg.input(paths.JACOBIANS)
+        train_ids, _, phi = load_split(paths.JACOBIANS, "train")
+        check_aligned(train_ids, train.sample_id, paths.JACOBIANS, paths.PREPARED / "train.parquet")
+    if a.split == "test":  # not in the basis: their Jacobians at w0, against the training ones
+        x_train, x_targets = torch.as_tensor(train.x), torch.as_tensor(explained.x[idx])
+        rows = rows_in_basis(model, x_train, x_targets, cfg.jacobian, basis, phi)
+    elif phi is not None:
+        val_ids, _, phi_val = load_split(paths.JACOBIANS, "val")
+        check_aligned(val_ids, explained.sample_id, paths.JACOBIANS, paths.PREPARED / "val.parquet")
+        rows = val_rows_in_basis(phi, phi_val, basis)[idx]
+    else:
+        rows = basis.val_rows[idx]
     with torch.no_grad():
-        f0 = model(torch.as_tensor(val.x[idx])).to(torch.float64).numpy()
+        f0 = model(torch.as_tensor(explained.x[idx])).to(torch.float64).numpy()
     n, (m, k) = len(train), f0.shape
     matrix = np.empty((n, m, k), np.float32) if 4 * n * m * k <= a.matrix_limit_mb * 2**20 else None
 
@@ -73,19 +82,19 @@ def body(cfg: Configs, run: StageRun) -> dict:
         basis,
         residual["residual"],
         f0,
-        val_rows[idx],
+        rows,
         Recipe.from_config(cfg.training),
         a.top,
         cfg.loo.tol,
         on_block=keep,
     )
     names = np.asarray([str(c) for c in train.class_names])
-    target_ids = val.sample_id[idx]
+    target_ids = explained.sample_id[idx]
     predicted_ratio = found.additivity[np.arange(m), found.predicted if k > 1 else 0]  # of the predicted class
     table = pa.table(
         {
             "target_id": target_ids,
-            "label": names[val.label[idx]],
+            "label": names[explained.label[idx]],
             "predicted": names[found.predicted],
             "prediction": list(found.prediction),
             "proponent_id": list(train.sample_id[found.proponents]),
@@ -110,9 +119,9 @@ def body(cfg: Configs, run: StageRun) -> dict:
         if plots.is_image(list(train.input_shape)):
             shown = np.arange(min(a.gallery_targets, m))
             plots.attribution_gallery(
-                val.x[idx[shown]],
+                explained.x[idx[shown]],
                 [
-                    f"target {target_ids[t]}\nlabel {names[val.label[idx[t]]]}\npred. {names[found.predicted[t]]}"
+                    f"target {target_ids[t]}\nlabel {names[explained.label[idx[t]]]}\npred. {names[found.predicted[t]]}"
                     for t in shown
                 ],
                 train.x,
@@ -141,7 +150,7 @@ def body(cfg: Configs, run: StageRun) -> dict:
     return finite_numbers(metrics)
 
 
-app = stage_app("attribute", __doc__, body, sections=["attribute", "training", "loo"])
+app = stage_app("attribute", __doc__, body, sections=["attribute", "training", "loo", "jacobian"])
 
 if __name__ == "__main__":
     app()

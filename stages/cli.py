@@ -284,11 +284,11 @@ def suspects(n: int = typer.Option(20, "--n", "-n", help="How many of the most s
 # ---- sui explain ---------------------------------------------------------------------------------
 @app.command()
 def explain(
-    sample_id: int = typer.Argument(..., help="A validation sample id explained by the attribute stage."),
+    sample_id: int = typer.Argument(..., help="A sample id explained by the attribute stage (of attribute.split)."),
     n: int = typer.Option(10, "--n", "-n", help="How many proponents and opponents."),
     verify: bool = typer.Option(False, "--verify", help="Retrain the real network without the top proponent."),
 ) -> None:
-    """Print which training samples made this validation prediction (data/attribution): its top
+    """Print which training samples made this validation (or test) prediction (data/attribution): its top
     proponents and opponents, each with the exact change of the prediction without it (linearized);
     --verify retrains the real network once without the top proponent (the recipe's t steps)."""
     from stages.common import error_line

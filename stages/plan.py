@@ -520,7 +520,7 @@ def ntk_plan(sh: Shapes, shard_rows: int) -> StagePlan:
     )
 
 
-def attribute_plan(params: dict[str, Any], n: int, n_val: int, k: int, r: int, block_size: int) -> StagePlan:
+def attribute_plan(params: dict[str, Any], n: int, sizes: dict[str, int], k: int, r: int, block_size: int) -> StagePlan:
     """influences.parquet (a row per target: ids and supports of its proponents and opponents, k-vectors),
     the effect matrix when it is within attribute.matrix_limit_mb, a gallery; in memory the loo solve's
     peak, the targets' rows in the basis, the matrix and one block of effects."""
@@ -531,7 +531,7 @@ def attribute_plan(params: dict[str, Any], n: int, n_val: int, k: int, r: int, b
         return StagePlan(
             "attribute", SMALL_FILES["attribute"], NOT_PLANNED, "-", "-", "nothing (attribute.enabled is false)"
         )
-    m = len(a.targets) or n_val
+    m, n_val = len(a.targets) or sizes[a.split], sizes["val"]
     matrix = 4 * n * m * k if 4 * n * m * k <= a.matrix_limit_mb * 2**20 else 0
     return StagePlan(
         "attribute",
@@ -645,7 +645,7 @@ def make_plan(params: dict[str, Any], prepared: str | Path = PREPARED, root: str
             n_disk,
             f"{n} rows (Parquet + CSV) + a gallery",
         ),
-        attribute_plan(params, n, sh.n["val"], k, r, loo.block_size),
+        attribute_plan(params, n, sh.n, k, r, loo.block_size),
         StagePlan(
             "validate",
             (

@@ -77,8 +77,11 @@ def suspects_table(n: int) -> str:
     return "\n".join(lines)
 
 
+SPLIT_NAMES = {"val": "validation", "test": "test"}
+
+
 def explain_table(sample_id: int, n: int, verify: bool = False) -> str:
-    """One validation target of the latest attribute stage: its prediction, its n top proponents and
+    """One target (of attribute.split) of the latest attribute stage: its prediction, its n top proponents and
     opponents with their labels and support, and how far the single-sample effects add up; with `verify`
     the top proponent's support by really retraining the network without it (the recorded recipe)."""
     if n <= 0:
@@ -91,13 +94,14 @@ def explain_table(sample_id: int, n: int, verify: bool = False) -> str:
         shown = ", ".join(map(str, table["target_id"][:5]))
         raise SuiError(f"sample {sample_id}: not among the {len(table['target_id'])} targets explained ({shown}, …)")
     t = table["target_id"].index(sample_id)
+    split = out.meta["params"]["attribute"]["split"]
     train = read_parquet(open_output(paths.PREPARED, stage="prepare").file("train.parquet"), ["sample_id", "label"])
     names = [str(c) for c in open_output(paths.PREPARED, stage="prepare").meta["summary"]["class_names"]]
     label_of = dict(zip(train.column("sample_id").to_pylist(), train.column("label").to_pylist()))
     prediction = ", ".join(f"{v:.3f}" for v in table["prediction"][t])
     ratio = ", ".join(f"{v:.3f}" for v in table["additivity"][t])
     lines = [
-        f"validation sample {sample_id}: label {table['label'][t]}, predicted {table['predicted'][t]} "
+        f"{SPLIT_NAMES[split]} sample {sample_id}: label {table['label'][t]}, predicted {table['predicted'][t]} "
         f"(outputs {prediction}); Σ of single-sample effects / all removed at once: {ratio}",
         "support: how far the prediction moves away from its class when the sample is left out "
         "(exact, linearized model; < 0: towards it)",
@@ -124,15 +128,16 @@ def verify_line(out, table: dict, t: int, names: list[str]) -> str:
     training = TrainingConfig(**out.meta["params"]["training"])
     steps = training.whole_steps("sui explain --verify")
     prepared = open_output(paths.PREPARED, stage="prepare")
-    train, val = (read_split(prepared.file(f"{name}.parquet")) for name in ("train", "val"))
-    target = int(np.flatnonzero(val.sample_id == table["target_id"][t])[0])
+    split = out.meta["params"]["attribute"]["split"]
+    train, explained = (read_split(prepared.file(f"{name}.parquet")) for name in ("train", split))
+    target = int(np.flatnonzero(explained.sample_id == table["target_id"][t])[0])
     proponent = table["proponent_id"][t][0]
     row = int(np.flatnonzero(train.sample_id == proponent)[0])
     real = retrained_support(
         load_model(open_output(paths.MODEL, stage="model").path)[0],
         train.x,
         targets(train.label, train.num_classes),
-        val.x[target],
+        explained.x[target],
         names.index(table["predicted"][t]),
         row,
         training.lr,

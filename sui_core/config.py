@@ -515,7 +515,10 @@ class AttributeConfig:
     (sui_core.studies.attribution). Off by default."""
 
     enabled: bool = param(False, "true: the attribute stage computes the train × target effects")
-    targets: list[int] = param([], "validation sample ids to explain; [] = every validation sample")
+    split: Literal["val", "test"] = param(
+        "val", "the split explained: val (its rows are in the basis) | test (its Jacobians taken here, at w0)"
+    )
+    targets: list[int] = param([], "sample ids of that split to explain; [] = every sample of it")
     top: int = param(10, "proponents and opponents kept per target")
     matrix_limit_mb: int = param(
         512, "also store the whole train × target × output effect matrix (float32) when it is at most this large"
@@ -530,6 +533,7 @@ class AttributeConfig:
             raise ParamError(f"{section}.matrix_limit_mb", f"must be >= 0, got {self.matrix_limit_mb}")
         if len(set(self.targets)) != len(self.targets):
             raise ParamError(f"{section}.targets", "lists a sample id twice")
+        _choice(section, "split", self.split, ("val", "test"))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from torch import nn
 from sui_core.config import JacobianConfig
 from sui_core.linearized.factors import Factors, batch_factors, factor_layout, kernel, model_projector
 from sui_core.linearized.jacobians import jacobian_shapes, projected_batches
-from sui_core.linearized.ntk import Basis, basis_from_kernels, build_basis
+from sui_core.linearized.ntk import Basis, basis_from_kernels, build_basis, val_rows_from_cross, val_rows_in_basis
 from sui_core.linearized.scores import (
     loo_quadratic_forms,
     output_subspace,
@@ -101,15 +101,36 @@ def linearize(
         f0, phi = projected_jacobians(model, x, jacobian, batch_size)
         _, phi_val = projected_jacobians(model, x_val, jacobian, batch_size)
         return Linearization(f0, phi.shape[2], phi=phi, phi_val=phi_val)
-    layout = factor_layout(model, tuple(x.shape[1:]))
-
-    def factors(inputs: torch.Tensor) -> Factors:
-        parts = [batch_factors(model, inputs[i : i + batch_size], layout) for i in range(0, len(inputs), batch_size)]
-        return Factors.concat(parts)
-
-    train, val = factors(x), factors(x_val)
+    train, val = _factors(model, x, batch_size), _factors(model, x_val, batch_size)
     dim = sum(math.prod(shape) for shape in jacobian_shapes(model).values())
     return Linearization(train.f0.astype(np.float64), dim, kernel(train, train), kernel(val, train))
+
+
+def _factors(model: nn.Module, x: torch.Tensor, batch_size: int) -> Factors:
+    layout = factor_layout(model, tuple(x.shape[1:]))
+    return Factors.concat([batch_factors(model, x[i : i + batch_size], layout) for i in range(0, len(x), batch_size)])
+
+
+def rows_in_basis(
+    model: nn.Module,
+    x: torch.Tensor,
+    x_new: torch.Tensor,
+    jacobian: JacobianConfig,
+    basis: Basis,
+    phi: np.ndarray | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """W (m, k, r): the rows in the training basis of inputs the basis was not built with (e.g. the test
+    split), W = Θ(new, train) Z s⁻¹ (`ntk.val_rows_from_cross`), for the model at its current weights
+    (w0). exact: Θ(new, train) from layer factors; otherwise Φ_new from the same seeded projector as the
+    jacobians stage, against the training Φ (`phi`, e.g. read from its shards; computed when None)."""
+    if jacobian.projection == "exact":
+        cross = kernel(_factors(model, x_new, batch_size), _factors(model, x, batch_size))
+        return val_rows_from_cross(cross, basis.z, basis.s)
+    if phi is None:
+        _, phi = projected_jacobians(model, x, jacobian, batch_size)
+    _, phi_new = projected_jacobians(model, x_new, jacobian, batch_size)
+    return val_rows_in_basis(phi, phi_new, basis)
 
 
 def unique_information(

@@ -65,11 +65,12 @@ def test_support_follows_the_predicted_class():
     np.testing.assert_array_equal(attribution.predicted_class(np.array([[0.6], [0.4]])), [1, 0])
 
 
-@pytest.mark.parametrize("projection", ["none", "exact"])
-def test_attribute_stage_matches_retraining_the_linearized_network(tmp_path, monkeypatch, projection):
+@pytest.mark.parametrize("projection, split", [("none", "val"), ("exact", "val"), ("none", "test"), ("exact", "test")])
+def test_attribute_stage_matches_retraining_the_linearized_network(tmp_path, monkeypatch, projection, split):
     """The stage on real digits (full Jacobians, or the exact kernel from layer factors) against a
     gradient-descent loop on the network's own Jacobians at w0 (torch.func.jacrev, float64), retrained
-    without each training sample; then `sui explain` prints what the stage found."""
+    without each training sample, for validation targets (rows in the basis) and test targets (their
+    Jacobians taken by the stage); then `sui explain` prints what the stage found."""
     import importlib
     import json
     from pathlib import Path
@@ -93,13 +94,13 @@ def test_attribute_stage_matches_retraining_the_linearized_network(tmp_path, mon
         "model": {"hidden": [16]},
         "jacobian": {"projection": projection},
         "training": {"lr": lr, "t": t, "weight_decay": wd},
-        "attribute": {"enabled": True, "top": 3, "gallery_targets": 2},
+        "attribute": {"enabled": True, "top": 3, "gallery_targets": 2, "split": split},
     }
     Path("params.yaml").write_text(yaml.safe_dump(params))
     for name in ("prepare", "model", "jacobians", "ntk", "attribute"):
         result = CliRunner().invoke(importlib.import_module(f"stages.{name}").app, [])
         assert result.exit_code == 0, f"stage {name} failed:\n{result.output}\n{result.exception!r}"
-    train, val = (read_split(f"data/prepared/{name}.parquet") for name in ("train", "val"))
+    train, val = (read_split(f"data/prepared/{name}.parquet") for name in ("train", split))  # val: the targets
     model = load_model("data/model")[0].double().eval()
     weights = {name: p.detach() for name, p in trainable(model).items()}
 
@@ -138,7 +139,9 @@ def test_attribute_stage_matches_retraining_the_linearized_network(tmp_path, mon
     printed = CliRunner().invoke(cli, ["explain", str(target), "--n", "2"])
     assert printed.exit_code == 0, printed.output
     lines = printed.output.splitlines()
-    assert lines[0].startswith(f"validation sample {target}: label {table['label'][0]}")
+    assert lines[0].startswith(
+        f"{'validation' if split == 'val' else 'test'} sample {target}: label {table['label'][0]}"
+    )
     assert lines[5].split()[:2] == ["1", str(table["proponent_id"][0][0])]
     missing = CliRunner().invoke(cli, ["explain", "999999"])
     assert missing.exit_code == 1 and "not among the" in missing.output
