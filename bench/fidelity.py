@@ -52,8 +52,11 @@ def load(n: int):
     return model, x, targets(raw.train.label, 2), x_val
 
 
-def truth(model, x, y, x_val, args) -> tuple[np.ndarray, np.ndarray, float]:
-    key = hashlib.sha256(json.dumps([args.n, args.lr, args.t, args.wd, args.samples, args.seed]).encode()).hexdigest()
+def truth(model, x, y, x_val, args, task: str = "mlp") -> tuple[np.ndarray, np.ndarray, float]:
+    """(left-out samples, real Σ_j ‖f(x_j) − f₋ᵢ(x_j)‖² of each, seconds), cached by `task` (the data and
+    network, named by the caller) and the recipe."""
+    settings = [args.n, args.lr, args.t, args.wd, args.samples, args.seed, task]
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()
     path = CACHE / f"truth-{key[:16]}.npz"
     left_out = sample_left_out(len(x), args.samples, args.seed)
     if path.is_file():

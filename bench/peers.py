@@ -1,14 +1,20 @@
 """sui and the peer data-attribution libraries on the same network, data, recipe and real retrainings.
 
     .venv/bin/pip install --no-deps --target .cache/peers -r bench/requirements-peers.lock   # once
-    python bench/peers.py --t 200                  # MNIST 4 vs 9 MLP, n = 1,000, lr 1e-3: lr·t = 0.2
+    python bench/peers.py                          # MNIST 4 vs 9 MLP, n = 1,000, lr 1e-3, t 200: lr·t = 0.2
+    python bench/peers.py --task cnn_pretrained    # the pretrained CNN, n = 300, lr 0.01, t 100: lr·t = 1
 
-Task: bench/fidelity.py's (real MNIST 4 vs 9, the first `--n` training samples, pixels standardized,
-MLP 784-1024-1 from init seed 0, float32, full-batch gradient descent on the mean loss, lr `--lr`, `--t`
-steps, weight decay `--wd`). Every method is asked the same question: τ[i, j] = f(x_j) − f₋ᵢ(x_j), how
-much training sample i raises the output at validation target x_j (sui: the exact leave-one-out effect of
-the network linearized at w0, sui_core.studies.attribution; peers: bench/peer_methods.py, their settings
-printed). From τ, against two kinds of real retraining (cached under /tmp/sui_fidelity):
+Tasks (`--task`; `--n`, `--lr`, `--t` default to the task's, in TASKS), trained by full-batch gradient
+descent on the mean loss, float32, weight decay `--wd`:
+- `mlp`: bench/fidelity.py's (real MNIST 4 vs 9, the first `--n` training samples, pixels standardized,
+  MLP 784-1024-1 from init seed 0);
+- `cnn_pretrained`: the validate stage's pretrained cell of bench/table1.py (MNIST 4 vs 9 in [0, 1], the
+  paper's CNN with its body trained on the other eight digits and a fresh seeded head).
+
+Every method is asked the same question: τ[i, j] = f(x_j) − f₋ᵢ(x_j), how much training sample i raises the
+output at validation target x_j (sui: the exact leave-one-out effect of the network linearized at w0,
+sui_core.studies.attribution; peers: bench/peer_methods.py, their settings printed).
+From τ, against two kinds of real retraining (cached under /tmp/sui_fidelity):
 
 - **LOO**: the network retrained without each of `--samples` seeded samples (as bench/fidelity.py);
   F-SI_i = Σ_j τ[i, j]² against the real Σ_j (f(x_j) − f₋ᵢ(x_j))²: Pearson and Spearman.
@@ -34,16 +40,41 @@ import numpy as np
 import torch
 from fidelity import CACHE, load, truth
 from scipy.stats import pearsonr, spearmanr
+from table1 import pretrained_model
 
+from sui_core.config import DataConfig, ModelConfig
+from sui_core.data.splits import load_source
+from sui_core.network.models import targets
 from sui_core.network.training import train_full_batch
 from sui_core.studies.datamodels import DatamodelScore, random_subsets, real_subset_outputs
 
 CHECKPOINTS = 4  # parameter snapshots along the run, evenly spaced, the last = trained (TracIn, TRAK ensembles)
+TASKS = {  # the defaults of --n, --lr, --t per task
+    "mlp": {"n": 1000, "lr": 1e-3, "t": 200},
+    "cnn_pretrained": {"n": 300, "lr": 0.01, "t": 100},  # bench/table1.py's cnn_pretrained_wd0 cell
+}
+
+
+def load_task(task: str, n: int):
+    """(model at w0, x, y, x_val) of `task` on its first `n` training samples."""
+    if task == "mlp":
+        return load(n)
+    data = DataConfig(classes=[4, 9], label_noise=0.0, max_train=n)
+    raw = load_source(data)
+    model_cfg = ModelConfig(arch="cnn")
+    model, note = pretrained_model(model_cfg, data, raw.train.input_shape)
+    print(note, flush=True)
+    return (
+        model.float(),
+        torch.as_tensor(raw.train.x).float(),
+        targets(raw.train.label, 2),
+        torch.as_tensor(raw.val.x).float(),
+    )
 
 
 def lds_truth(model, x, y, x_val, args) -> tuple[np.ndarray, np.ndarray, float]:
     """(kept (m, n), real outputs (m, n_val), seconds) of the real network trained on each subset (cached)."""
-    key = json.dumps([args.n, args.lr, args.t, args.wd, args.subsets, args.fraction, args.seed])
+    key = json.dumps([args.n, args.lr, args.t, args.wd, args.subsets, args.fraction, args.seed, args.task])
     path = CACHE / f"lds-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     kept = random_subsets(len(x), args.subsets, args.fraction, args.seed)
     if path.is_file():
@@ -137,9 +168,10 @@ def row(name: str, tau: np.ndarray, left_out, real_fsi, kept, real_lds, seconds,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--t", type=int, default=200)
+    parser.add_argument("--task", choices=list(TASKS), default="mlp")
+    parser.add_argument("--n", type=int, help="training samples (default: the task's)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the task's)")
+    parser.add_argument("--t", type=int, help="gradient-descent steps (default: the task's)")
     parser.add_argument("--wd", type=float, default=0.0)
     parser.add_argument("--samples", type=int, default=60)
     parser.add_argument("--subsets", type=int, default=20)
@@ -148,16 +180,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--peers", default="all", help="comma-separated names of bench/peer_methods.PEERS, or all")
     args = parser.parse_args()
+    for name, value in TASKS[args.task].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     from peer_methods import PEERS
 
     names = list(PEERS) if args.peers == "all" else args.peers.split(",")
     torch.manual_seed(0)
-    model, x, y, x_val = load(args.n)
-    left_out, real_fsi, loo_seconds = truth(model, x, y, x_val, args)
+    model, x, y, x_val = load_task(args.task, args.n)
+    left_out, real_fsi, loo_seconds = truth(model, x, y, x_val, args, args.task)
     kept, real_lds, lds_seconds = lds_truth(model, x, y, x_val, args)
     print(
         f"truth: {args.samples} + 1 retrainings in {loo_seconds:.0f} s, {args.subsets} subsets of "
-        f"{int(kept[0].sum())} in {lds_seconds:.0f} s; n = {len(x)}, {len(x_val)} targets, lr·t = {args.lr * args.t:g}",
+        f"{int(kept[0].sum())} in {lds_seconds:.0f} s; task {args.task}, n = {len(x)}, {len(x_val)} targets, "
+        f"lr·t = {args.lr * args.t:g}",
         flush=True,
     )
     checkpoints = trained_run(model, x, y, args)

@@ -115,6 +115,20 @@ FIELDS = [
 ]
 
 
+def pretrained_model(model_cfg: ModelConfig, data: DataConfig, input_shape) -> tuple[torch.nn.Module, str]:
+    """As the pretrain and model stages do with model.pretrain: the body trained on the other MNIST digits (the
+    pretrain section's defaults; cached under PRETRAINED, seeded: the same every run), a fresh seeded head."""
+    body = PRETRAINED / f"{model_cfg.arch}.pt"
+    if not body.is_file():
+        net, info = pretrain(model_cfg, PretrainConfig(), data, progress=True)
+        body.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), body)
+        body.with_suffix(".json").write_text(json.dumps(info))
+    model = build_model(replace(model_cfg, init_path=str(body), pretrained_body=True), input_shape, 1)
+    info = body.with_suffix(".json").read_text()
+    return model, f"pretrained on MNIST digits 0-3,5-8 (pretrain section defaults): {info}"
+
+
 def run_cell(name: str) -> list[dict]:
     cell = CELLS[name]
     data = DataConfig(classes=[4, 9], label_noise=0.0, max_train=cell.n)
@@ -122,17 +136,9 @@ def run_cell(name: str) -> list[dict]:
     model_cfg = ModelConfig(arch=cell.arch, hidden=[1024])
     model = build_model(model_cfg, raw.train.input_shape, 1)
     notes = []
-    if cell.pretrained:  # as the pretrain and model stages do with model.pretrain: its body, a fresh seeded head
-        body = PRETRAINED / f"{cell.arch}.pt"
-        if not body.is_file():
-            net, info = pretrain(model_cfg, PretrainConfig(), data, progress=True)
-            body.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(net.state_dict(), body)
-            body.with_suffix(".json").write_text(json.dumps(info))
-        model = build_model(replace(model_cfg, init_path=str(body), pretrained_body=True), raw.train.input_shape, 1)
-        notes.append(
-            f"pretrained on MNIST digits 0-3,5-8 (pretrain section defaults): {body.with_suffix('.json').read_text()}"
-        )
+    if cell.pretrained:
+        model, note = pretrained_model(model_cfg, data, raw.train.input_shape)
+        notes.append(note)
     model = model.to(getattr(torch, cell.dtype))
     recipe = Recipe(cell.lr, cell.weight_decay, cell.t, "discrete")
     started = time.perf_counter()
