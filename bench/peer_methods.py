@@ -41,6 +41,9 @@ PEERS_DIR = REPO_ROOT / ".cache" / "peers"
 TRAK_PROJ_DIM = 512
 # dattri IF-Arnoldi: proj_dim 100 (its default) gave NaN on the benchmark MLP; 50 worked.
 ARNOLDI_PROJ_DIM = 50
+# dattri vmaps the iHVP over every test gradient of a batch at once; targets go in batches of this many (memory).
+# IF-CG on the MNIST MLP (805k parameters) still ran out of 24 GiB at n = 200 and 1,000 with it (docs/results.md).
+DATTRI_TEST_BATCH = 50
 
 
 @dataclass
@@ -307,12 +310,13 @@ def _dattri_task(model, trained, checkpoints, use_checkpoints: bool, train_fn: s
 
 
 def _loaders(x, y, x_val):
-    """Single full batches: dattri's CG/LiSSA sum the iHVP over the batches of the full loader and recompute the test
-    transform for every train batch, so one batch each is both the exact Hessian and the cheapest."""
+    """One full training batch: dattri's CG/LiSSA sum the iHVP over the batches of the full loader and recompute the
+    test transform for every train batch, so one batch is both the exact Hessian and the cheapest. Targets go in
+    batches of DATTRI_TEST_BATCH (memory)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     train = DataLoader(TensorDataset(x, y), batch_size=len(x), shuffle=False)
-    val = DataLoader(TensorDataset(x_val, torch.zeros(len(x_val), 1, dtype=x_val.dtype)), batch_size=len(x_val))
+    val = DataLoader(TensorDataset(x_val, torch.zeros(len(x_val), 1, dtype=x_val.dtype)), batch_size=DATTRI_TEST_BATCH)
     return train, val
 
 

@@ -288,9 +288,11 @@ def params_unchanged(cfg: Configs) -> Callable[[], None]:
     return check
 
 
-def write_provenance(stage: str, processes: int) -> None:
+def write_provenance(stage: str, processes: int, work_s: float) -> None:
     """What code made this stage's outputs, kept outside them (output hashes must not change with the
-    commit): `.sui/provenance/<stage>.json`, beside the sha256 of each output's record (dvc.yaml's outs)."""
+    commit): `.sui/provenance/<stage>.json`, beside the sha256 of each output's record (dvc.yaml's outs)
+    and `work_s`, the seconds the stage's body ran (without starting Python, imports, params and opening
+    tracking: bench/bench_overhead.py subtracts it from the wall time to get the fixed cost)."""
     entry = dvc_stage(stage) or {}
     records = {}
     for out in map(Path, _names(entry.get("outs")) + _names(entry.get("metrics"))):
@@ -304,6 +306,7 @@ def write_provenance(stage: str, processes: int) -> None:
             "outputs": records,
             "code": code_version(),
             "processes": processes,
+            "work_s": round(work_s, 3),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
@@ -354,12 +357,14 @@ def run_stage(
             with tracked as run:
                 unchanged = params_unchanged(cfg)
                 with checked_publish(unchanged):
+                    work_started = time.monotonic()
                     metrics = dict(body(cfg, run) or {})
+                    work_s = time.monotonic() - work_started
                 unchanged()  # after the last rename too: DVC records the params once the stage has exited
                 if metrics:
                     run.log_metrics(metrics)
             if main:
-                write_provenance(name, world_size)
+                write_provenance(name, world_size, work_s)
     except SuiError as exc:
         if main or not getattr(exc, "agreed", False):
             print(error_line(exc, params_path), file=sys.stderr, flush=True)

@@ -1,13 +1,13 @@
 """DVC stage `pretrain`: with model.pretrain, the network trained first on a disjoint task; the model stage
-starts from its body (the paper's pretrained setting). Off: a constant record, so nothing downstream reruns."""
+starts from its body (the paper's pretrained setting). Off: a constant record, so nothing downstream reruns.
 
-import torch
+torch and the pretraining code are imported only when it is on: off (the default) the stage costs no
+more than starting Python."""
 
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
 from sui_core import artifacts
 from sui_core.io import atomic_dir
-from sui_core.network.pretrain import pretrain
 
 BODY_FILE = paths.PRETRAIN / "body.pt"
 
@@ -17,6 +17,10 @@ def body(cfg: Configs, run: StageRun) -> dict:
         if not cfg.model.pretrain:
             artifacts.publish(out, "pretrain", {}, enabled=False)  # constant: turning it off reruns nothing
             return {}
+        import torch
+
+        from sui_core.network.pretrain import pretrain
+
         model, info = pretrain(cfg.model, cfg.pretrain, cfg.data, progress=True)
         torch.save(model.state_dict(), out / BODY_FILE.name)
         cfg.publish(out, enabled=True, **info)

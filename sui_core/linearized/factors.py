@@ -301,7 +301,19 @@ def _layer_signal(layer: FactorLayer, grad: torch.Tensor | None, like: torch.Ten
 
 def batch_factors(model: nn.Module, x: torch.Tensor, layout: FactorLayout) -> Factors:
     """f0, the materialized columns and the factor pairs of the samples x (B, ...), in the model's dtype,
-    on its device (returned as numpy)."""
+    computed on its device (returned as numpy)."""
+
+    def numpy(t: torch.Tensor) -> np.ndarray:
+        return t.detach().cpu().numpy()
+
+    f, phi, pairs = _factor_tensors(model, x, layout)
+    return Factors(numpy(f), numpy(phi), {m: (numpy(a), numpy(d)) for m, (a, d) in pairs.items()})
+
+
+def _factor_tensors(
+    model: nn.Module, x: torch.Tensor, layout: FactorLayout
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """`batch_factors` as tensors on the model's device: f0 (B, k), phi (B, k, Dm), {module: (ã, δ)}."""
     model.eval()
     modules = dict(model.named_modules())
     inputs: dict[str, torch.Tensor] = {}
@@ -350,11 +362,7 @@ def batch_factors(model: nn.Module, x: torch.Tensor, layout: FactorLayout) -> Fa
         _, jac = per_sample_jacobians(model, x, names=list(layout.fallback))
         blocks.update({name: j.flatten(2) for name, j in jac.items()})
     phi = torch.cat([blocks[n] for n in layout.materialized], dim=2) if blocks else f.new_zeros(len(x), layout.k, 0)
-
-    def numpy(t: torch.Tensor) -> np.ndarray:
-        return t.detach().cpu().numpy()
-
-    return Factors(numpy(f), numpy(phi), {m: (numpy(a), numpy(d)) for m, (a, d) in pairs.items()})
+    return f.detach(), phi, pairs
 
 
 def make_store(cfg: JacobianConfig, model: nn.Module, input_shape) -> Projector | FactorLayout:
@@ -464,18 +472,17 @@ class KhatriRaoProjector(DenseProjector):
         """f0 (B, k) float64 and Φ (B, k, D) in `dtype` of the batch x, from its layer factors
         (`batch_factors`): the rank-one rows of each factor layer, the projected columns of the
         materialized tensors."""
-        factors = batch_factors(model, x, self.layout)
+        f0, materialized, pairs = _factor_tensors(model, x, self.layout)  # on the model's device: projected there
         widths = [math.prod(self.layout.shapes[name]) for name in self.layout.materialized]
-        columns = dict(zip(self.layout.materialized, np.split(factors.phi, np.cumsum(widths)[:-1], axis=2)))
+        columns = dict(zip(self.layout.materialized, torch.split(materialized, widths, dim=2)))
         blocks = []
         for index, name in enumerate(self.shapes):
             if name in self.factor_layers:
-                a, delta = (torch.from_numpy(t) for t in factors.pairs[name])
-                blocks.append(self._project_factors(name, a, delta))
+                blocks.append(self._project_factors(name, *pairs[name]))
             else:
-                blocks.append(self._project_tensor(index, name, torch.from_numpy(columns[name])))
+                blocks.append(self._project_tensor(index, name, columns[name]))
         phi = torch.cat(blocks, dim=2).to(dtype)
-        return factors.f0.astype(np.float64), phi.numpy()
+        return f0.to(torch.float64).cpu().numpy(), phi.cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
         """The projectors' record (kind, seed, dims_per_tensor, D, each block's offset and dim), with
