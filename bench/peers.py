@@ -160,6 +160,7 @@ def row(name: str, tau: np.ndarray, left_out, real_fsi, kept, real_lds, seconds,
         "method": name,
         "pearson": float(pearsonr(fsi, real_fsi)[0]),
         "spearman": float(spearmanr(fsi, real_fsi)[0]),
+        "median_ratio": float(np.median(fsi / real_fsi)),  # scale: meaningful where τ estimates the change itself
         "lds": score.lds("p"),
         "seconds": seconds,
         "peak_mib": peak,
@@ -217,11 +218,12 @@ def main() -> None:
         rows.append(row(name, result["tau"], left_out, real_fsi, kept, real_lds, result["seconds"], result["peak_mib"]))
         print(rows[-1], flush=True)
     base = rows[0]
-    print("\n| method | LOO Pearson | LOO Spearman | LDS | seconds | peak RSS MiB | time / sui |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| method | LOO Pearson | LOO Spearman | median est./real | LDS | seconds | peak RSS MiB | time / sui |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['method']} | {r['pearson']:.3f} | {r['spearman']:.3f} | {r['lds']:.3f} | {r['seconds']:.1f} | "
+            f"| {r['method']} | {r['pearson']:.3f} | {r['spearman']:.3f} | {r['median_ratio']:.3g} | {r['lds']:.3f} | "
+            f"{r['seconds']:.1f} | "
             f"{r['peak_mib']:.0f} | {r['seconds'] / base['seconds']:.1f}× |"
         )
     print("\nsettings:")

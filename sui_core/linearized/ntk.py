@@ -27,6 +27,7 @@ import numpy as np
 
 from sui_core.errors import ArtifactError, ParamError
 from sui_core.io import read_npz, write_npz
+from sui_core.linearized.rows import RowFile
 
 PhiChunks = Callable[[], Iterable[np.ndarray]]  # a fresh iterator of (b, k, D) blocks on each call
 
@@ -171,15 +172,25 @@ def basis_from_kernels(
     return Basis("kernel", s, z, gram_val, len(val_rows), dim, val_rows)
 
 
-def build_basis(train: PhiChunks, val: PhiChunks, n: int, k: int, dim: int, rank_rtol: float | None = None) -> Basis:
+def build_basis(
+    train: PhiChunks,
+    val: PhiChunks,
+    n: int,
+    k: int,
+    dim: int,
+    rank_rtol: float | None = None,
+    z_path: str | Path | None = None,
+) -> Basis:
     """Eigenbasis of ΦᵀΦ from streamed Jacobian blocks; train is read twice in primal space. The basis
-    keeps no val_rows: Φ_val gives them (`val_rows_from_cross`)."""
+    keeps no val_rows: Φ_val gives them (`val_rows_from_cross`). With `z_path` (primal space only) Z is
+    written there as a `rows.RowFile` instead of held in memory, for n·k·r beyond memory (the basis
+    then cannot be `save`d; the leave-one-out solve reads it by blocks)."""
     space = choose_space(n, k, dim)
     if rank_rtol is None:
         rank_rtol = max(n * k, dim) * np.finfo(np.float64).eps
     if space == "primal":
         s, q = _top_eigen(_gram(train, dim), rank_rtol)
-        z = np.empty((n, k, len(s)))
+        z = np.empty((n, k, len(s))) if z_path is None else RowFile.create(z_path, (n, k, len(s)))
         filled = 0
         for phi in train():
             if filled + len(phi) > n:
@@ -192,6 +203,8 @@ def build_basis(train: PhiChunks, val: PhiChunks, n: int, k: int, dim: int, rank
         if filled != n:
             raise ArtifactError(f"expected {n} training samples in the Jacobian shards, found {filled}")
         return Basis(space, s, z, gram_val, n_val, dim)
+    if z_path is not None:
+        raise ValueError(f"z on disk is for the primal space (D ≤ nk); here D = {dim} > nk = {n * k}")
     # (nk, D) kept in the blocks' dtype (float32 shards stay float32); every product in float64
     phi_all = np.concatenate([np.asarray(phi).reshape(-1, phi.shape[-1]) for phi in train()])
     filled = phi_all.shape[0] // k

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from sui_core.data.splits import Split
 from sui_core.linearized.ntk import Basis
+from sui_core.linearized.rows import rows_times
 from sui_core.linearized.solver import Recipe, SolverPlan, group_delta, loo_deltas, trained_coefficients
 
 FORMS = ("fsi_sum", "dv_sq", "dv_hess", "dv_sgd")
@@ -147,7 +148,7 @@ def loo_quadratic_forms(
         )
     h_mean = basis.s / n + recipe.weight_decay
     factor = full.factor(basis.s)
-    train_error = residual - np.einsum("nkr,r->nk", basis.z, c)  # y − f_t(x)
+    train_error = residual - rows_times(basis.z, c)  # y − f_t(x)
     forms = {name: np.empty(len(samples)) for name in wanted}
     fit = {name: np.empty(len(samples)) for name in FIT}
     loo_errors = np.empty((len(samples), basis.z.shape[1]))

@@ -29,6 +29,7 @@ import scipy.fft
 
 from sui_core.config import TrainingConfig
 from sui_core.errors import ParamError
+from sui_core.linearized.rows import residual_contraction
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ def plan_left_out(s: np.ndarray, gd: GradientDescent, tol: float) -> tuple[Solve
 
 def trained_coefficients(s: np.ndarray, z: np.ndarray, residual: np.ndarray, gd: GradientDescent) -> np.ndarray:
     """Coefficients in the eigenbasis of v(t) = g(H) Φᵀ r for the model trained on all samples."""
-    return gd.factor(s) * np.einsum("nkr,nk->r", z, residual)
+    return gd.factor(s) * residual_contraction(z, residual)
 
 
 def group_delta(s: np.ndarray, z: np.ndarray, residual: np.ndarray, recipe: Recipe, members: np.ndarray) -> np.ndarray:
@@ -252,8 +253,8 @@ def loo_deltas(
     left.check_stable(h_max + left.lam)
     floor = 1e-14 if dtype == "float64" else 1e-6
     plan, coeffs = plan_left_out(s, left, max(tol, floor))
-    c_full = trained_coefficients(s, z, residual, full)
-    rhs = np.einsum("nkr,nk->r", z, residual)
+    rhs = residual_contraction(z, residual)
+    c_full = full.factor(s) * rhs  # trained_coefficients, without a second pass over z
     d = s + left.lam
     np_dtype = np.dtype(dtype)
     if plan.method == "chebyshev":
