@@ -119,13 +119,14 @@ def loo_quadratic_forms(
     tol: float = 1e-14,
     block_size: int = 256,
     dtype: str = "float64",
-    progress: bool = True,
+    progress: bool | str = True,
     samples: range | None = None,
     all_reduce: Callable[[np.ndarray], np.ndarray] | None = None,
     wanted: tuple[str, ...] = FORMS,
 ) -> LooResult:
     """Solve the leave-one-out problems of `samples` (default all) exactly and keep the quadratic
     forms `wanted` (default all FORMS) behind each score, and the fit; arrays are indexed like `samples`.
+    `progress`: show a progress bar (a string: with that description instead of "leave-one-out").
 
     A distributed worker passes its own `samples` and `all_reduce` (a sum over workers): the SGD
     smoothing's gradient covariance, a sum over all samples, is then summed over the workers' shares
@@ -152,7 +153,8 @@ def loo_quadratic_forms(
     forms = {name: np.empty(len(samples)) for name in wanted}
     fit = {name: np.empty(len(samples)) for name in FIT}
     loo_errors = np.empty((len(samples), basis.z.shape[1]))
-    with tqdm(total=len(samples), desc="leave-one-out", unit="sample", disable=not progress) as bar:
+    desc = progress if isinstance(progress, str) else "leave-one-out"
+    with tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress) as bar:
         for start, delta in blocks:
             sl = slice(start - samples.start, start - samples.start + len(delta))
             zb, error = basis.z[start : start + len(delta)], train_error[start : start + len(delta)]

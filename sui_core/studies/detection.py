@@ -83,7 +83,8 @@ def other_lengths(recipe: Recipe, t_factors: list[float]) -> list[Recipe]:
 def linearized_fit(basis: Basis, residual: np.ndarray, recipe: Recipe, tol: float = 1e-14) -> tuple[np.ndarray, dict]:
     """F-SI (σ = 1) and the fit (`sui_core.linearized.scores.FIT`) of every sample for the linearized model
     trained by `recipe`: the loo stage's solve at another training length."""
-    result = loo_quadratic_forms(basis, residual, recipe, None, tol, progress=False, wanted=("fsi_sum",))
+    progress = f"leave-one-out at t = {recipe.t:g}"  # as long as the loo stage's solve: minutes at large n
+    result = loo_quadratic_forms(basis, residual, recipe, None, tol, progress=progress, wanted=("fsi_sum",))
     return result.forms["fsi_sum"] / (2 * basis.n_val), result.fit
 
 

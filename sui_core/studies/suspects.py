@@ -95,11 +95,19 @@ class Detectors:
 
 
 def detectors(
-    basis: Basis, f0: np.ndarray, labels: np.ndarray, num_classes: int, recipe: Recipe, tol: float
+    basis: Basis,
+    f0: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    recipe: Recipe,
+    tol: float,
+    labelled: str = "labels as given",
 ) -> Detectors:
-    """The candidates for `labels` (n,), from one leave-one-out solve in `basis` (f0: outputs at w0)."""
+    """The candidates for `labels` (n,), from one leave-one-out solve in `basis` (f0: outputs at w0), its
+    progress bar described as `labelled` (which labels these are)."""
     y = targets(labels, num_classes)
-    result = loo_quadratic_forms(basis, y - f0, recipe, None, tol, progress=False, wanted=("fsi_sum",))
+    progress = f"suspects, {labelled}"
+    result = loo_quadratic_forms(basis, y - f0, recipe, None, tol, progress=progress, wanted=("fsi_sum",))
     fsi = result.forms["fsi_sum"]
     found = detection.sui_detectors(fsi, result.fit)
     scores = {name: found[name] if name in found else result.fit[name] for name in CANDIDATES}
@@ -209,7 +217,7 @@ def calibrate(
     for kind in kinds:
         for seed in seeds:
             flipped, moved = flip(labels, num_classes, fraction, kind, seed, given.loo_prediction)
-            after = detectors(basis, f0, flipped, num_classes, recipe, tol).scores
+            after = detectors(basis, f0, flipped, num_classes, recipe, tol, f"{kind} copy {seed}").scores
             before = {name: given.scores[name][moved] for name in CANDIDATES}
             paired = np.repeat([1, 0], moved.sum())  # S after the flips (positives), S before
             weight = np.where(paired == 1, 1.0, (1 - fraction) / fraction)  # positives at the copies' rate
