@@ -31,7 +31,15 @@ from tqdm import tqdm
 from sui_core.data.splits import Split
 from sui_core.linearized.ntk import Basis
 from sui_core.linearized.rows import rows_times
-from sui_core.linearized.solver import Recipe, SolverPlan, group_delta, loo_deltas, trained_coefficients
+from sui_core.linearized.solver import (
+    DIRECT_MIN_K,
+    Recipe,
+    SolverPlan,
+    group_delta,
+    left_out_block_size,
+    loo_deltas,
+    trained_coefficients,
+)
 
 FORMS = ("fsi_sum", "dv_sq", "dv_hess", "dv_sgd")
 SCORES = ("fsi", "si_isotropic", "si_hessian", "si_sgd")
@@ -63,8 +71,11 @@ class LooResult:
 
 def planned_peak_bytes(n: int, k: int, r: int, block_size: int) -> int:
     """What `loo_quadratic_forms` holds at its peak, in bytes: Z, the r×r matrices (F-SI metric, SGD
-    covariance and its eigenvectors, precision) and one block of deltas and moments."""
-    return 8 * (n * k * r + 5 * r * r + 4 * block_size * r + 2 * block_size * k * k * r)
+    covariance and its eigenvectors, precision) and one block of deltas and of the Chebyshev
+    recurrence's work (the moments ν, or for k ≥ DIRECT_MIN_K the r-vectors and the block of Z)."""
+    b = left_out_block_size(k, r, block_size)
+    work = b * (6 + k) * r if k >= DIRECT_MIN_K else 2 * b * k * k * r
+    return 8 * (n * k * r + 5 * r * r + 4 * b * r + work)
 
 
 def sgd_precision(

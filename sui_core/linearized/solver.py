@@ -13,9 +13,11 @@ operator exactly, batched over samples:
 - otherwise a Chebyshev expansion of g' on an interval that holds every left-out spectrum
   ([λ', max s + λ'], by interlacing), its degree m chosen from the coefficients so that the dropped
   terms are below `tol` relative to max|g'|. For discrete dynamics g' is a polynomial of degree t − 1,
-  so the expansion never needs more than t terms and is then exact. The recurrence runs on m×k
-  coefficients per sample rather than on r-vectors (`chebyshev_left_out`), so the r-sized work is
-  three BLAS3 products per block of samples.
+  so the expansion never needs more than t terms and is then exact. For few outputs (k < DIRECT_MIN_K)
+  the recurrence runs on m×k coefficients per sample rather than on r-vectors (`chebyshev_left_out`),
+  so the r-sized work is three BLAS3 products per block of samples, O(r·m·k²) per sample; from
+  DIRECT_MIN_K outputs on, the k² costs more than running the recurrence on the r-vectors themselves,
+  O(r·m·k) (`chebyshev_left_out_direct`; measured crossover in docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -190,6 +192,58 @@ def chebyshev_left_out(v: np.ndarray, alpha: float, z: np.ndarray, b: np.ndarray
     return (v @ coeffs) * b + np.einsum("bkr,bkr->br", z, rank_k)
 
 
+def chebyshev_left_out_direct(
+    d_hat: np.ndarray, alpha: float, z: np.ndarray, b: np.ndarray, coeffs: np.ndarray
+) -> np.ndarray:
+    """Σ_j c_j T_j(Â_i) b_i for a block of samples by the three-term recurrence on r-vectors,
+    T_{j+1}(Â)b = 2ÂT_j(Â)b − T_{j−1}(Â)b with Â_i y = D̂y − αZ_iᵀ(Z_i y), d_hat the diagonal of D̂.
+
+    Two batched matrix–vector products with Z_i per term: O(r·m·k) per sample, but memory-bound (Z_i is
+    read twice per term), so the caller keeps blocks small enough for Z to stay in cache
+    (`DIRECT_BLOCK_VALUES`). The same polynomial as `chebyshev_left_out`, in another rounding order.
+    """
+    acc = coeffs[0] * b
+    if len(coeffs) == 1:
+        return acc
+    two_d, two_alpha = 2.0 * d_hat, 2.0 * alpha
+
+    def twice_a_hat(y: np.ndarray) -> np.ndarray:
+        zy = np.matmul(z, y[:, :, None])  # (B, k, 1)
+        zy *= two_alpha
+        out = two_d * y
+        out -= np.matmul(zy.transpose(0, 2, 1), z)[:, 0]
+        return out
+
+    y_prev, y = b, 0.5 * twice_a_hat(b)
+    acc += coeffs[1] * y
+    for c in coeffs[2:]:
+        y_next = twice_a_hat(y)
+        y_next -= y_prev
+        acc += c * y_next
+        y_prev, y = y, y_next
+    return acc
+
+
+DIRECT_MIN_K = 4  # outputs from which `chebyshev_left_out_direct` beats the moment recurrence
+DIRECT_BLOCK_VALUES = 1 << 17  # Z values per block of the direct recurrence: 1 MiB of float64, cache-sized
+
+
+def moments_block_size(k: int, r: int, block_size: int) -> int:
+    """Samples per block of `chebyshev_left_out`: its moments ν hold B·k²·r values (at most 2²³)."""
+    return max(1, min(block_size, (1 << 23) // (k * k * max(r, 1))))
+
+
+def direct_block_size(k: int, r: int, block_size: int) -> int:
+    """Samples per block of `chebyshev_left_out_direct`: Z's B·k·r values, read twice per term, kept
+    cache-sized (`DIRECT_BLOCK_VALUES`; at least 4 samples, below which per-call overhead dominates)."""
+    return max(1, min(block_size, max(4, DIRECT_BLOCK_VALUES // (k * max(r, 1)))))
+
+
+def left_out_block_size(k: int, r: int, block_size: int) -> int:
+    """Samples per block of the Chebyshev solve for k outputs (the recurrence `loo_deltas` picks)."""
+    return (direct_block_size if k >= DIRECT_MIN_K else moments_block_size)(k, r, block_size)
+
+
 def plan_left_out(s: np.ndarray, gd: GradientDescent, tol: float) -> tuple[SolverPlan, np.ndarray | None]:
     """Pick the exact method for applying g' to every left-out Hessian, and its Chebyshev series."""
     lo = gd.lam
@@ -260,9 +314,13 @@ def loo_deltas(
     if plan.method == "chebyshev":
         lo, hi = plan.interval
         alpha = 2.0 / (hi - lo) if hi > lo else 0.0
-        v = chebyshev_vandermonde(alpha * d - (hi + lo) * alpha / 2, len(coeffs) - 1).astype(np_dtype)
-        k = z.shape[1]
-        block_size = max(1, min(block_size, (1 << 23) // (k * k * max(len(d), 1))))  # ν is B·k²·r
+        d_hat = alpha * d - (hi + lo) * alpha / 2
+        direct = z.shape[1] >= DIRECT_MIN_K
+        if direct:
+            d_hat = d_hat.astype(np_dtype)
+        else:
+            v = chebyshev_vandermonde(d_hat, len(coeffs) - 1).astype(np_dtype)
+        block_size = left_out_block_size(z.shape[1], len(d), block_size)
 
     def blocks() -> Iterator[tuple[int, np.ndarray]]:
         todo = samples if samples is not None else range(n)
@@ -272,6 +330,8 @@ def loo_deltas(
             b = rhs - np.einsum("bkr,bk->br", z[start:stop], residual[start:stop])
             if plan.method == "woodbury":
                 c_left = woodbury_solve(d, zb, b)
+            elif direct:
+                c_left = chebyshev_left_out_direct(d_hat, alpha, zb, b.astype(np_dtype), coeffs.astype(np_dtype))
             else:
                 c_left = chebyshev_left_out(v, alpha, zb, b.astype(np_dtype), coeffs.astype(np_dtype))
             yield start, c_full - c_left.astype(np.float64)

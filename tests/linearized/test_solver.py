@@ -7,7 +7,15 @@ import pytest
 
 from sui_core.linearized.ntk import build_basis
 from sui_core.linearized.reference import brute_force_deltas, gradient_descent_steps, trained_weights
-from sui_core.linearized.solver import GradientDescent, Recipe, group_delta, loo_deltas
+from sui_core.linearized.solver import (
+    GradientDescent,
+    Recipe,
+    chebyshev_left_out,
+    chebyshev_left_out_direct,
+    chebyshev_vandermonde,
+    group_delta,
+    loo_deltas,
+)
 
 REL = 1e-8
 
@@ -180,3 +188,24 @@ def test_group_left_out_matches_retraining_without_the_group(make_problem, n, k,
         rtol=1e-7,
         atol=1e-9 * np.abs(single).max(),
     )
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 7])
+@pytest.mark.parametrize("degree", [0, 1, 2, 40])
+def test_both_chebyshev_recurrences_equal_the_dense_polynomial(k, degree):
+    """Σ_j c_j T_j(Â_i) b_i from the moment recurrence and from the direct one, against the polynomial
+    evaluated on the eigenvalues of the dense r×r matrix Â_i = D̂ − α Z_iᵀZ_i."""
+    rng = np.random.default_rng(10 * k + degree)
+    n_b, r, alpha = 5, 30, 0.7
+    d_hat = np.sort(rng.uniform(-1, 1, r))
+    z = rng.normal(size=(n_b, k, r)) / (2 * np.sqrt(r * k))  # keeps the spectrum of Â_i inside [−1.5, 1.5]
+    b = rng.normal(size=(n_b, r))
+    coeffs = rng.normal(size=degree + 1) / np.arange(1, degree + 2)
+    moments = chebyshev_left_out(chebyshev_vandermonde(d_hat, degree), alpha, z, b, coeffs)
+    direct = chebyshev_left_out_direct(d_hat, alpha, z, b, coeffs)
+    for i in range(n_b):
+        evals, evecs = np.linalg.eigh(np.diag(d_hat) - alpha * z[i].T @ z[i])
+        want = evecs @ (np.polynomial.chebyshev.chebval(evals, coeffs) * (evecs.T @ b[i]))
+        scale = np.abs(want).max()
+        assert np.abs(moments[i] - want).max() <= 1e-11 * scale
+        assert np.abs(direct[i] - want).max() <= 1e-11 * scale
