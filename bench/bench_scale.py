@@ -162,7 +162,7 @@ def data_info(args) -> str:
 
 
 def worker_jacobians(args, wd: Path) -> dict:
-    from sui_core.network.models import targets
+    from sui_core.network.outputs import targets
 
     n = max(args.sizes)
     rng = np.random.default_rng(args.seed)

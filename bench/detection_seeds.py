@@ -25,7 +25,8 @@ from sui_core.config import load_params, load_section
 from sui_core.data.splits import load_source
 from sui_core.linearized.estimate import unique_information
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import build_model, num_outputs, targets
+from sui_core.network.models import build_model
+from sui_core.network.outputs import num_outputs, targets
 from sui_core.studies import baselines, detection
 
 METHODS = ("fsi", "sui_best", "loss", "cleanlab")

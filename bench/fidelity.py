@@ -35,7 +35,8 @@ from sui_core.data.splits import load_source
 from sui_core.linearized.estimate import linearize
 from sui_core.linearized.scores import OutputSubspace, output_subspace, trained_forms
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import build_model, targets
+from sui_core.network.models import build_model
+from sui_core.network.outputs import targets
 from sui_core.network.trajectory import loo_along_run
 from sui_core.studies.validation import retrain, sample_left_out
 

@@ -124,7 +124,7 @@ def solve(folder: Path, labels: np.ndarray, dim: int, lr: float | None = None) -
     from sui_core.linearized.ntk import build_basis
     from sui_core.linearized.scores import loo_quadratic_forms, scores_from_forms
     from sui_core.linearized.solver import Recipe
-    from sui_core.network.models import targets
+    from sui_core.network.outputs import targets
 
     n, training, loo = len(labels), TrainingConfig(), LooConfig()
     started = time.perf_counter()

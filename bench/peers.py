@@ -44,7 +44,7 @@ from table1 import pretrained_model
 
 from sui_core.config import DataConfig, ModelConfig
 from sui_core.data.splits import load_source
-from sui_core.network.models import targets
+from sui_core.network.outputs import targets
 from sui_core.network.training import train_full_batch
 from sui_core.studies.datamodels import DatamodelScore, random_subsets, real_subset_outputs
 

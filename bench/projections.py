@@ -31,7 +31,8 @@ from sui_core.config import DataConfig, JacobianConfig, ModelConfig
 from sui_core.data.splits import load_source
 from sui_core.linearized.estimate import linearize
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import build_model, targets
+from sui_core.network.models import build_model
+from sui_core.network.outputs import targets
 
 
 def load(n: int, arch: str):

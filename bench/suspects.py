@@ -28,7 +28,8 @@ from sui_core.config import DataConfig, DetectionConfig, JacobianConfig, ModelCo
 from sui_core.data.splits import load_source
 from sui_core.linearized.estimate import linearize
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import build_model, num_outputs
+from sui_core.network.models import build_model
+from sui_core.network.outputs import num_outputs
 from sui_core.studies import suspects as sus
 from sui_core.studies.baselines import real_network_scores
 

@@ -31,7 +31,8 @@ import torch
 from sui_core.config import DataConfig, ModelConfig, PretrainConfig
 from sui_core.data.splits import load_source
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import build_model, targets
+from sui_core.network.models import build_model
+from sui_core.network.outputs import targets
 from sui_core.network.pretrain import pretrain
 from sui_core.studies.validation import validate
 

@@ -19,7 +19,6 @@ import time
 from dataclasses import replace
 
 import numpy as np
-import torch
 
 from stages import distributed as dist
 from stages import paths
@@ -28,12 +27,10 @@ from sui_core.artifacts import Output, check_aligned
 from sui_core.data.splits import Split, read_split
 from sui_core.errors import ParamError
 from sui_core.io import atomic_dir, read_npz, write_parquet
-from sui_core.linearized.estimate import trained_estimate
-from sui_core.linearized.jacobians import contiguous_range, load_split
-from sui_core.linearized.ntk import Basis, val_rows_in_basis
+from sui_core.linearized.ntk import Basis
+from sui_core.linearized.rows import contiguous_range
 from sui_core.linearized.scores import LooResult, forms_table, group_table, loo_quadratic_forms, planned_peak_bytes
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import load_model, targets
 
 
 def along_real_run(
@@ -41,6 +38,15 @@ def along_real_run(
 ) -> tuple:
     """loo.estimator trained: F-SI and the fit of the real training run (sui_core.linearized.estimate.
     trained_estimate) in place of the linearized ones; the SI forms and groups stay linearized."""
+    # imported here: torch only for this estimator (seconds of fixed cost the linearized default skips)
+    import torch
+
+    from sui_core.linearized.estimate import trained_estimate
+    from sui_core.linearized.jacobians import load_split
+    from sui_core.linearized.ntk import val_rows_in_basis
+    from sui_core.network.models import load_model
+    from sui_core.network.outputs import targets
+
     steps = cfg.training.whole_steps("loo.estimator trained")
     val = read_split(prepared.file("val.parquet"))
     model = load_model(cfg.input(paths.MODEL).path)[0]

@@ -8,7 +8,8 @@ from stages.common import Configs, StageRun, stage_app
 from sui_core.data.splits import read_split
 from sui_core.errors import ArtifactError, ParamError
 from sui_core.io import atomic_dir
-from sui_core.network.models import build_model, num_outputs, save_model
+from sui_core.network.models import build_model, save_model
+from sui_core.network.outputs import num_outputs
 
 
 def body(cfg: Configs, run: StageRun) -> dict:

@@ -22,7 +22,7 @@ from sui_core.linearized.ntk import (
     planned_kernel_peak_bytes,
     planned_peak_bytes,
 )
-from sui_core.network.models import targets
+from sui_core.network.outputs import targets
 
 
 def body(cfg: Configs, run: StageRun) -> dict:

@@ -7,7 +7,7 @@ projected parameter count), found without running the pipeline:
   `data` params (Parquet metadata; rows only for the disk sample below); for `npz` from the array headers in the
   file; else the source is loaded (the built-in sources are small: 1797 digits, 5000 MNIST images;
   Fashion-MNIST is 60k + 10k images);
-- k = 1 for two classes, else the number of classes (`sui_core.network.models.num_outputs`);
+- k = 1 for two classes, else the number of classes (`sui_core.network.outputs.num_outputs`);
 - D: the model is built on the CPU (seeded init; `init_path` is not read: it cannot change shapes that
   the model stage accepts) and given the jacobians stage's own store (`sui_core.linearized.factors.make_store`);
   for `jacobian.projection: exact` D is the number of trained parameters, and what a sample stores (its
@@ -298,7 +298,8 @@ def _network(params: dict[str, Any], input_shape: tuple, num_classes: int, devic
     tensors to be built; then, or for device "cpu", on the CPU."""
     import torch
 
-    from sui_core.network.models import build_model, num_outputs
+    from sui_core.network.models import build_model
+    from sui_core.network.outputs import num_outputs
 
     k = num_outputs(num_classes)
     model_cfg = dataclasses.replace(load_section(params, "model"), init_path=None)

@@ -122,7 +122,8 @@ def verify_line(out, table: dict, t: int, names: list[str]) -> str:
     """The top proponent of target row t really left out: one retraining of the network without it."""
     from sui_core.config import TrainingConfig
     from sui_core.data.splits import read_split
-    from sui_core.network.models import load_model, targets
+    from sui_core.network.models import load_model
+    from sui_core.network.outputs import targets
     from sui_core.studies.attribution import retrained_support
 
     training = TrainingConfig(**out.meta["params"]["training"])

@@ -19,8 +19,7 @@ from sui_core.data.splits import read_split
 from sui_core.io import atomic_dir, read_npz, write_json, write_parquet
 from sui_core.linearized.ntk import Basis
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import load_model, targets
-from sui_core.studies.baselines import real_network_scores
+from sui_core.network.outputs import targets
 from sui_core.studies.suspects import against_known, baseline_flags, suspects
 
 METRICS_FILE = paths.METRICS / "suspects.json"
@@ -48,6 +47,10 @@ def body(cfg: Configs, run: StageRun) -> dict:
     )
     baselines, issues = {}, None
     if s.baselines:
+        # imported here: torch only when real networks are trained (seconds of fixed cost otherwise)
+        from sui_core.network.models import load_model
+        from sui_core.studies.baselines import real_network_scores
+
         model, info = load_model(cfg.input(paths.MODEL).path)
         baselines, issues = real_network_scores(
             model,

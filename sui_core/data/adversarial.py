@@ -5,7 +5,7 @@ training images by x + ε·sign(∇ₓ ½‖f(x) − y‖²) (fast gradient sign
 clipped to the value range of the training images, where f is an MLP with one hidden layer of
 `hidden` ReLU units (init seed data.seed) trained by real full-batch gradient descent
 (`sui_core.network.training`, lr, steps) on the clean training labels, and y the clean label's regression
-target (`sui_core.network.models.targets`). The attacked network is a fixed, separate model so that the data a
+target (`sui_core.network.outputs.targets`). The attacked network is a fixed, separate model so that the data a
 run sees depend on the data params alone (prepare does not read the model section). The image keeps
 its clean label; `adversarial` marks it in the prepared splits and in scores.parquet. Applied before
 label noise, so a replaced image may also get a flipped label.
@@ -19,7 +19,8 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from sui_core.config import ModelConfig
-from sui_core.network.models import build_model, num_outputs, targets
+from sui_core.network.models import build_model
+from sui_core.network.outputs import num_outputs, targets
 from sui_core.network.training import Params, constants, train_full_batch, unstack
 
 

@@ -27,21 +27,13 @@ from tqdm import tqdm
 from sui_core.config import JacobianConfig
 from sui_core.errors import ArtifactError, ParamError
 from sui_core.io import file_sha256, read_json, read_parquet, write_json, write_parquet
+from sui_core.linearized.rows import contiguous_range
 
 MANIFEST_NAME = "manifest.json"
 PHI_DTYPE = "float32"
 
 
 SPLITS = ("train", "val")  # the splits whose Jacobians are computed (the test split is never scored)
-
-
-def contiguous_range(n: int, rank: int, world_size: int) -> range:
-    """The samples of `rank`: n split into `world_size` contiguous ranges whose sizes differ by at most 1."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of {world_size}")
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
 
 
 def _generator(*key: int) -> torch.Generator:

@@ -94,6 +94,15 @@ def row_blocks(z, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         yield lo, z[lo : lo + rows]
 
 
+def contiguous_range(n: int, rank: int, world_size: int) -> range:
+    """The samples of `rank`: n split into `world_size` contiguous ranges whose sizes differ by at most 1."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
 def residual_contraction(z, residual: np.ndarray) -> np.ndarray:
     """Σ_i Z_iᵀ r_i (r,), for Z (n, k, r) in memory or in a `RowFile`."""
     if isinstance(z, np.ndarray):

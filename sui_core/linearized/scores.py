@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from sui_core.data.splits import Split
 from sui_core.linearized.ntk import Basis
-from sui_core.linearized.rows import rows_times
+from sui_core.linearized.rows import residual_contraction, rows_times
 from sui_core.linearized.solver import (
     DIRECT_MIN_K,
     Recipe,
@@ -191,9 +191,9 @@ def group_quadratic_forms(
     basis: Basis, residual: np.ndarray, recipe: Recipe, groups: dict[str, np.ndarray]
 ) -> dict[str, dict[str, float]]:
     """F-SI's and SI isotropic's σ-free forms for leaving each group of samples out at once."""
-    out = {}
+    out, rhs = {}, residual_contraction(basis.z, residual)
     for name, members in groups.items():
-        delta = group_delta(basis.s, basis.z, residual, recipe, members)
+        delta = group_delta(basis.s, basis.z, residual, recipe, members, rhs)
         out[name] = {
             "size": len(members),
             "fsi_sum": float(delta @ basis.gram_val @ delta),

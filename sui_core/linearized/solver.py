@@ -268,20 +268,29 @@ def trained_coefficients(s: np.ndarray, z: np.ndarray, residual: np.ndarray, gd:
     return gd.factor(s) * residual_contraction(z, residual)
 
 
-def group_delta(s: np.ndarray, z: np.ndarray, residual: np.ndarray, recipe: Recipe, members: np.ndarray) -> np.ndarray:
+def group_delta(
+    s: np.ndarray,
+    z: np.ndarray,
+    residual: np.ndarray,
+    recipe: Recipe,
+    members: np.ndarray,
+    rhs: np.ndarray | None = None,
+) -> np.ndarray:
     """Δc when all `members` are left out together (group unique information): the same recipe on the
     n − |G| others. H_{−G} = diag(s + λ') − Z_GᵀZ_G is a rank-|G|k downdate, solved here by one
-    eigendecomposition of the r×r matrix: exact, O(r³) per group, for any group size."""
+    eigendecomposition of the r×r matrix: exact, O(r³) per group, for any group size. `rhs`: Σ Z_iᵀr_i
+    (`residual_contraction`) when the caller has it, which spares two passes over all of Z per group."""
     n = z.shape[0]
     if not 0 < len(members) < n:
         raise ValueError(f"a group must leave 1 to {n - 1} samples out, got {len(members)}")
     full, left = recipe.full(n), recipe.on(n - len(members))
+    rhs = residual_contraction(z, residual) if rhs is None else rhs
     z_group = z[members].reshape(-1, z.shape[2])
-    b = np.einsum("nkr,nk->r", z, residual) - z_group.T @ residual[members].reshape(-1)
+    b = rhs - z_group.T @ residual[members].reshape(-1)
     evals, evecs = np.linalg.eigh(np.diag(s + left.lam) - z_group.T @ z_group)
     left.check_stable(float(evals.max(initial=0.0)))
     c_left = evecs @ (left.factor(evals - left.lam) * (evecs.T @ b))
-    return trained_coefficients(s, z, residual, full) - c_left
+    return full.factor(s) * rhs - c_left  # trained_coefficients
 
 
 def loo_deltas(

@@ -1,4 +1,5 @@
-"""The network at w0 (the linearization point), its regression targets, and its saved form.
+"""The network at w0 (the linearization point) and its saved form (its regression targets:
+`sui_core.network.outputs`).
 
 The model is built under a forked RNG seeded by `init_seed`, so w0 depends on that seed alone and
 building a model never shifts the random stream of the caller.
@@ -28,28 +29,11 @@ import torch
 from torch import nn
 
 from sui_core.config import ModelConfig
-from sui_core.errors import ArtifactError, DataError, ParamError, SuiError
+from sui_core.errors import ArtifactError, ParamError, SuiError
 from sui_core.io import atomic_path, file_sha256, read_json, write_json
 
 # Spatial side the 4-layer CNN needs: 20 -> 10 (4x4/2) -> 5 (4x4/2) -> 3 (3x3) -> 1 (3x3).
 CNN_MIN_SIDE = 20
-
-
-def num_outputs(num_classes: int) -> int:
-    """Two classes need one output (the label in {0, 1}); more need one output per class."""
-    if num_classes < 2:
-        raise DataError(f"need at least 2 classes, got {num_classes}")
-    return 1 if num_classes == 2 else num_classes
-
-
-def targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Regression targets (n, k) float64: the label itself for k = 1, one-hot otherwise."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"labels must be in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
-    if num_outputs(num_classes) == 1:
-        return labels[:, None].astype(np.float64)
-    return np.eye(num_classes, dtype=np.float64)[labels]
 
 
 def build_model(cfg: ModelConfig, input_shape, num_outputs: int) -> nn.Module:

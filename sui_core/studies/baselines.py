@@ -1,6 +1,6 @@
 """Per-sample scores of the real network that users compare sui's scores with.
 
-All three use the pipeline's loss ½‖f_w(x) − y‖² on the regression targets of `sui_core.network.models.targets`
+All three use the pipeline's loss ½‖f_w(x) − y‖² on the regression targets of `sui_core.network.outputs.targets`
 (the label itself for two classes, one output; one-hot otherwise) and train, where they train, with
 `sui_core.network.training.train_full_batch`: full-batch SGD on the mean loss, weight decay towards w0.
 
@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from sui_core.config import DetectionConfig, ModelConfig, TrainingConfig
 from sui_core.errors import ParamError
-from sui_core.network.models import architecture, build_model, targets
+from sui_core.network.models import architecture, build_model
+from sui_core.network.outputs import targets
 from sui_core.network.training import Params, constants, predict, train_full_batch, trainable, unstack
 
 Builder = Callable[[int], nn.Module]

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from sui_core import plots
 from sui_core.io import write_parquet
 from sui_core.linearized.ntk import Basis
+from sui_core.linearized.rows import residual_contraction
 from sui_core.linearized.solver import Recipe, group_delta, loo_deltas, trained_coefficients
 from sui_core.network.training import predict, train_full_batch
 
@@ -136,9 +137,12 @@ def linearized_subset_outputs(
     f0_targets (T, k): outputs at w0; rows W (T, k, r): the targets' rows in the basis."""
     n = basis.z.shape[0]
     w = target_rows(rows, target_label)  # (T, r)
+    rhs = residual_contraction(basis.z, residual)
     full = target_rows(f0_targets, target_label) + w @ trained_coefficients(basis.s, basis.z, residual, recipe.full(n))
     started = time.perf_counter()
-    group = np.stack([full - w @ group_delta(basis.s, basis.z, residual, recipe, np.flatnonzero(~row)) for row in kept])
+    group = np.stack(
+        [full - w @ group_delta(basis.s, basis.z, residual, recipe, np.flatnonzero(~row), rhs) for row in kept]
+    )
     group_seconds = time.perf_counter() - started
     started = time.perf_counter()
     delta_sum = np.zeros((len(kept), basis.rank))

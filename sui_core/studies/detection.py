@@ -47,16 +47,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from sui_core.linearized.ntk import Basis
 from sui_core.linearized.scores import loo_quadratic_forms
 from sui_core.linearized.solver import Recipe
-from sui_core.network.training import predict, train_full_batch
 from sui_core.studies.evaluation import detection_metrics
+
+if TYPE_CHECKING:  # torch only where a real network trains (out_of_fold_outputs): seconds of import
+    import torch
+    from torch import nn
 
 SUI_DETECTORS = (
     "fsi",
@@ -198,6 +200,10 @@ def out_of_fold_outputs(
 ) -> np.ndarray:
     """Outputs (n, k) of each sample under the network trained (from w0, by the recipe) without its
     fold: one real training per fold, all folds stepped together."""
+    import torch
+
+    from sui_core.network.training import predict, train_full_batch
+
     folds = int(fold.max()) + 1
     weights = torch.tensor(np.array([fold != i for i in range(folds)], dtype=np.float64))
     params = train_full_batch(model, x, y, weights, lr, steps, weight_decay, progress=progress)

@@ -35,7 +35,8 @@ from sui_core.io import atomic_path, write_parquet
 from sui_core.linearized.ntk import Basis
 from sui_core.linearized.scores import FIT, SCORES
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import architecture, targets
+from sui_core.network.models import architecture
+from sui_core.network.outputs import targets
 from sui_core.studies import baselines, detection, robustness, summarization
 from sui_core.studies.baselines import seeded_builder
 from sui_core.studies.evaluation import detection_metrics, rare_subgroup_report, write_table

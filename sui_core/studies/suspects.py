@@ -69,7 +69,7 @@ from sui_core.config import FLIP_KINDS
 from sui_core.linearized.ntk import Basis
 from sui_core.linearized.scores import loo_quadratic_forms
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import num_outputs, targets
+from sui_core.network.outputs import num_outputs, targets
 from sui_core.studies import detection
 from sui_core.studies.evaluation import detection_metrics
 

@@ -51,7 +51,7 @@ from sui_core.errors import ArtifactError, ParamError
 from sui_core.io import write_parquet
 from sui_core.linearized.estimate import Estimate, linearize, trained_estimate
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import targets
+from sui_core.network.outputs import targets
 from sui_core.network.training import Params, constants, flat, predict, train_full_batch
 from sui_core.studies.datamodels import DatamodelScore, datamodel_score
 

@@ -16,7 +16,7 @@ from sui_core.linearized.ntk import build_basis
 from sui_core.linearized.reference import brute_force_deltas
 from sui_core.linearized.scores import SCORES
 from sui_core.linearized.solver import Recipe, loo_deltas
-from sui_core.network.models import num_outputs, targets
+from sui_core.network.outputs import num_outputs, targets
 
 REL = 1e-8
 K = 10

@@ -7,7 +7,8 @@ import torch
 from sui_core.config import JacobianConfig, ModelConfig, load_section
 from sui_core.errors import ArtifactError, ParamError
 from sui_core.linearized.jacobians import jacobian_shapes, make_projector, per_sample_jacobians
-from sui_core.network.models import build_model, load_model, num_outputs, save_model, targets
+from sui_core.network.models import build_model, load_model, save_model
+from sui_core.network.outputs import num_outputs, targets
 
 MLP = ModelConfig(arch="mlp", hidden=[16, 8], init_seed=3)
 CNN = ModelConfig(arch="cnn", init_seed=3)

@@ -27,7 +27,8 @@ from sui_core.linearized.jacobians import make_projector, per_sample_jacobians
 from sui_core.linearized.ntk import build_basis
 from sui_core.linearized.scores import loo_quadratic_forms, scores_from_forms
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import build_model, targets
+from sui_core.network.models import build_model
+from sui_core.network.outputs import targets
 
 N_TRAIN, N_VAL, N_LEFT_OUT = 120, 100, 40
 HIDDEN = 2048

@@ -23,7 +23,6 @@ from stages import distributed as dist
 from sui_core.config import JacobianConfig, load_section
 from sui_core.errors import DataError, ParamError
 from sui_core.linearized.jacobians import (
-    contiguous_range,
     extract,
     iter_shard_columns,
     load_split,
@@ -32,6 +31,7 @@ from sui_core.linearized.jacobians import (
     write_manifest,
 )
 from sui_core.linearized.ntk import Basis
+from sui_core.linearized.rows import contiguous_range
 from sui_core.linearized.scores import loo_quadratic_forms, sgd_precision
 from sui_core.linearized.solver import Recipe, trained_coefficients
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from sui_core.data.splits import read_split
-from sui_core.network.models import load_model, targets
+from sui_core.network.models import load_model
+from sui_core.network.outputs import targets
 from sui_core.network.training import predict, train_full_batch
 from tests.pipeline_project import SMALL, make_project, run, stages_ran
 

@@ -14,7 +14,8 @@ from scipy.stats import spearmanr
 
 from sui_core.data.splits import read_split
 from sui_core.linearized.reference import sgd_trained
-from sui_core.network.models import load_model, targets
+from sui_core.network.models import load_model
+from sui_core.network.outputs import targets
 from tests.pipeline_project import SMALL, make_project, run, stages_ran
 
 pytestmark = pytest.mark.slow

@@ -83,7 +83,8 @@ def test_attribute_stage_matches_retraining_the_linearized_network(tmp_path, mon
 
     from stages.cli import app as cli
     from sui_core.data.splits import read_split
-    from sui_core.network.models import load_model, targets
+    from sui_core.network.models import load_model
+    from sui_core.network.outputs import targets
     from sui_core.network.training import trainable
 
     monkeypatch.chdir(tmp_path)

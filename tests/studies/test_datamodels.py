@@ -13,7 +13,8 @@ from sui_core.errors import ParamError
 from sui_core.linearized.estimate import linearize
 from sui_core.linearized.reference import sgd_trained
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import build_model, targets
+from sui_core.network.models import build_model
+from sui_core.network.outputs import targets
 from sui_core.studies.datamodels import DatamodelScore, datamodel_score, random_subsets, write_report
 from sui_core.studies.validation import EXACT_KERNEL
 

@@ -13,7 +13,8 @@ from sui_core.data.splits import load_source
 from sui_core.linearized.estimate import linearize
 from sui_core.linearized.ntk import build_basis
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import build_model, num_outputs, targets
+from sui_core.network.models import build_model
+from sui_core.network.outputs import num_outputs, targets
 from sui_core.studies import suspects as sus
 from tests.studies.test_detection import gd_linear
 

@@ -13,7 +13,8 @@ from sui_core.errors import ParamError
 from sui_core.linearized.ntk import build_basis
 from sui_core.linearized.reference import sgd_trained
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import build_model, head_names, targets
+from sui_core.network.models import build_model, head_names
+from sui_core.network.outputs import targets
 from sui_core.studies.validation import (
     FlatNetwork,
     influence_exact,
