@@ -99,7 +99,8 @@ def body(cfg: Configs, run: StageRun) -> dict:
         basis = Basis.load(ntk.file(paths.BASIS_FILE.name))
         targets = read_npz(ntk.file(paths.RESIDUAL_FILE.name), ["sample_id", "residual"])
         prepared = cfg.input(paths.PREPARED)
-        return basis, targets, prepared, read_split(prepared.file("train.parquet"))
+        inputs = cfg.loo.estimator == "trained"  # the images only for the real run
+        return basis, targets, prepared, read_split(prepared.file("train.parquet"), inputs=inputs)
 
     basis, targets, prepared, train = dist.run_checked(load)
     check_aligned(targets["sample_id"], train.sample_id, paths.RESIDUAL_FILE, paths.PREPARED / "train.parquet")

@@ -245,6 +245,17 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table
         raise ArtifactError(f"{path}: unreadable Parquet file ({exc})") from exc
 
 
+def parquet_columns(path: str | Path) -> list[str]:
+    """The column names of a Parquet file, from its footer (no data read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found (run the stage that writes it first)")
+    try:
+        return pq.read_schema(path).names
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ArtifactError(f"{path}: unreadable Parquet file ({exc})") from exc
+
+
 def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:

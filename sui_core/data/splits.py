@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from sui_core.config import NAMED_CLASS_SOURCES, TORCHVISION_SOURCES, DataConfig
 from sui_core.errors import ArtifactError, DataError, ParamError
-from sui_core.io import read_parquet, write_parquet
+from sui_core.io import parquet_columns, read_parquet, write_parquet
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("sample_id", "x", "label", "clean_label", "noisy", "source")  # required; `group` is optional
@@ -47,7 +47,7 @@ class Split:
     """One split as numpy arrays; `x` has shape (n, *input_shape)."""
 
     sample_id: np.ndarray  # int64
-    x: np.ndarray  # float32
+    x: np.ndarray | None  # float32; None when read without its inputs (`read_split(..., inputs=False)`)
     label: np.ndarray  # int64, possibly flipped
     clean_label: np.ndarray  # int64
     noisy: np.ndarray  # bool
@@ -643,12 +643,15 @@ def write_splits(raw: RawData, out_dir: str | Path) -> None:
         write_parquet(Path(out_dir) / f"{name}.parquet", table)
 
 
-def read_split(path: str | Path) -> Split:
-    """Read a prepared split, checking columns, metadata and row widths (ArtifactError naming the file)."""
-    table = read_parquet(path)
-    missing = [c for c in COLUMNS if c not in table.column_names]
+def read_split(path: str | Path, inputs: bool = True) -> Split:
+    """Read a prepared split, checking columns, metadata and row widths (ArtifactError naming the file).
+    `inputs=False`: without the column x (x is None), for stages that need only ids and labels: at 60,000
+    images x is hundreds of MB, read and held for nothing."""
+    names = parquet_columns(path)
+    missing = [c for c in COLUMNS if c not in names]
     if missing:
         raise ArtifactError(f"{path}: missing columns {missing}")
+    table = read_parquet(path, columns=None if inputs else [c for c in names if c != "x"])
     meta = table.schema.metadata or {}
     try:
         input_shape = tuple(int(d) for d in json.loads(meta[b"sui.input_shape"]))
@@ -656,12 +659,15 @@ def read_split(path: str | Path) -> Split:
         class_names = json.loads(meta[b"sui.class_names"])
     except (KeyError, ValueError, TypeError) as exc:
         raise ArtifactError(f"{path}: missing or invalid schema metadata sui.* ({exc!r})") from exc
-    x = table.column("x").combine_chunks()
-    if len(x) and pc.any(pc.not_equal(pc.list_value_length(x), int(np.prod(input_shape)))).as_py():
-        raise ArtifactError(f"{path}: rows of x do not all have {int(np.prod(input_shape))} values")
+    x = None
+    if inputs:
+        column = table.column("x").combine_chunks()
+        if len(column) and pc.any(pc.not_equal(pc.list_value_length(column), int(np.prod(input_shape)))).as_py():
+            raise ArtifactError(f"{path}: rows of x do not all have {int(np.prod(input_shape))} values")
+        x = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape((len(column), *input_shape))
     return Split(
         sample_id=table.column("sample_id").to_numpy().astype(np.int64),
-        x=x.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape((len(x), *input_shape)),
+        x=x,
         label=table.column("label").to_numpy().astype(np.int64),
         clean_label=table.column("clean_label").to_numpy().astype(np.int64),
         noisy=table.column("noisy").to_numpy(zero_copy_only=False).astype(bool),
@@ -670,7 +676,8 @@ def read_split(path: str | Path) -> Split:
         num_classes=num_classes,
         class_names=class_names,
         group=np.array(
-            table.column("group").to_pylist() if "group" in table.column_names else [None] * len(x), dtype=object
+            table.column("group").to_pylist() if "group" in table.column_names else [None] * table.num_rows,
+            dtype=object,
         ),
         text=np.array(table.column("text").to_pylist(), dtype=object) if "text" in table.column_names else None,
         adversarial=(

@@ -90,6 +90,11 @@ def test_write_read_round_trip(raw, tmp_path):
             np.testing.assert_array_equal(getattr(back, field), getattr(split, field))
         assert back.x.dtype == np.float32 and back.label.dtype == np.int64
         assert (back.input_shape, back.num_classes, back.class_names) == ((1, 8, 8), 3, [3, 5, 8])
+        labels_only = read_split(tmp_path / f"{name}.parquet", inputs=False)  # what the loo stage reads
+        assert labels_only.x is None
+        for field in ("sample_id", "label", "clean_label", "noisy", "source", "group"):
+            np.testing.assert_array_equal(getattr(labels_only, field), getattr(split, field))
+        assert (labels_only.input_shape, labels_only.num_classes) == ((1, 8, 8), 3)
     schema = pq.read_schema(tmp_path / "train.parquet")
     assert pa.types.is_list(schema.field("x").type) and schema.field("x").type.value_type == pa.float32()
     assert schema.metadata[b"sui.input_shape"] == b"[1, 8, 8]"
