@@ -42,8 +42,21 @@ TRAK_PROJ_DIM = 512
 # dattri IF-Arnoldi: proj_dim 100 (its default) gave NaN on the benchmark MLP; 50 worked.
 ARNOLDI_PROJ_DIM = 50
 # dattri vmaps the iHVP over every test gradient of a batch at once; targets go in batches of this many (memory).
-# IF-CG on the MNIST MLP (805k parameters) still ran out of 24 GiB at n = 200 and 1,000 with it (docs/results.md).
 DATTRI_TEST_BATCH = 50
+# dattri IF-CG's autodiff mode: its docstring's "memory-efficient" choice. With its default "rev-rev" IF-CG on
+# the MNIST MLP (805k parameters) ran out of 24 GiB at n = 200 and 1,000; with "rev-fwd" it peaked at 13 GiB at
+# both. LiSSA keeps "rev-rev": dattri 0.3.0's "rev-fwd" HVP fails on LiSSA's sampled (params, data) tuple.
+DATTRI_CG_MODE = "rev-fwd"
+# LiSSA: its recursion v <- g + (1 - damping) v - H_b v / scaling, H_b the Hessian of one sampled training
+# sample, converges when scaling exceeds H_b's largest eigenvalue; scaling = this many times the largest
+# per-sample Gauss-Newton eigenvalue ||grad f(x_i)||^2 at the trained weights.
+LISSA_SCALING_MARGIN = 2.0
+LISSA_DEPTH = 5000  # dattri's default recursion_depth
+# LiSSA runs only when a timed probe of LISSA_PROBE_DEPTH recursions (fixed costs included, so an upper bound)
+# extrapolates to at most this many seconds for LISSA_DEPTH; otherwise it fails with the estimate. Measured on
+# the MNIST MLP (n = 1,000, 392 targets, machine shared): 20 recursions 568 s, i.e. about 39 hours for 5,000.
+LISSA_BUDGET_S = 3600.0
+LISSA_PROBE_DEPTH = 3
 
 
 @dataclass
@@ -309,14 +322,14 @@ def _dattri_task(model, trained, checkpoints, use_checkpoints: bool, train_fn: s
     return task, net
 
 
-def _loaders(x, y, x_val):
+def _loaders(x, y, x_val, test_batch: int = DATTRI_TEST_BATCH):
     """One full training batch: dattri's CG/LiSSA sum the iHVP over the batches of the full loader and recompute the
     test transform for every train batch, so one batch is both the exact Hessian and the cheapest. Targets go in
-    batches of DATTRI_TEST_BATCH (memory)."""
+    batches of `test_batch` (memory)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     train = DataLoader(TensorDataset(x, y), batch_size=len(x), shuffle=False)
-    val = DataLoader(TensorDataset(x_val, torch.zeros(len(x_val), 1, dtype=x_val.dtype)), batch_size=DATTRI_TEST_BATCH)
+    val = DataLoader(TensorDataset(x_val, torch.zeros(len(x_val), 1, dtype=x_val.dtype)), batch_size=test_batch)
     return train, val
 
 
@@ -326,13 +339,15 @@ def _dattri_if(kind, model, trained, checkpoints, x, y, x_val, lr, steps, weight
     from dattri.algorithm.influence_function import IFAttributorArnoldi, IFAttributorCG, IFAttributorLiSSA
 
     task, _ = _dattri_task(model, trained, checkpoints, use_checkpoints=False)
-    train_loader, val_loader = _loaders(x, y, x_val)
+    # LiSSA's cost is its recursion_depth sequential steps per target batch, each a one-sample HVP vmapped over
+    # the batch: all targets in one batch pay those steps once
+    train_loader, val_loader = _loaders(x, y, x_val, len(x_val) if kind == "lissa" else DATTRI_TEST_BATCH)
     damping = _damping(lr, steps, weight_decay)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     if kind == "cg":
-        attributor = IFAttributorCG(task=task, device="cpu", regularization=damping)
-        settings = f"CG max_iter=10 (default), regularization=1/(lr*steps)+wd={damping:.3g}"
+        attributor = IFAttributorCG(task=task, device="cpu", regularization=damping, mode=DATTRI_CG_MODE)
+        settings = f"CG max_iter=10 (default), mode={DATTRI_CG_MODE}, regularization=1/(lr*steps)+wd={damping:.3g}"
     elif kind == "arnoldi":
         attributor = IFAttributorArnoldi(
             task=task, device="cpu", proj_dim=ARNOLDI_PROJ_DIM, max_iter=100, regularization=damping
@@ -342,15 +357,58 @@ def _dattri_if(kind, model, trained, checkpoints, x, y, x_val, lr, steps, weight
             f"regularization=1/(lr*steps)+wd={damping:.3g}"
         )
     elif kind == "lissa":
-        attributor = IFAttributorLiSSA(task=task, device="cpu", damping=0.0, scaling=50.0)
-        settings = "LiSSA batch_size=1, recursion_depth=5000, scaling=50, damping=0 (defaults)"
+        # the fixed point of the recursion is (H + damping*scaling)^-1 g: damping = regularization / scaling
+        scaling = LISSA_SCALING_MARGIN * _largest_gauss_newton(model, trained, x)
+
+        def lissa(depth: int):
+            kwargs = {"damping": damping / scaling, "scaling": scaling, "recursion_depth": depth}
+            return IFAttributorLiSSA(task=task, device="cpu", **kwargs)
+
+        probe = lissa(LISSA_PROBE_DEPTH)
+        probe.cache(train_loader)
+        with torch.no_grad():
+            probe.attribute(train_loader, val_loader)
+        estimate = (time.perf_counter() - t0) * LISSA_DEPTH / LISSA_PROBE_DEPTH
+        if estimate > LISSA_BUDGET_S:
+            raise RuntimeError(
+                f"not run: {LISSA_PROBE_DEPTH} recursions took {time.perf_counter() - t0:.0f} s, so its "
+                f"{LISSA_DEPTH} would take about {estimate / 3600:.1f} h (budget {LISSA_BUDGET_S / 3600:g} h)"
+            )
+        attributor = lissa(LISSA_DEPTH)
+        settings = (
+            f"LiSSA batch_size=1, recursion_depth={LISSA_DEPTH}, mode=rev-rev (defaults), "
+            f"scaling={scaling:.3g} ({LISSA_SCALING_MARGIN:g} x max_i ||grad f(x_i)||^2 instead of its default 50, "
+            "which does not follow the network's curvature), damping=regularization/scaling, "
+            f"regularization=1/(lr*steps)+wd={damping:.3g}"
+        )
     else:
         raise ValueError(kind)
     attributor.cache(train_loader)
-    scores = attributor.attribute(train_loader, val_loader)  # (n, n_val) = grad l_i^T H^-1 grad f_j
+    # dattri's derivatives are torch.func transforms, which ignore an outer no_grad; without it the flattened
+    # parameters carry autograd history and LiSSA's recursion keeps every step alive (measured: 2 GiB after
+    # 250 steps on --check's toy, past 23 GiB before 5000)
+    with torch.no_grad():
+        scores = attributor.attribute(train_loader, val_loader)  # (n, n_val) = grad l_i^T H^-1 grad f_j
     seconds = time.perf_counter() - t0
     tau = _as_tau(scores.detach().cpu().numpy(), len(x), len(x_val), sign=-1.0)
     return PeerResult(tau=tau, seconds=seconds, settings=settings + "; trained weights only; target=f(x_j)")
+
+
+def _largest_gauss_newton(model, trained, x) -> float:
+    """max_i ||grad_w f(x_i)||^2 at the trained weights: the largest eigenvalue of sample i's Gauss-Newton Hessian
+    of 0.5*(f-y)^2, the curvature LiSSA's one-sample recursion must stay below."""
+    net = _with_params(model, trained)
+    weights, buffers = dict(net.named_parameters()), dict(net.named_buffers())
+
+    def output(w, inp):
+        return torch.func.functional_call(net, (w, buffers), (inp.unsqueeze(0),)).sum()
+
+    largest = 0.0
+    for s in range(0, len(x), 64):
+        g = torch.func.vmap(torch.func.grad(output), in_dims=(None, 0))(weights, x[s : s + 64])
+        norms = sum(v.detach().reshape(len(v), -1).pow(2).sum(1) for v in g.values())
+        largest = max(largest, float(norms.max()))
+    return largest
 
 
 def dattri_if_cg(model, trained, checkpoints, x, y, x_val, lr, steps, weight_decay=0.0) -> PeerResult:

@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import multiprocessing
+import queue as queue_module
 import resource
 import time
 
@@ -126,28 +127,41 @@ def sui_tau(model, x, y, x_val, args, kept) -> dict:
 
 
 def in_child(name: str, model, checkpoints, x, y, x_val, args, kept, queue) -> None:
+    """Runs `name` and puts its result, or {"error": ...} when it raises, on `queue`."""
     torch.set_num_threads(args.threads)
-    if name == "sui":
-        result = sui_tau(model, x, y, x_val, args, kept)
-        result["settings"] = "exact kernel at w0 from layer factors (jacobian.projection: exact), loo.tol 1e-14"
-    else:
-        from peer_methods import run_peer
+    try:
+        if name == "sui":
+            result = sui_tau(model, x, y, x_val, args, kept)
+            result["settings"] = "exact kernel at w0 from layer factors (jacobian.projection: exact), loo.tol 1e-14"
+        else:
+            from peer_methods import run_peer
 
-        peer = run_peer(
-            name, model, checkpoints[-1], checkpoints, x, torch.as_tensor(y).float(), x_val, args.lr, args.t, args.wd
-        )
-        result = {"tau": peer.tau, "seconds": peer.seconds, "settings": peer.settings}
+            y = torch.as_tensor(y).float()
+            peer = run_peer(name, model, checkpoints[-1], checkpoints, x, y, x_val, args.lr, args.t, args.wd)
+            result = {"tau": peer.tau, "seconds": peer.seconds, "settings": peer.settings}
+    except Exception as error:  # reported by the parent, which goes on with the other methods
+        queue.put({"error": f"{type(error).__name__}: {error}"})
+        return
     result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put(result)
 
 
 def run_method(name, *inputs) -> dict:
+    """`in_child` in a spawned process; raises when it dies without a result (e.g. killed for memory)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=in_child, args=(name, *inputs, queue))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=10)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"its process exited with code {process.exitcode} and no result") from None
     process.join()
+    if "error" in result:
+        raise RuntimeError(result["error"])
     return result
 
 
