@@ -287,15 +287,19 @@ def _trak_ridge(net, task, checkpoints, x, y, proj_dim) -> float:
 # dattri
 
 
-def _dattri_task(model, trained, checkpoints, use_checkpoints: bool, train_fn: str = "loss"):
+def _dattri_task(model, trained, checkpoints, use_checkpoints: bool, sample_ndim: int, train_fn: str = "loss"):
     """dattri AttributionTask: target = raw output f(x_j); loss = mean over the given batch of 0.5*(f-y)^2 (so the
     Hessian of the full-batch loss is the Hessian of the training objective without weight decay).  For TRAK the
-    'loss' slot holds the model output function f(x) instead, as dattri's TRAK docs do with the margin."""
+    'loss' slot holds the model output function f(x) instead, as dattri's TRAK docs do with the margin.
+    `sample_ndim`: the dimensions of one input; TracIn and TRAK vmap over single samples, which get a batch of one
+    (a CNN's flatten needs the batch dimension)."""
     from dattri.task import AttributionTask
 
     net = _with_params(model, trained)
 
     def _out(params, inp):
+        if inp.ndim == sample_ndim:
+            return torch.func.functional_call(net, params, (inp.unsqueeze(0),))[0]
         return torch.func.functional_call(net, params, (inp,))
 
     def loss_func(params, data):
@@ -338,7 +342,7 @@ def _dattri_if(kind, model, trained, checkpoints, x, y, x_val, lr, steps, weight
     _quiet()
     from dattri.algorithm.influence_function import IFAttributorArnoldi, IFAttributorCG, IFAttributorLiSSA
 
-    task, _ = _dattri_task(model, trained, checkpoints, use_checkpoints=False)
+    task, _ = _dattri_task(model, trained, checkpoints, False, x.ndim - 1)
     # LiSSA's cost is its recursion_depth sequential steps per target batch, each a one-sample HVP vmapped over
     # the batch: all targets in one batch pay those steps once
     train_loader, val_loader = _loaders(x, y, x_val, len(x_val) if kind == "lissa" else DATTRI_TEST_BATCH)
@@ -439,7 +443,7 @@ def dattri_tracin(model, trained, checkpoints, x, y, x_val, lr, steps, weight_de
     _quiet()
     from dattri.algorithm.tracin import TracInAttributor
 
-    task, _ = _dattri_task(model, trained, checkpoints, use_checkpoints=True)
+    task, _ = _dattri_task(model, trained, checkpoints, True, x.ndim - 1)
     train_loader, val_loader = _loaders(x, y, x_val)
     n_params = sum(p.numel() for p in model.parameters())
     proj = {"proj_dim": min(TRAK_PROJ_DIM, n_params), "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu"}
@@ -467,7 +471,7 @@ def dattri_trak(model, trained, checkpoints, x, y, x_val, lr, steps, weight_deca
     _quiet()
     from dattri.algorithm.trak import TRAKAttributor
 
-    task, net = _dattri_task(model, trained, checkpoints, use_checkpoints=True, train_fn="output")
+    task, net = _dattri_task(model, trained, checkpoints, True, x.ndim - 1, train_fn="output")
 
     def one_minus_q(params, data):
         inp, target = data
