@@ -383,7 +383,7 @@ def _dattri_if(kind, model, trained, checkpoints, x, y, x_val, lr, steps, weight
             f"LiSSA batch_size=1, recursion_depth={LISSA_DEPTH}, mode=rev-rev (defaults), "
             f"scaling={scaling:.3g} ({LISSA_SCALING_MARGIN:g} x max_i ||grad f(x_i)||^2 instead of its default 50, "
             "which does not follow the network's curvature), damping=regularization/scaling, "
-            f"regularization=1/(lr*steps)+wd={damping:.3g}"
+            f"regularization=1/(lr*steps)+wd={damping:.3g}; its seconds include the {LISSA_PROBE_DEPTH}-recursion probe"
         )
     else:
         raise ValueError(kind)
