@@ -5,22 +5,12 @@ effect matrix when it is at most `attribute.matrix_limit_mb`. `sui explain <id>`
 Off by default (attribute.enabled): then it writes a small "disabled" record at once."""
 
 import numpy as np
-import pyarrow as pa
-import torch
 
 from stages import paths
 from stages.common import Configs, StageRun, finite_numbers, stage_app
-from sui_core import artifacts, plots
-from sui_core.artifacts import check_aligned
-from sui_core.data.splits import read_split
+from sui_core import artifacts
 from sui_core.errors import ParamError
-from sui_core.io import atomic_dir, read_npz, write_json, write_parquet
-from sui_core.linearized.estimate import rows_in_basis
-from sui_core.linearized.jacobians import load_split
-from sui_core.linearized.ntk import Basis, val_rows_in_basis
-from sui_core.linearized.solver import Recipe
-from sui_core.network.models import load_model
-from sui_core.studies.attribution import attribute
+from sui_core.io import atomic_dir, write_json
 
 METRICS_FILE = paths.METRICS / "attribute.json"
 
@@ -47,6 +37,26 @@ def body(cfg: Configs, run: StageRun) -> dict:
             artifacts.publish(out, "attribute", {}, enabled=False)
         write_json(METRICS_FILE, {"enabled": False})
         return {}
+    return _attribute(cfg, run)
+
+
+def _attribute(cfg: Configs, run: StageRun) -> dict:
+    # imported here: the stage is off by default, and a disabled stage should not pay for torch and matplotlib
+    import pyarrow as pa
+    import torch
+
+    from sui_core import plots
+    from sui_core.artifacts import check_aligned
+    from sui_core.data.splits import read_split
+    from sui_core.io import read_npz, write_parquet
+    from sui_core.linearized.estimate import rows_in_basis
+    from sui_core.linearized.jacobians import load_split
+    from sui_core.linearized.ntk import Basis, val_rows_in_basis
+    from sui_core.linearized.solver import Recipe
+    from sui_core.network.models import load_model
+    from sui_core.studies.attribution import attribute
+
+    a = cfg.attribute
     ntk = cfg.input(paths.NTK)
     basis = Basis.load(ntk.file(paths.BASIS_FILE.name))
     residual = read_npz(ntk.file(paths.RESIDUAL_FILE.name), ["sample_id", "residual"])

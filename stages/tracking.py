@@ -54,7 +54,11 @@ GenAI / model-training switch (stored in the browser, GenAI by default) unless t
 `workflowType=machine_learning`: `sui ui` therefore prints the URL of the runs table with it
 (`runs_page`), which opens on the training runs in any browser.
 
-mlflow is imported only inside functions, so importing sui_core stays fast.
+Where the MLflow calls run: `STORE_CALLS` names every one (plain data in and out, the session's facts
+computed in the stage by `session_facts`). By default the tracking agent runs them (stages/tracking_agent.py:
+one long-lived process that keeps MLflow imported, so a stage does not pay MLflow's 3–4 s import and store
+opening); with SUI_TRACKING_AGENT=off, or a URI the agent could read differently (not an absolute sqlite
+path nor http(s)), the stage's own process does (`LocalStore`). mlflow is imported only there.
 """
 
 from __future__ import annotations
@@ -384,19 +388,20 @@ def _unreachable(uri: str, health: str, reason: Any, timeout: float) -> Tracking
     )
 
 
-def _client() -> _GuardedClient:
+def _client(uri: str | None = None) -> _GuardedClient:
+    """An MlflowClient of `uri` (default `tracking_uri()`) in this process: imports MLflow (seconds)."""
     for name, value in MLFLOW_HTTP_BOUNDS.items():
         os.environ.setdefault(name, value)
     _quiet_mlflow()
     from mlflow import MlflowClient
 
-    uri = tracking_uri()
+    uri = uri or tracking_uri()
     with _store_errors(uri, "opening the store"):
         client = MlflowClient(tracking_uri=uri)
     return _GuardedClient(client, uri)
 
 
-def _experiment_id(client) -> str:
+def _experiment_id(client, artifact_location: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(EXPERIMENT_NAME)
@@ -408,7 +413,7 @@ def _experiment_id(client) -> str:
         return exp.experiment_id
     try:
         return client.create_experiment(
-            EXPERIMENT_NAME, artifact_location=default_artifact_location(), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            EXPERIMENT_NAME, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
         )
     except MlflowException:  # created meanwhile by another process
         exp = client.get_experiment_by_name(EXPERIMENT_NAME)
@@ -419,7 +424,8 @@ def _experiment_id(client) -> str:
 
 def runs_page() -> str:
     """The UI route of the sui experiment's runs table in the model-training view (made if missing)."""
-    return f"#/experiments/{_experiment_id(_client())}/runs?workflowType=machine_learning"
+    experiment_id = _store(tracking_uri()).call("experiment_id", artifact_location=default_artifact_location())
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def _log_params(client, run_id: str, params: Mapping[str, Any], skip: Mapping[str, str] | None = None) -> None:
@@ -431,8 +437,9 @@ def _log_params(client, run_id: str, params: Mapping[str, Any], skip: Mapping[st
 
 
 def _find_or_create_parent(
-    client, experiment_id: str, key: str, stage: str, all_params: Mapping[str, Any] | None, owner: str | None
+    client, experiment_id: str, facts: Mapping[str, Any], stage: str, all_params: Mapping[str, Any] | None
 ) -> str:
+    key = facts["key"]
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{SESSION_TAG}` = '{key}'",
@@ -446,18 +453,18 @@ def _find_or_create_parent(
             _log_params(client, parent.info.run_id, all_params, skip=parent.data.params)
         return parent.info.run_id
 
-    code = _code()
+    code, env = facts["code"], facts["env"]
     commit = code.get("git_commit")
-    exp_name = os.environ.get(DVC_EXP_NAME_ENV, "").strip()
-    kind = session_kind()
+    exp_name = (env.get(DVC_EXP_NAME_ENV) or "").strip()
+    kind = facts["kind"]
     short = commit[:7] if commit else "nogit"
     run_name = exp_name or (f"repro {short}" if kind == "dvc-repro" else f"{stage} {short}")
     tags = {
         SESSION_TAG: key,
-        OWNER_TAG: owner,
+        OWNER_TAG: facts["session_owner"],
         "sui.kind": kind,
         "sui.version": code.get("sui_version"),
-        "sui.repo_root": str(repo_root()),
+        "sui.repo_root": facts["repo_root"],
     }
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -465,8 +472,8 @@ def _find_or_create_parent(
         tags["sui.git_dirty"] = str(code.get("git_dirty"))
     if exp_name:
         tags["sui.dvc_exp_name"] = exp_name
-    if os.environ.get(DVC_EXP_BASELINE_ENV):
-        tags["sui.dvc_exp_baseline_rev"] = os.environ[DVC_EXP_BASELINE_ENV]
+    if env.get(DVC_EXP_BASELINE_ENV):
+        tags["sui.dvc_exp_baseline_rev"] = env[DVC_EXP_BASELINE_ENV]
     run = client.create_run(experiment_id, tags={k: v for k, v in tags.items() if v is not None}, run_name=run_name)
     if all_params:
         _log_params(client, run.info.run_id, all_params)
@@ -495,37 +502,51 @@ def log_restored(
     or None when nothing was logged (tracking off, or a plain `dvc repro` in which no stage ran)."""
     if not tracking_enabled():
         return None
-    probe_server(tracking_uri())
-    client = _client()
-    experiment_id = _experiment_id(client)
-    key = session_key()
-    session = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{SESSION_TAG}` = '{key}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=1000,
-    )
-    parents = [r.info.run_id for r in session if PARENT_TAG not in r.data.tags]
-    if not parents and not os.environ.get(DVC_EXP_NAME_ENV, "").strip():
+    uri = tracking_uri()
+    probe_server(uri)
+    store, facts = _store(uri), session_facts(None)
+    session = store.call("session_runs", facts=facts)
+    if not session["parents"] and not (facts["env"].get(DVC_EXP_NAME_ENV) or "").strip():
         return None
-    ran = {r.data.tags.get(STAGE_TAG) for r in session if PARENT_TAG in r.data.tags}
-    restored = [stage for stage in stages if stage not in ran]
-    if parents:
-        parent_id = parents[0]
-    else:
-        owner = session_owner()
-        parent_id = _find_or_create_parent(
-            client, experiment_id, key, "track", all_params, owner_tag(owner) if owner else None
-        )
+    restored = [stage for stage in stages if stage not in session["ran"]]
     values = {}
     for stage in restored:
         values |= stage_prefixed(stage, {k: _metric_value(k, v) for k, v in flatten(metrics_of(stage)).items()})
+    store.call("log_restored", facts=facts, values=values, restored=restored, all_params=all_params)
+    return restored
+
+
+def _session_runs(client, facts: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The parent runs of this session and the stages that have a child run in it."""
+    experiment_id = _experiment_id(client, facts["artifact_location"])
+    session = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{SESSION_TAG}` = '{facts['key']}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1000,
+    )
+    return {
+        "parents": [r.info.run_id for r in session if PARENT_TAG not in r.data.tags],
+        "ran": sorted({r.data.tags.get(STAGE_TAG) for r in session if PARENT_TAG in r.data.tags} - {None}),
+    }
+
+
+def _log_restored(
+    client,
+    facts: Mapping[str, Any],
+    values: Mapping[str, float],
+    restored: Sequence[str],
+    all_params: Mapping[str, Any] | None,
+) -> None:
+    """Log `values` on the session's parent (made, and closed again, for a `dvc exp run` that ran no stage)."""
+    parents = _session_runs(client, facts)["parents"]
+    experiment_id = _experiment_id(client, facts["artifact_location"])
+    parent_id = parents[0] if parents else _find_or_create_parent(client, experiment_id, facts, "track", all_params)
     _log_metric_values(client, parent_id, values)
     if restored:
         client.set_tag(parent_id, RESTORED_TAG, ",".join(restored)[:MAX_TAG_LEN])
     if not parents:
         client.set_terminated(parent_id, status="FINISHED")
-    return restored
 
 
 def close_orphaned_runs(client, experiment_id: str, stage: str) -> list[str]:
@@ -559,14 +580,118 @@ def close_orphaned_runs(client, experiment_id: str, stage: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
+# the store: the MLflow calls, made in this process or in the tracking agent
+
+
+def session_facts(session: str | None) -> dict[str, Any]:
+    """What the store calls need to know about this process and its session (its environment, process
+    tree and git commit), as plain data: the calls may run in the tracking agent, another process."""
+    owner = session_owner() if session is None else None
+    return {
+        "key": session or session_key(),
+        "session_owner": owner_tag(owner) if owner else None,
+        "kind": session_kind(),
+        "owner": owner_tag(_this_process()),
+        "code": _code(),
+        "repo_root": str(repo_root()),
+        "artifact_location": default_artifact_location(),
+        "env": {name: os.environ.get(name) for name in (DVC_EXP_NAME_ENV, DVC_EXP_BASELINE_ENV, DVC_STAGE_ENV)},
+    }
+
+
+def _open_stage(client, facts: Mapping[str, Any], stage: str, all_params: Mapping[str, Any] | None) -> dict[str, str]:
+    """Close runs of killed stages, find or make the session's parent run, make the stage's child run."""
+    experiment_id = _experiment_id(client, facts["artifact_location"])
+    close_orphaned_runs(client, experiment_id, stage)
+    parent_id = _find_or_create_parent(client, experiment_id, facts, stage, all_params)
+    code, env = facts["code"], facts["env"]
+    tags = {
+        STAGE_TAG: stage,
+        PARENT_TAG: parent_id,
+        SESSION_TAG: facts["key"],
+        OWNER_TAG: facts["owner"],
+        "sui.version": code.get("sui_version"),
+    }
+    if code.get("git_commit"):
+        tags["mlflow.source.git.commit"] = code["git_commit"]
+        tags["sui.git_dirty"] = str(code.get("git_dirty"))
+    if env.get(DVC_EXP_NAME_ENV):
+        tags["sui.dvc_exp_name"] = env[DVC_EXP_NAME_ENV]
+    if env.get(DVC_STAGE_ENV):
+        tags["sui.dvc_stage"] = env[DVC_STAGE_ENV]
+    child = client.create_run(experiment_id, tags={k: v for k, v in tags.items() if v is not None}, run_name=stage)
+    return {"run_id": child.info.run_id, "parent_id": parent_id, "experiment_id": experiment_id}
+
+
+def _log_metrics(
+    client, run_id: str, parent_id: str, stage: str, values: Mapping[str, float], step: int | None
+) -> None:
+    _log_metric_values(client, run_id, values, step)
+    _log_metric_values(client, parent_id, stage_prefixed(stage, values), step)
+
+
+def _set_tags(client, run_id: str, tags: Mapping[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def _end_runs(client, run_ids: Sequence[str], status: str, end_time: int) -> None:
+    for run_id in run_ids:
+        client.set_terminated(run_id, status=status, end_time=end_time)
+
+
+# name -> function(client, **plain data): every MLflow call a stage makes; the tracking agent runs only these
+STORE_CALLS: dict[str, Callable[..., Any]] = {
+    "experiment_id": _experiment_id,
+    "open_stage": _open_stage,
+    "log_params": lambda client, run_id, params: _log_params(client, run_id, params),
+    "log_metrics": _log_metrics,
+    "log_artifact": lambda client, run_id, path, artifact_path: client.log_artifact(run_id, path, artifact_path),
+    "log_artifacts": lambda client, run_id, path, artifact_path: client.log_artifacts(run_id, path, artifact_path),
+    "set_tags": _set_tags,
+    "end_runs": _end_runs,
+    "session_runs": _session_runs,
+    "log_restored": _log_restored,
+}
+
+
+class LocalStore:
+    """The store calls in this process, on one MlflowClient opened on first use (MLflow's import: seconds)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self._opened: _GuardedClient | None = None
+
+    def call(self, name: str, **kwargs: Any) -> Any:
+        if self._opened is None:
+            self._opened = _client(self.uri)
+        return STORE_CALLS[name](self._opened, **kwargs)
+
+
+def _store(uri: str):
+    """Where the store calls run: the tracking agent (stages/tracking_agent.py), or this process with
+    SUI_TRACKING_AGENT=off (or when the agent cannot start)."""
+    off = os.environ.get("SUI_TRACKING_AGENT", "on").strip().lower() in ("off", "0", "false", "no")
+    db = _sqlite_path(uri)
+    # the agent runs elsewhere: only URIs that name the same store from any folder go there
+    remote = uri.split(":", 1)[0].lower() in ("http", "https")
+    if off or not (remote or (db is not None and uri.startswith("sqlite:////"))):
+        return LocalStore(uri)
+    from stages.tracking_agent import AgentStore
+
+    return AgentStore(uri)
+
+
+# --------------------------------------------------------------------------------------------------
 # the run object handed to a stage
 
 
 class StageRun:
     """The child run of one stage: log metrics, artifacts and tags to it."""
 
-    def __init__(self, client, run_id: str, parent_run_id: str, experiment_id: str, stage: str):
-        self.client = client
+    def __init__(self, store, run_id: str, parent_run_id: str, experiment_id: str, stage: str):
+        self.store = store
         self.run_id = run_id
         self.parent_run_id = parent_run_id
         self.experiment_id = experiment_id
@@ -577,27 +702,25 @@ class StageRun:
         MLflow UI then compares results). Nested dicts are flattened to `a.b`; non-finite values are
         logged as they are."""
         values = {k: _metric_value(k, v) for k, v in flatten(metrics).items()}
-        _log_metric_values(self.client, self.run_id, values, step)
-        _log_metric_values(self.client, self.parent_run_id, stage_prefixed(self.stage, values), step)
+        self.store.call(
+            "log_metrics", run_id=self.run_id, parent_id=self.parent_run_id, stage=self.stage, values=values, step=step
+        )
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"{path}: cannot log artifact, file not found")
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.store.call("log_artifact", run_id=self.run_id, path=str(path.resolve()), artifact_path=artifact_path)
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         directory = Path(directory)
         if not directory.is_dir():
             raise ArtifactError(f"{directory}: cannot log artifacts, folder not found")
-        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+        self.store.call("log_artifacts", run_id=self.run_id, path=str(directory.resolve()), artifact_path=artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in tags.items()]
-        if items:
-            self.client.log_batch(self.run_id, tags=items)
+        if tags:
+            self.store.call("set_tags", run_id=self.run_id, tags={k: str(v)[:MAX_TAG_LEN] for k, v in tags.items()})
 
 
 class NullStageRun:
@@ -653,35 +776,14 @@ def stage_run(
         yield NullStageRun(stage)
         return
 
-    probe_server(tracking_uri())
-    client = _client()
-    experiment_id = _experiment_id(client)
-    close_orphaned_runs(client, experiment_id, stage)
-    key = session or session_key()
-    session_process = session_owner() if session is None else None
-    parent_id = _find_or_create_parent(
-        client, experiment_id, key, stage, all_params, owner_tag(session_process) if session_process else None
-    )
-    code = _code()
-    tags = {
-        STAGE_TAG: stage,
-        PARENT_TAG: parent_id,
-        SESSION_TAG: key,
-        OWNER_TAG: owner_tag(_this_process()),
-        "sui.version": code.get("sui_version"),
-    }
-    if code.get("git_commit"):
-        tags["mlflow.source.git.commit"] = code["git_commit"]
-        tags["sui.git_dirty"] = str(code.get("git_dirty"))
-    if os.environ.get(DVC_EXP_NAME_ENV):
-        tags["sui.dvc_exp_name"] = os.environ[DVC_EXP_NAME_ENV]
-    if os.environ.get(DVC_STAGE_ENV):
-        tags["sui.dvc_stage"] = os.environ[DVC_STAGE_ENV]
-    child = client.create_run(experiment_id, tags={k: v for k, v in tags.items() if v is not None}, run_name=stage)
-    run = StageRun(client, child.info.run_id, parent_id, experiment_id, stage)
+    uri = tracking_uri()
+    probe_server(uri)
+    store = _store(uri)
+    opened = store.call("open_stage", facts=session_facts(session), stage=stage, all_params=all_params)
+    run = StageRun(store, opened["run_id"], opened["parent_id"], opened["experiment_id"], stage)
     status = "FINISHED"
     try:
-        _log_params(client, run.run_id, params)
+        store.call("log_params", run_id=run.run_id, params=params)
         yield run
     except BaseException as exc:
         status = _end_status(exc)
@@ -691,7 +793,5 @@ def stage_run(
                 run.set_tags({"sui.error": f"{type(exc).__name__}: {message}"})
         raise
     finally:
-        end = _now_ms()
         with contextlib.suppress(Exception) if status != "FINISHED" else contextlib.nullcontext():
-            client.set_terminated(run.run_id, status=status, end_time=end)
-            client.set_terminated(parent_id, status=status, end_time=end)
+            store.call("end_runs", run_ids=[run.run_id, run.parent_run_id], status=status, end_time=_now_ms())

@@ -6,11 +6,7 @@ then it writes a small "disabled" record at once."""
 from stages import paths
 from stages.common import Configs, StageRun, stage_app
 from sui_core import artifacts
-from sui_core.data.splits import read_split
-from sui_core.io import atomic_dir, read_parquet, write_json
-from sui_core.network.models import load_model
-from sui_core.studies import datamodels
-from sui_core.studies.validation import changes_from_forms, validate_splits, write_report
+from sui_core.io import atomic_dir, write_json
 
 METRICS_FILE = paths.METRICS / "validate.json"
 
@@ -21,6 +17,17 @@ def body(cfg: Configs, run: StageRun) -> dict:
             artifacts.publish(out, "validate", {}, enabled=False)
         write_json(METRICS_FILE, {"enabled": False})
         return {}
+    return _validate(cfg, run)
+
+
+def _validate(cfg: Configs, run: StageRun) -> dict:
+    # imported here: the stage is off by default, and a disabled stage should not pay for torch and matplotlib
+    from sui_core.data.splits import read_split
+    from sui_core.io import read_parquet
+    from sui_core.network.models import load_model
+    from sui_core.studies import datamodels
+    from sui_core.studies.validation import changes_from_forms, validate_splits, write_report
+
     prepared = cfg.input(paths.PREPARED)
     train, val = (read_split(prepared.file(f"{name}.parquet")) for name in ("train", "val"))
     result = validate_splits(load_model(cfg.input(paths.MODEL).path)[0], train, val, cfg.training, cfg.validate)

@@ -291,7 +291,7 @@ def test_parent_with_a_live_child_is_left_open(tmp_path, monkeypatch):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     client = tracking._client()
-    experiment_id = tracking._experiment_id(client)
+    experiment_id = tracking._experiment_id(client, tracking.default_artifact_location())
     dead_owner = tracking.owner_tag((gone.pid, tracking._this_process()[1]))
     parent = client.create_run(experiment_id, tags={tracking.OWNER_TAG: dead_owner}).info.run_id
     child = client.create_run(
@@ -323,6 +323,7 @@ def test_experiment_kind_is_model_training(tmp_path, monkeypatch):
     assert f'"{tag}"===' in bundle  # the tag the UI reads to pick the experiment's view
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("SUI_TRACKING_AGENT", "off")  # EXPERIMENT_NAME is patched below, in this process only
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
