@@ -25,6 +25,7 @@ NOT_DEPS = frozenset(
         "sui_core/io.py",
         "sui_core/config.py",
         "stages/tracking.py",
+        "stages/tracking_agent.py",
         "stages/distributed.py",
         "sui_core/errors.py",
         "sui_core/artifacts.py",
