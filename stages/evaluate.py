@@ -11,7 +11,6 @@ from sui_core.data.splits import read_split
 from sui_core.errors import ArtifactError
 from sui_core.io import atomic_dir, read_npz, read_parquet, write_json
 from sui_core.linearized.ntk import Basis
-from sui_core.network.models import load_model
 from sui_core.studies.evaluate import evaluate
 
 METRICS_FILE = paths.METRICS / "evaluate.json"
@@ -28,6 +27,8 @@ class Inputs:
         return tuple(read_split(prepared.file(f"{name}.parquet")) for name in ("train", "val", "test"))
 
     def model(self):
+        from sui_core.network.models import load_model  # torch: only the studies that train a real network
+
         return load_model(self.cfg.input(paths.MODEL).path)
 
     def linearized(self, sample_id: np.ndarray):

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pyarrow as pa
-import torch
 from scipy.stats import spearmanr
-from torch import nn
 
 from sui_core import plots
 from sui_core.config import (
@@ -35,11 +33,15 @@ from sui_core.io import atomic_path, write_parquet
 from sui_core.linearized.ntk import Basis
 from sui_core.linearized.scores import FIT, SCORES
 from sui_core.linearized.solver import Recipe
-from sui_core.network.models import architecture
 from sui_core.network.outputs import targets
-from sui_core.studies import baselines, detection, robustness, summarization
-from sui_core.studies.baselines import seeded_builder
+from sui_core.studies import detection
 from sui_core.studies.evaluation import detection_metrics, rare_subgroup_report, write_table
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch and the modules that train real networks (baselines, summarization, robustness, network.models) are
+# imported inside the functions that use them: the default evaluate trains no network and does not need them
 
 
 class Settings(Protocol):
@@ -77,6 +79,8 @@ def evaluate(settings: Settings, inputs: Inputs, table: pa.Table, groups: list[d
 
 def network(inputs: Inputs) -> tuple[ModelConfig, dict]:
     """The architecture of the network at w0 (arch, hidden, freeze) as a config whose init seed can change."""
+    from sui_core.network.models import architecture
+
     _, info = inputs.model()
     return architecture(info), info
 
@@ -180,6 +184,8 @@ def real_network_baselines(
     settings: Settings, inputs: Inputs, sample_id: np.ndarray
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """`baselines.real_network_scores` of `detection.baselines` on the noisy training labels."""
+    from sui_core.studies import baselines
+
     train, _, _ = inputs.splits()
     if not np.array_equal(train.sample_id, sample_id):
         raise ArtifactError("the prepared training split's samples do not match the scores' (rerun the pipeline)")
@@ -301,6 +307,11 @@ def summarize_data(settings: Settings, inputs: Inputs, out: Path) -> dict:
     summary = settings.summarization
     if not summary.enabled:
         return {}
+    import torch
+
+    from sui_core.studies import summarization
+    from sui_core.studies.baselines import seeded_builder
+
     settings.training.whole_steps("summarization")
     train, val, test = inputs.splits()
     arch, info = network(inputs)
@@ -345,6 +356,10 @@ def score_robustness(settings: Settings, inputs: Inputs, out: Path) -> dict:
     robust = settings.robustness
     if not robust.enabled:
         return {}
+    import torch
+
+    from sui_core.studies import robustness
+
     train, val, _ = inputs.splits()
     arch, info = network(inputs)
     var = robustness.variants(tuple(robust.archs), tuple(robust.init_seeds), tuple(robust.steps))
