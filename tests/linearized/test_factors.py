@@ -232,7 +232,10 @@ def test_factor_shards_round_trip(factor_shards):
     expected = batch_factors(model, torch.from_numpy(x), layout)
     assert relative_error(kernel(factors, factors), kernel(expected, expected)) < 1e-6  # float32 as stored
     assert np.array_equal(outputs_at_w0(out, "train")[0], ids)
-    np.testing.assert_allclose(outputs_at_w0(out, "train")[1], expected.f0, rtol=1e-6)
+    # float32 in batches of 3 against one batch of 11: BLAS may block the sums differently (seen once on CI: 7e-9
+    # absolute on an output of 5e-3), so the tolerance is relative to the outputs' scale, not to each output
+    scale = np.abs(expected.f0).max()
+    np.testing.assert_allclose(outputs_at_w0(out, "train")[1], expected.f0, rtol=1e-6, atol=1e-6 * scale)
     with pytest.raises(ArtifactError, match="layer factors"):
         next(iter_shards(out, "train"))
 
