@@ -43,6 +43,7 @@ TRAK_PROJ_DIM = 512
 ARNOLDI_PROJ_DIM = 50
 # dattri vmaps the iHVP over every test gradient of a batch at once; targets go in batches of this many (memory).
 DATTRI_TEST_BATCH = 50
+DATTRI_FEATURE_BATCH = 100  # training samples per batch of TRAK's per-sample gradients: memory only
 # dattri IF-CG's autodiff mode: its docstring's "memory-efficient" choice. With its default "rev-rev" IF-CG on
 # the MNIST MLP (805k parameters) ran out of 24 GiB at n = 200 and 1,000; with "rev-fwd" it peaked at 13 GiB at
 # both. LiSSA keeps "rev-rev": dattri 0.3.0's "rev-fwd" HVP fails on LiSSA's sampled (params, data) tuple.
@@ -326,13 +327,15 @@ def _dattri_task(model, trained, checkpoints, use_checkpoints: bool, sample_ndim
     return task, net
 
 
-def _loaders(x, y, x_val, test_batch: int = DATTRI_TEST_BATCH):
-    """One full training batch: dattri's CG/LiSSA sum the iHVP over the batches of the full loader and recompute the
-    test transform for every train batch, so one batch is both the exact Hessian and the cheapest. Targets go in
-    batches of `test_batch` (memory)."""
+def _loaders(x, y, x_val, test_batch: int = DATTRI_TEST_BATCH, train_batch: int | None = None):
+    """One full training batch by default: dattri's CG/LiSSA sum the iHVP over the batches of the full loader and
+    recompute the test transform for every train batch, so one batch is both the exact Hessian and the cheapest.
+    TRAK's per-sample features do not depend on the batching: `train_batch` bounds its memory (a full batch of the
+    MLP's 1,000 gradients was killed at 18 GiB). Not for TracIn: it recomputes the target gradients for every
+    training batch (its measured seconds are with one). Targets go in batches of `test_batch`."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    train = DataLoader(TensorDataset(x, y), batch_size=len(x), shuffle=False)
+    train = DataLoader(TensorDataset(x, y), batch_size=train_batch or len(x), shuffle=False)
     val = DataLoader(TensorDataset(x_val, torch.zeros(len(x_val), 1, dtype=x_val.dtype)), batch_size=test_batch)
     return train, val
 
@@ -478,7 +481,7 @@ def dattri_trak(model, trained, checkpoints, x, y, x_val, lr, steps, weight_deca
         out = torch.func.functional_call(net, params, (inp.unsqueeze(0),)).reshape(-1)
         return 1.0 - (target.reshape(-1) - out)
 
-    train_loader, val_loader = _loaders(x, y, x_val)
+    train_loader, val_loader = _loaders(x, y, x_val, train_batch=DATTRI_FEATURE_BATCH)
     n_params = sum(p.numel() for p in model.parameters())
     proj_dim = min(TRAK_PROJ_DIM, n_params)
     proj = {"proj_dim": proj_dim, "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu"}
