@@ -186,8 +186,7 @@ class _ClientCache:
         key = self._identity(uri)
         if key not in self._clients:
             opened = _client(uri)
-            self._clients.pop(key, None)
-            key = self._identity(uri)  # the file MLflow has just made
+            key = self._identity(uri)  # of the file MLflow has just made, when it was absent
             self._clients[key] = opened
         return key, self._clients[key]
 
